@@ -1,0 +1,160 @@
+//! The command line (clap derive). Raw flags stop here: [`LoadArgs::overrides`] turns them into
+//! [`Overrides`], and `config` merges those over the scenario's options.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{LiveMode, Overrides, parse_duration};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stormlight",
+    version,
+    about = "A scripted HTTP load tester: scenarios in Lua, numbers you can trust.",
+    after_help = "Examples:\n  stormlight demo\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight check scripts/hooks.lua\n  stormlight target --port 8000\n\nExit codes: 0 finished, 1 a threshold failed, 2 bad input (nothing sent), 130 interrupted."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a scenario: spawn users, send requests, show live stats, print a summary.
+    #[command(
+        after_help = "Examples:\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight run scenario.lua -u 100 -t 2m --out result.json\n\nDurations: 30 (seconds), 30s, 2m, 1h30m, 500ms. Flags win over the scenario's `options`.\nCtrl-C stops the run, prints the summary and writes --out (exit 130); a second Ctrl-C exits at once."
+    )]
+    Run(RunArgs),
+    /// Load and validate a scenario in the sandbox and print what it defines; sends nothing.
+    #[command(after_help = "Example:\n  stormlight check scripts/hooks.lua")]
+    Check {
+        /// The scenario file (Lua).
+        script: PathBuf,
+    },
+    /// Start the built-in target on loopback and run the bundled example against it
+    /// (10 users, spawn rate 5, 10 s).
+    #[command(after_help = "Example:\n  stormlight demo\n  stormlight demo -t 30s --out demo.json")]
+    Demo(DemoArgs),
+    /// Run the built-in target alone, for trying scenarios by hand.
+    #[command(
+        after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received)."
+    )]
+    Target {
+        /// Port to listen on (0: any free port).
+        #[arg(short, long, default_value_t = 8000)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+        bind: IpAddr,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The scenario file (Lua).
+    pub script: PathBuf,
+    /// Base URL the endpoints' paths are joined to (wins over the scenario's `host`).
+    #[arg(long, value_name = "URL")]
+    pub host: Option<String>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// Flags shared by `run` and `demo`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Number of virtual users [default: scenario's options.users, else 1].
+    #[arg(short, long, value_name = "N")]
+    pub users: Option<u32>,
+    /// Users started per second [default: all users within the first second].
+    #[arg(short = 'r', long, value_name = "R", allow_negative_numbers = true)]
+    pub spawn_rate: Option<f64>,
+    /// How long to run: 30, 30s, 2m, 1h30m, 500ms [default: until Ctrl-C].
+    #[arg(short = 't', long, value_name = "D", value_parser = duration)]
+    pub duration: Option<Duration>,
+    /// Request timeout, unless an endpoint sets its own [default: 30s].
+    #[arg(long, value_name = "D", value_parser = duration)]
+    pub timeout: Option<Duration>,
+    /// How long requests in flight at the end may finish before they count as aborted [default: 5s].
+    #[arg(long, value_name = "D", value_parser = duration)]
+    pub grace: Option<Duration>,
+    /// Write the final summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// No live table; only the final summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+impl LoadArgs {
+    pub fn overrides(&self, host: Option<String>) -> Overrides {
+        Overrides {
+            host,
+            users: self.users,
+            spawn_rate: self.spawn_rate,
+            duration: self.duration,
+            timeout: self.timeout,
+            grace: self.grace,
+        }
+    }
+
+    pub fn live(&self) -> LiveMode {
+        if self.quiet {
+            LiveMode::Off
+        } else {
+            LiveMode::Auto
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_flags_parse_into_overrides() {
+        let cli = Cli::try_parse_from([
+            "stormlight",
+            "run",
+            "s.lua",
+            "--host",
+            "http://h",
+            "-u",
+            "10",
+            "-r",
+            "2",
+            "-t",
+            "1m30s",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let o = args.load.overrides(args.host.clone());
+        assert_eq!(o.users, Some(10));
+        assert_eq!(o.spawn_rate, Some(2.0));
+        assert_eq!(o.duration, Some(Duration::from_secs(90)));
+        assert_eq!(o.host.as_deref(), Some("http://h"));
+        assert!(Cli::try_parse_from(["stormlight", "run", "s.lua", "-t", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["stormlight", "run", "s.lua", "-u", "-3"]).is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! The validated run configuration, built in one place from the command line, the scenario's
+//! `options` table and the defaults (flag > scenario > default), and the duration syntax.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use url::Url;
+
+/// Built-in defaults, used when neither a flag nor the scenario's `options` sets a value.
+pub const DEFAULT_USERS: u32 = 1;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// Settings that may come from the command line or from the scenario's `options` table.
+/// `None` means "not given here".
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub users: Option<u32>,
+    pub spawn_rate: Option<f64>,
+    pub duration: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub grace: Option<Duration>,
+}
+
+/// Everything a run needs, validated.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub script: PathBuf,
+    /// Base URL that endpoint paths are joined to; `None` if every endpoint has a full `url`.
+    pub host: Option<Url>,
+    pub users: u32,
+    /// Users started per second.
+    pub spawn_rate: f64,
+    /// `None`: run until interrupted.
+    pub duration: Option<Duration>,
+    /// Default request timeout (an endpoint's `timeout` wins).
+    pub timeout: Duration,
+    /// How long in-flight requests may finish after the run ends before they count as aborted.
+    pub grace: Duration,
+    pub out: Option<PathBuf>,
+    pub live: LiveMode,
+    /// Worker threads (each a current-thread runtime); defaults to the number of cores.
+    pub workers: usize,
+}
+
+/// How the live table is shown while the run goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveMode {
+    /// Redrawn in place when stderr is a terminal, plain blocks otherwise.
+    Auto,
+    Off,
+}
+
+impl RunConfig {
+    /// Merges the command line over the scenario's options over the defaults, and validates.
+    pub fn resolve(
+        script: PathBuf,
+        cli: &Overrides,
+        scenario: &Overrides,
+        out: Option<PathBuf>,
+        live: LiveMode,
+    ) -> Result<Self> {
+        let host = match cli.host.as_ref().or(scenario.host.as_ref()) {
+            Some(h) => Some(parse_host(h)?),
+            None => None,
+        };
+        let users = cli.users.or(scenario.users).unwrap_or(DEFAULT_USERS);
+        if users == 0 {
+            bail!("users must be at least 1 (got 0)");
+        }
+        // Without a spawn rate every user starts within the first second (k6 starts all at once;
+        // Locust's one-per-second default makes large tests crawl).
+        let spawn_rate = cli
+            .spawn_rate
+            .or(scenario.spawn_rate)
+            .unwrap_or(users as f64);
+        if !spawn_rate.is_finite() || spawn_rate <= 0.0 {
+            bail!("spawn rate must be a positive number of users per second (got {spawn_rate})");
+        }
+        let duration = cli.duration.or(scenario.duration);
+        if duration == Some(Duration::ZERO) {
+            bail!("duration must be more than 0");
+        }
+        let timeout = cli.timeout.or(scenario.timeout).unwrap_or(DEFAULT_TIMEOUT);
+        if timeout.is_zero() {
+            bail!("timeout must be more than 0");
+        }
+        let grace = cli.grace.or(scenario.grace).unwrap_or(DEFAULT_GRACE);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        Ok(Self {
+            script,
+            host,
+            users,
+            spawn_rate,
+            duration,
+            timeout,
+            grace,
+            out,
+            live,
+            workers: cores.min(users as usize).max(1),
+        })
+    }
+}
+
+/// Parses and checks a host URL: http or https, with a host name.
+pub fn parse_host(s: &str) -> Result<Url> {
+    let url = Url::parse(s)
+        .with_context(|| format!("bad host URL {s:?}: expected e.g. http://127.0.0.1:8080"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("bad host URL {s:?}: the scheme must be http or https");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        bail!("bad host URL {s:?}: it has no host");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        bail!("bad host URL {s:?}: put queries in the endpoints, not the host");
+    }
+    Ok(url)
+}
+
+/// Parses a duration: `30` (seconds), `30s`, `2m`, `1h30m`, `500ms`, `1.5s`.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let bad = || format!("bad duration {s:?}: use e.g. 30, 30s, 2m, 1h30m or 500ms");
+    if s.is_empty() {
+        bail!(bad());
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return secs_to_duration(secs).with_context(bad);
+    }
+    let mut total = 0.0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_len);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let value: f64 = num.parse().map_err(|_| anyhow::anyhow!(bad()))?;
+        let scale = match unit {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => bail!(bad()),
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    secs_to_duration(total).with_context(bad)
+}
+
+fn secs_to_duration(secs: f64) -> Result<Duration> {
+    if !secs.is_finite() || secs < 0.0 {
+        bail!("a duration must be a non-negative number");
+    }
+    Duration::try_from_secs_f64(secs).context("duration out of range")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_every_documented_form() {
+        let d = |s| parse_duration(s).unwrap();
+        assert_eq!(d("30"), Duration::from_secs(30));
+        assert_eq!(d("30s"), Duration::from_secs(30));
+        assert_eq!(d("2m"), Duration::from_secs(120));
+        assert_eq!(d("1h30m"), Duration::from_secs(5400));
+        assert_eq!(d("500ms"), Duration::from_millis(500));
+        assert_eq!(d("1.5s"), Duration::from_millis(1500));
+        assert_eq!(d("1m30s"), Duration::from_secs(90));
+        for bad in ["", "abc", "10x", "-5", "5 s", "s", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn flags_win_over_scenario_options_over_defaults() {
+        let cli = Overrides {
+            users: Some(7),
+            ..Default::default()
+        };
+        let script = Overrides {
+            users: Some(3),
+            spawn_rate: Some(2.0),
+            ..Default::default()
+        };
+        let cfg = RunConfig::resolve("x.lua".into(), &cli, &script, None, LiveMode::Off).unwrap();
+        assert_eq!(cfg.users, 7);
+        assert_eq!(cfg.spawn_rate, 2.0);
+        assert_eq!(cfg.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(cfg.duration, None);
+    }
+
+    #[test]
+    fn nonsense_numbers_and_hosts_are_refused() {
+        let none = Overrides::default();
+        let with =
+            |o: Overrides| RunConfig::resolve("x.lua".into(), &o, &none, None, LiveMode::Off);
+        assert!(
+            with(Overrides {
+                users: Some(0),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            with(Overrides {
+                spawn_rate: Some(-1.0),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            with(Overrides {
+                duration: Some(Duration::ZERO),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        for host in ["nonsense", "ftp://x", "http://", "http://h/?q=1"] {
+            assert!(
+                with(Overrides {
+                    host: Some(host.into()),
+                    ..Default::default()
+                })
+                .is_err(),
+                "{host}"
+            );
+        }
+        assert!(
+            with(Overrides {
+                host: Some("http://127.0.0.1:8000/api".into()),
+                ..Default::default()
+            })
+            .is_ok()
+        );
+    }
+}

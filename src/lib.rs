@@ -1,0 +1,168 @@
+//! stormlight: a scripted HTTP load tester. Scenarios are Lua files; each virtual user runs in
+//! its own sandboxed Lua state; latencies go into HdrHistograms merged for the live view.
+//!
+//! # Layout
+//! - [`cli`]: the command line (clap); raw flags stop there.
+//! - [`config`]: [`config::RunConfig`], built once from flags > scenario `options` > defaults.
+//! - [`scenario`]: loading and validating the Lua file ([`scenario::load`]), the sandbox, and
+//!   the API scripts see (`Task`, `req`, `res`).
+//! - [`http`]: requests built once at load time, the shared client, failure classes.
+//! - [`user`]: the virtual-user loop (hooks only where the scenario defines them).
+//! - [`runner`]: worker threads, spawn rate, duration, ticks, two-stage stop.
+//! - [`stats`]: per-worker recorders, the merged aggregate, the summary schema.
+//! - [`report`]: live table, final tables, JSON file.
+//! - [`target`]: the built-in HTTP target used by `demo`, by hand and by the tests.
+//!
+//! This crate never exits the process: commands return an [`Exit`] or an error, and `main`
+//! chooses the exit code.
+
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod stats;
+pub mod target;
+pub mod user;
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use config::{LiveMode, Overrides, RunConfig};
+
+/// How a command ended, when it did not fail with bad input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Finished (exit 0).
+    Success,
+    /// Stopped by Ctrl-C or SIGTERM after writing everything (exit 130).
+    Interrupted,
+}
+
+/// The scenario bundled with `demo` (also `scripts/stormlight_file.lua`).
+pub const DEMO_SCENARIO: &str = include_str!("../scripts/stormlight_file.lua");
+
+/// What `run` and `demo` need besides the scenario.
+pub struct RunRequest {
+    pub script: PathBuf,
+    pub flags: Overrides,
+    pub out: Option<PathBuf>,
+    pub live: LiveMode,
+}
+
+/// Loads a scenario, resolves the configuration and checks outputs: everything that can be bad
+/// input, before any traffic.
+pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, scenario::Scenario)> {
+    let scenario = match source {
+        Some(src) => scenario::load_source(&req.script, src, Default::default())?,
+        None => scenario::load(&req.script)?,
+    };
+    let cfg = RunConfig::resolve(
+        req.script.clone(),
+        &req.flags,
+        &scenario.options,
+        req.out.clone(),
+        req.live,
+    )?;
+    if let Some(out) = &cfg.out {
+        check_writable(out)?;
+    }
+    // Binding the endpoints to the host is the last check that can fail on bad input.
+    runner::Plan::new(
+        Arc::new(scenario::load_source(
+            &req.script,
+            &scenario.source,
+            scenario.limits,
+        )?),
+        cfg.host.clone(),
+    )?;
+    Ok((cfg, scenario))
+}
+
+/// Fails early if `path` cannot be written, so a long run does not end with nowhere to write.
+fn check_writable(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let probe = dir.join(format!(".stormlight-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("cannot write --out {}", path.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// `stormlight run` (and `demo`): runs, prints the summary to stdout, writes `--out`.
+pub async fn run(
+    cfg: RunConfig,
+    scenario: scenario::Scenario,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Exit> {
+    let host = cfg
+        .host
+        .as_ref()
+        .map(|h| h.as_str().trim_end_matches('/').to_string())
+        .unwrap_or_else(|| "(urls in scenario)".into());
+    let duration = cfg
+        .duration
+        .map(|d| humantime::format_duration(d).to_string())
+        .unwrap_or_else(|| "until Ctrl-C".into());
+    eprintln!(
+        "stormlight {}: {} users at {}/s for {duration} against {host} ({}; {} worker threads)",
+        env!("CARGO_PKG_VERSION"),
+        cfg.users,
+        cfg.spawn_rate,
+        cfg.script.display(),
+        cfg.workers
+    );
+    let result = runner::run(&cfg, Arc::new(scenario), shutdown).await?;
+    let mut stdout = std::io::stdout().lock();
+    let _ = report::write_summary(&mut stdout, &result.summary);
+    let _ = stdout.flush();
+    if let Some(out) = &cfg.out {
+        report::write_json(out, &result.summary)?;
+        eprintln!("summary written to {}", out.display());
+    }
+    Ok(if result.interrupted {
+        Exit::Interrupted
+    } else {
+        Exit::Success
+    })
+}
+
+/// `stormlight check`: what the scenario defines.
+pub fn check(path: &Path) -> Result<String> {
+    Ok(scenario::load(path)?.describe())
+}
+
+/// `stormlight demo`: the built-in target on an ephemeral loopback port, and the bundled
+/// scenario against it (10 users, spawn rate 5, 10 s unless flags say otherwise).
+pub async fn demo(
+    mut flags: Overrides,
+    out: Option<PathBuf>,
+    live: LiveMode,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Exit> {
+    let target = target::Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    eprintln!("built-in target listening on {}", target.url());
+    flags.host = Some(target.url());
+    flags.users = flags.users.or(Some(10));
+    flags.spawn_rate = flags.spawn_rate.or(Some(5.0));
+    flags.duration = flags.duration.or(Some(std::time::Duration::from_secs(10)));
+    let req = RunRequest {
+        script: PathBuf::from("scripts/stormlight_file.lua"),
+        flags,
+        out,
+        live,
+    };
+    let (cfg, scenario) = prepare(&req, Some(DEMO_SCENARIO))?;
+    let exit = run(cfg, scenario, shutdown).await?;
+    eprintln!("the target received {} requests", target.counts.requests());
+    Ok(exit)
+}

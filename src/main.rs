@@ -1,0 +1,105 @@
+//! The binary: parse the command line, run the command, map the outcome to an exit code
+//! (SPEC: 0 finished, 1 threshold failed, 2 bad input, 130 interrupted).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use stormlight::cli::{Cli, Command};
+use stormlight::{Exit, RunRequest};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(execute(cli)) {
+        Ok(Exit::Success) => ExitCode::SUCCESS,
+        Ok(Exit::Interrupted) => ExitCode::from(130),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<Exit> {
+    match cli.command {
+        Command::Check { script } => {
+            print!("{}", stormlight::check(&script)?);
+            Ok(Exit::Success)
+        }
+        Command::Run(args) => {
+            let req = RunRequest {
+                script: args.script.clone(),
+                flags: args.load.overrides(args.host.clone()),
+                out: args.load.out.clone(),
+                live: args.load.live(),
+            };
+            let (cfg, scenario) = stormlight::prepare(&req, None)?;
+            stormlight::run(cfg, scenario, interrupted()).await
+        }
+        Command::Demo(args) => {
+            stormlight::demo(
+                args.load.overrides(None),
+                args.load.out.clone(),
+                args.load.live(),
+                interrupted(),
+            )
+            .await
+        }
+        Command::Target { port, bind } => {
+            let target = stormlight::target::Target::start(SocketAddr::new(bind, port)).await?;
+            println!(
+                "stormlight target listening on {} (Ctrl-C to stop)",
+                target.url()
+            );
+            let _ = tokio::signal::ctrl_c().await;
+            println!("received {} requests", target.counts.requests());
+            Ok(Exit::Success)
+        }
+    }
+}
+
+/// Resolves at the first Ctrl-C or SIGTERM; a second one exits the process at once.
+fn interrupted() -> impl std::future::Future<Output = ()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        signal().await;
+        let _ = tx.send(());
+        signal().await;
+        eprintln!("\nsecond interrupt: exiting now");
+        std::process::exit(130);
+    });
+    async move {
+        let _ = rx.await;
+        eprintln!("\ninterrupted: stopping users, finishing requests in flight...");
+    }
+}
+
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

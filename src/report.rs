@@ -1,0 +1,212 @@
+//! Rendering: the live table (stderr, redrawn in place on a terminal), the final summary and
+//! failures tables (pure functions into a `Write`), and the JSON summary file.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tabled::builder::Builder;
+use tabled::settings::object::Columns;
+use tabled::settings::{Alignment, Style};
+
+use crate::config::RunConfig;
+use crate::stats::{Aggregate, Latency, RowSummary, Summary};
+
+/// Milliseconds with precision that suits their size.
+fn ms(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else if v < 1000.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn fails(requests: u64, failures: u64) -> String {
+    if failures == 0 {
+        "0".into()
+    } else {
+        format!(
+            "{failures} ({:.1}%)",
+            100.0 * failures as f64 / requests.max(1) as f64
+        )
+    }
+}
+
+fn latency_cells(l: &Latency) -> [String; 8] {
+    [l.avg, l.min, l.max, l.p50, l.p90, l.p95, l.p99, l.p99_9].map(ms)
+}
+
+const LATENCY_HEADERS: [&str; 8] = ["avg ms", "min", "max", "p50", "p90", "p95", "p99", "p99.9"];
+
+/// One table: a row per endpoint and the total. `current` adds a column of the last tick's RPS.
+fn stats_table(
+    rows: &[(String, String, RowSummary, Option<f64>)],
+    total: &(RowSummary, Option<f64>),
+) -> String {
+    let live = total.1.is_some();
+    let mut b = Builder::default();
+    let mut header = vec![
+        "Method".to_string(),
+        "Name".into(),
+        "# reqs".into(),
+        "# fails".into(),
+        "RPS".into(),
+    ];
+    if live {
+        header.push("cur RPS".into());
+    }
+    header.extend(LATENCY_HEADERS.iter().map(|s| s.to_string()));
+    b.push_record(header);
+    let mut push = |method: &str, name: &str, r: &RowSummary, cur: Option<f64>| {
+        let mut rec = vec![
+            method.to_string(),
+            name.to_string(),
+            r.requests.to_string(),
+            fails(r.requests, r.failures),
+        ];
+        rec.push(format!("{:.1}", r.rps));
+        if let Some(c) = cur {
+            rec.push(format!("{c:.1}"));
+        }
+        rec.extend(latency_cells(&r.latency_ms));
+        b.push_record(rec);
+    };
+    for (method, name, r, cur) in rows {
+        push(method, name, r, *cur);
+    }
+    push("", "Aggregated", &total.0, total.1);
+    let mut t = b.build();
+    t.with(Style::sharp())
+        .modify(Columns::new(2..), Alignment::right());
+    t.to_string()
+}
+
+/// The final tables: statistics, then failures (if any).
+pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
+    let rows: Vec<_> = s
+        .endpoints
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone().unwrap_or_default(),
+                r.name.clone().unwrap_or_default(),
+                r.clone(),
+                None,
+            )
+        })
+        .collect();
+    writeln!(
+        w,
+        "\nstormlight summary: {} users, {:.1}s{}",
+        s.config.users,
+        s.duration_s,
+        if s.interrupted { " (interrupted)" } else { "" }
+    )?;
+    writeln!(w, "{}", stats_table(&rows, &(s.total.clone(), None)))?;
+    if !s.failures.is_empty() {
+        let mut b = Builder::default();
+        b.push_record(["# occurrences", "Method", "Name", "Reason"]);
+        for f in &s.failures {
+            b.push_record([
+                f.count.to_string(),
+                f.method.clone(),
+                f.name.clone(),
+                f.reason.clone(),
+            ]);
+        }
+        let mut t = b.build();
+        t.with(Style::sharp())
+            .modify(Columns::first(), Alignment::right());
+        writeln!(w, "\nFailures\n{t}")?;
+    }
+    Ok(())
+}
+
+/// Writes the summary as JSON, atomically: to a temporary file beside it, then renamed.
+pub fn write_json(path: &Path, s: &Summary) -> Result<()> {
+    let json = serde_json::to_vec_pretty(s).context("cannot encode the summary")?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, &json).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The live view on stderr.
+pub struct Live {
+    enabled: bool,
+    terminal: bool,
+    /// Lines drawn last time, to move back over on a terminal.
+    drawn: usize,
+}
+
+impl Live {
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            terminal: std::io::stderr().is_terminal(),
+            drawn: 0,
+        }
+    }
+
+    pub fn draw(&mut self, agg: &Aggregate, elapsed: Duration, users: u64, cfg: &RunConfig) {
+        if !self.enabled {
+            return;
+        }
+        let secs = elapsed.as_secs_f64();
+        let tick = crate::runner::TICK.as_secs_f64();
+        let rows: Vec<_> = agg
+            .rows()
+            .filter(|(_, s)| s.requests > 0)
+            .map(|(id, s)| {
+                let cur = agg.last_tick_requests(Some(id)) as f64 / tick;
+                (
+                    id.method.clone(),
+                    id.name.clone(),
+                    RowSummary::new(&id.method, &id.name, s, secs),
+                    Some(cur),
+                )
+            })
+            .collect();
+        let total = (
+            RowSummary::new("", "", &agg.total(), secs),
+            Some(agg.last_tick_requests(None) as f64 / tick),
+        );
+        let remaining = match cfg.duration {
+            Some(d) => format!(", {:.0}s left", d.saturating_sub(elapsed).as_secs_f64()),
+            None => ", until Ctrl-C".into(),
+        };
+        let text = format!(
+            "{:.0}s elapsed{remaining} | users {users}/{}\n{}\n",
+            secs,
+            cfg.users,
+            stats_table(&rows, &total)
+        );
+        let mut err = std::io::stderr().lock();
+        if self.terminal {
+            if self.drawn > 0 {
+                let _ = write!(err, "\x1b[{}F\x1b[J", self.drawn);
+            }
+            self.drawn = text.lines().count();
+            let _ = err.write_all(text.as_bytes());
+        } else {
+            let _ = writeln!(err, "{text}");
+        }
+        let _ = err.flush();
+    }
+
+    /// Removes the last live table from a terminal before the final summary.
+    pub fn clear(&mut self) {
+        if self.enabled && self.terminal && self.drawn > 0 {
+            let _ = write!(std::io::stderr(), "\x1b[{}F\x1b[J", self.drawn);
+            self.drawn = 0;
+        }
+    }
+}

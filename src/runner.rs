@@ -1,0 +1,281 @@
+//! The runner: worker threads, the spawn schedule, the duration, the reporting tick and the
+//! two-stage stop.
+//!
+//! Layout (measured for issue #2): one OS thread per core, each a current-thread tokio runtime
+//! with a `LocalSet`. Users are spread round-robin over the workers and never move, so a user's
+//! Lua state (mlua without `send`) stays on its thread, and a worker's recorder needs no lock.
+//! The control side (this module's [`run`]) talks to workers only through channels: it sends
+//! `Spawn`, asks for a `Flush` on every tick, and `Finish` at the end.
+
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use rand::RngExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::config::{LiveMode, RunConfig};
+use crate::scenario::Scenario;
+use crate::scenario::api::RequestSpec;
+use crate::stats::{Aggregate, ConfigSummary, Recorder, RowId, Snapshot, Summary, SummaryMeta};
+use crate::{http, report, user};
+
+/// How often workers hand their counts over and the live table is redrawn.
+pub const TICK: Duration = Duration::from_secs(2);
+
+/// An endpoint bound to the host: its request is built once, here.
+pub struct Endpoint {
+    pub spec: RequestSpec,
+    pub request: reqwest::Request,
+    /// Its row in every worker's recorder (rows are registered in this order).
+    pub row: usize,
+}
+
+/// What all workers share, read-only: the scenario, the bound endpoints, the weights.
+pub struct Plan {
+    pub scenario: Arc<Scenario>,
+    pub host: Option<Url>,
+    pub endpoints: Vec<Endpoint>,
+    pub rows: Vec<Arc<RowId>>,
+    /// Cumulative weights: endpoint i is picked when a draw in 0..total falls below cum[i].
+    cumulative: Vec<u64>,
+}
+
+impl Plan {
+    /// Binds every endpoint to the host. Errors here are bad input (a path without a host).
+    pub fn new(scenario: Arc<Scenario>, host: Option<Url>) -> Result<Self> {
+        let mut rows: Vec<Arc<RowId>> = Vec::new();
+        let mut endpoints = Vec::new();
+        let mut cumulative = Vec::new();
+        let mut total = 0u64;
+        for (i, spec) in scenario.endpoints.iter().enumerate() {
+            let request = http::build_request(host.as_ref(), spec)
+                .with_context(|| format!("{}: endpoints[{}]", scenario.path.display(), i + 1))?;
+            let id = RowId::new(spec.method.as_str(), spec.name.clone());
+            let row = match rows.iter().position(|r| **r == id) {
+                Some(row) => row,
+                None => {
+                    rows.push(Arc::new(id));
+                    rows.len() - 1
+                }
+            };
+            total += spec.weight as u64;
+            cumulative.push(total);
+            endpoints.push(Endpoint {
+                spec: spec.clone(),
+                request,
+                row,
+            });
+        }
+        Ok(Self {
+            scenario,
+            host,
+            endpoints,
+            rows,
+            cumulative,
+        })
+    }
+
+    /// A weighted random endpoint index.
+    pub fn pick(&self, rng: &mut impl RngExt) -> usize {
+        if self.cumulative.len() == 1 {
+            return 0;
+        }
+        let total = *self
+            .cumulative
+            .last()
+            .expect("a scenario has at least one endpoint");
+        let draw = rng.random_range(0..total);
+        self.cumulative.partition_point(|&c| c <= draw)
+    }
+
+    /// The row under which a hook's errors outside any request are listed.
+    pub fn hook_row(&self, hook: &str) -> Arc<RowId> {
+        Arc::new(RowId::new("HOOK", hook))
+    }
+}
+
+enum Cmd {
+    Spawn(u64),
+    Flush(oneshot::Sender<Snapshot>),
+    /// Wait for the users to finish until the deadline, count what is still in flight as
+    /// aborted, reply with the last counts and end the thread.
+    Finish(Instant, oneshot::Sender<Snapshot>),
+}
+
+/// The result of a run.
+pub struct RunResult {
+    pub summary: Summary,
+    pub interrupted: bool,
+}
+
+/// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
+pub async fn run(
+    cfg: &RunConfig,
+    scenario: Arc<Scenario>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunResult> {
+    let plan = Arc::new(Plan::new(scenario, cfg.host.clone())?);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::with_capacity(cfg.workers);
+    for n in 0..cfg.workers {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = http::client(cfg.timeout)?;
+        let (plan, stopping) = (plan.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name(format!("stormlight-worker-{n}"))
+            .spawn(move || worker_thread(plan, client, stopping, rx))
+            .context("cannot start a worker thread")?;
+        workers.push(tx);
+    }
+
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let deadline = cfg.duration.map(|d| start + d);
+    let mut agg = Aggregate::with_rows(&plan.rows);
+    let mut live = report::Live::new(cfg.live == LiveMode::Auto);
+    let mut spawned: u64 = 0;
+    let mut ticker = tokio::time::interval_at(start + TICK, TICK);
+    tokio::pin!(shutdown);
+
+    let interrupted = loop {
+        let next_spawn = (spawned < cfg.users as u64)
+            .then(|| start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate));
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break true,
+            () = sleep_until_opt(deadline) => break false,
+            _ = ticker.tick() => {
+                flush(&workers, &mut agg).await;
+                agg.end_tick();
+                live.draw(&agg, start.elapsed(), spawned, cfg);
+            }
+            () = sleep_until_opt(next_spawn) => {
+                // Spawn everyone who is due: at high rates several users fall in one timer tick.
+                let now = Instant::now();
+                while spawned < cfg.users as u64
+                    && start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate) <= now
+                {
+                    let _ = workers[(spawned % workers.len() as u64) as usize].send(Cmd::Spawn(spawned + 1));
+                    spawned += 1;
+                }
+            }
+        }
+    };
+    let measured = start.elapsed();
+
+    // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
+    stopping.store(true, Ordering::Relaxed);
+    let finish_by = Instant::now() + cfg.grace;
+    let mut finals = Vec::new();
+    for w in &workers {
+        let (tx, rx) = oneshot::channel();
+        if w.send(Cmd::Finish(finish_by, tx)).is_ok() {
+            finals.push(rx);
+        }
+    }
+    for rx in finals {
+        if let Ok(snap) = rx.await {
+            agg.add(snap);
+        }
+    }
+    live.clear();
+
+    let summary = agg.summary(SummaryMeta {
+        started_at,
+        duration: measured,
+        interrupted,
+        config: ConfigSummary {
+            host: cfg
+                .host
+                .as_ref()
+                .map(|h| h.as_str().trim_end_matches('/').to_string()),
+            users: cfg.users,
+            spawn_rate: cfg.spawn_rate,
+            script: cfg.script.display().to_string(),
+        },
+    });
+    Ok(RunResult {
+        summary,
+        interrupted,
+    })
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Asks every worker for its counts since the last tick and merges them.
+async fn flush(workers: &[mpsc::UnboundedSender<Cmd>], agg: &mut Aggregate) {
+    let mut pending = Vec::with_capacity(workers.len());
+    for w in workers {
+        let (tx, rx) = oneshot::channel();
+        if w.send(Cmd::Flush(tx)).is_ok() {
+            pending.push(rx);
+        }
+    }
+    for rx in pending {
+        if let Ok(snap) = rx.await {
+            agg.add(snap);
+        }
+    }
+}
+
+fn worker_thread(
+    plan: Arc<Plan>,
+    client: reqwest::Client,
+    stopping: Arc<AtomicBool>,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start a worker runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let recorder = std::cell::RefCell::new(Recorder::new(&plan.rows));
+        let worker = Rc::new(user::Worker {
+            plan,
+            client,
+            recorder,
+            stopping,
+        });
+        let mut users = tokio::task::JoinSet::new();
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Cmd::Spawn(id) => {
+                    users.spawn_local(user::run(worker.clone(), id));
+                }
+                Cmd::Flush(reply) => {
+                    let _ = reply.send(worker.recorder.borrow_mut().take());
+                }
+                Cmd::Finish(deadline, reply) => {
+                    let _ = tokio::time::timeout_at(deadline, async {
+                        while users.join_next().await.is_some() {}
+                    })
+                    .await;
+                    // No await between here and the reply: no user can record in between.
+                    users.abort_all();
+                    let mut rec = worker.recorder.borrow_mut();
+                    rec.abort_inflight();
+                    let _ = reply.send(rec.take());
+                    break;
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,545 @@
+//! The scenario: a Lua file that defines `endpoints`, optionally `host`, `options` and the hooks
+//! `on_start`, `before_request`, `after_response`, `on_stop`.
+//!
+//! [`load`] runs the file once in a sandbox, validates everything the host needs (errors carry
+//! `file:line`) and keeps the result as plain Rust data, so requests that no hook touches never
+//! go near Lua again. [`UserState`] is the per-virtual-user Lua state, made only when the
+//! scenario has hooks.
+
+pub mod api;
+pub mod sandbox;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use mlua::{Function, Lua, Table, Value};
+
+use crate::config::{Overrides, parse_duration};
+use api::{RequestSpec, Role, TaskLines};
+use sandbox::{Limits, Sandbox};
+
+/// Which hooks the scenario defines; the user loop skips the work of the absent ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hooks {
+    pub on_start: bool,
+    pub before_request: bool,
+    pub after_response: bool,
+    pub on_stop: bool,
+}
+
+impl Hooks {
+    pub fn any(&self) -> bool {
+        self.on_start || self.before_request || self.after_response || self.on_stop
+    }
+
+    fn names(&self) -> Vec<&'static str> {
+        [
+            (self.on_start, "on_start"),
+            (self.before_request, "before_request"),
+            (self.after_response, "after_response"),
+            (self.on_stop, "on_stop"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+}
+
+/// A loaded, validated scenario.
+#[derive(Debug)]
+pub struct Scenario {
+    pub path: PathBuf,
+    /// The source, run again in each user's own state when the scenario has hooks.
+    pub source: Arc<str>,
+    pub host: Option<String>,
+    /// The `options` table, to be merged under the command-line flags.
+    pub options: Overrides,
+    pub endpoints: Vec<RequestSpec>,
+    pub hooks: Hooks,
+    pub limits: Limits,
+}
+
+/// Loads and validates a scenario file. Nothing is sent.
+pub fn load(path: &Path) -> Result<Scenario> {
+    let source = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read scenario {}", path.display()))?;
+    load_source(path, &source, Limits::default())
+}
+
+/// Like [`load`], from source text already in memory (`path` names it in messages).
+pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario> {
+    let file = path.display().to_string();
+    let sb = Sandbox::new(limits).map_err(|e| anyhow!("cannot create the Lua sandbox: {e}"))?;
+    let lua = &sb.lua;
+    api::install(lua).map_err(|e| anyhow!("{e}"))?;
+    lua.set_app_data(TaskLines::default());
+    let endpoints_line = watch_global(lua, "endpoints").map_err(|e| anyhow!("{e}"))?;
+
+    sb.budget.reset();
+    lua.load(source)
+        .set_name(format!("@{file}"))
+        .exec()
+        .map_err(|e| anyhow!("{}", script_error(&e, &limits)))?;
+    let _ = lua.globals().set_metatable(None);
+    let endpoints_line = endpoints_line.get();
+
+    let globals = lua.globals();
+    let at = |line: Option<usize>| match line {
+        Some(l) => format!("{file}:{l}"),
+        None => file.clone(),
+    };
+
+    let host = match globals.get::<Value>("host").map_err(|e| anyhow!("{e}"))? {
+        Value::Nil => None,
+        Value::String(s) => {
+            let h = s.to_string_lossy();
+            crate::config::parse_host(&h).with_context(|| format!("{file}: `host`"))?;
+            Some(h)
+        }
+        other => bail!(
+            "{file}: `host` must be a string like \"http://127.0.0.1:8000\", got {}",
+            api::show(&other)
+        ),
+    };
+    let options = match globals
+        .get::<Value>("options")
+        .map_err(|e| anyhow!("{e}"))?
+    {
+        Value::Nil => Overrides::default(),
+        Value::Table(t) => parse_options(&t).map_err(|e| anyhow!("{file}: options: {e}"))?,
+        other => bail!(
+            "{file}: `options` must be a table, got {}",
+            api::show(&other)
+        ),
+    };
+
+    let table = match globals
+        .get::<Value>("endpoints")
+        .map_err(|e| anyhow!("{e}"))?
+    {
+        Value::Table(t) => t,
+        Value::Nil => {
+            bail!("{file}: no `endpoints` table: define endpoints = {{ Task(\"GET\", \"/\") }}")
+        }
+        other => bail!(
+            "{}: `endpoints` must be a table, got {}",
+            at(endpoints_line),
+            api::show(&other)
+        ),
+    };
+    let lines = lua
+        .remove_app_data::<TaskLines>()
+        .unwrap_or_default()
+        .0
+        .into_inner();
+    let len = table.raw_len();
+    if len == 0 {
+        bail!(
+            "{}: `endpoints` is empty: list at least one request",
+            at(endpoints_line)
+        );
+    }
+    let mut endpoints = Vec::with_capacity(len);
+    for i in 1..=len {
+        let entry = table.raw_get::<Value>(i).map_err(|e| anyhow!("{e}"))?;
+        let t = match entry {
+            Value::Table(t) => t,
+            other => bail!(
+                "{}: endpoints[{i}] must be a table or Task(...), got {}",
+                at(endpoints_line),
+                api::show(&other)
+            ),
+        };
+        let line = lines
+            .get(&(t.to_pointer() as usize))
+            .copied()
+            .or(endpoints_line);
+        let spec = api::parse_request(&t, Role::Endpoint)
+            .map_err(|e| anyhow!("{}: endpoints[{i}]: {e}", at(line)))?;
+        endpoints.push(spec);
+    }
+    if table.pairs::<Value, Value>().count() != len {
+        bail!(
+            "{}: `endpoints` must be a list (no named keys, no gaps)",
+            at(endpoints_line)
+        );
+    }
+
+    let hooks = Hooks {
+        on_start: hook_defined(&globals, "on_start", &file)?,
+        before_request: hook_defined(&globals, "before_request", &file)?,
+        after_response: hook_defined(&globals, "after_response", &file)?,
+        on_stop: hook_defined(&globals, "on_stop", &file)?,
+    };
+
+    Ok(Scenario {
+        path: path.to_path_buf(),
+        source: Arc::from(source),
+        host,
+        options,
+        endpoints,
+        hooks,
+        limits,
+    })
+}
+
+/// Records the line at which a global is first assigned (for messages about plain tables).
+fn watch_global(
+    lua: &Lua,
+    name: &'static str,
+) -> mlua::Result<std::rc::Rc<std::cell::Cell<Option<usize>>>> {
+    let line = std::rc::Rc::new(std::cell::Cell::new(None));
+    let seen = line.clone();
+    let mt = lua.create_table()?;
+    mt.set(
+        "__newindex",
+        lua.create_function(move |lua, (t, k, v): (Table, Value, Value)| {
+            if seen.get().is_none()
+                && k.as_string()
+                    .is_some_and(|s| s.as_bytes() == name.as_bytes())
+            {
+                seen.set(lua.inspect_stack(1, |d| d.current_line()).flatten());
+            }
+            t.raw_set(k, v)
+        })?,
+    )?;
+    lua.globals().set_metatable(Some(mt))?;
+    Ok(line)
+}
+
+fn hook_defined(globals: &Table, name: &str, file: &str) -> Result<bool> {
+    match globals.get::<Value>(name).map_err(|e| anyhow!("{e}"))? {
+        Value::Nil => Ok(false),
+        Value::Function(_) => Ok(true),
+        other => bail!(
+            "{file}: `{name}` must be a function, got {}",
+            api::show(&other)
+        ),
+    }
+}
+
+const OPTIONS: &[&str] = &["users", "spawn_rate", "duration", "timeout", "grace"];
+
+fn parse_options(t: &Table) -> Result<Overrides, String> {
+    let mut o = Overrides::default();
+    for pair in t.pairs::<Value, Value>() {
+        let (k, v) = pair.map_err(|e| e.to_string())?;
+        let key = k
+            .as_string()
+            .map(|s| s.to_string_lossy())
+            .unwrap_or_else(|| api::show(&k));
+        match key.as_str() {
+            "users" => match v {
+                Value::Integer(n) if n >= 1 && n <= u32::MAX as i64 => o.users = Some(n as u32),
+                other => {
+                    return Err(format!(
+                        "`users` must be a positive integer, got {}",
+                        api::show(&other)
+                    ));
+                }
+            },
+            "spawn_rate" => match v {
+                Value::Integer(n) if n > 0 => o.spawn_rate = Some(n as f64),
+                Value::Number(n) if n.is_finite() && n > 0.0 => o.spawn_rate = Some(n),
+                other => {
+                    return Err(format!(
+                        "`spawn_rate` must be a positive number, got {}",
+                        api::show(&other)
+                    ));
+                }
+            },
+            "duration" => {
+                let d = match &v {
+                    Value::String(s) => {
+                        parse_duration(&s.to_string_lossy()).map_err(|e| e.to_string())?
+                    }
+                    other => api::duration_value(other).map_err(|e| format!("`duration`: {e}"))?,
+                };
+                if d.is_zero() {
+                    return Err("`duration` must be more than 0".into());
+                }
+                o.duration = Some(d);
+            }
+            "timeout" => {
+                o.timeout = Some(api::duration_value(&v).map_err(|e| format!("`timeout`: {e}"))?)
+            }
+            "grace" => {
+                o.grace = Some(api::duration_value(&v).map_err(|e| format!("`grace`: {e}"))?)
+            }
+            other => {
+                return Err(format!(
+                    "unknown option `{other}` (known: {})",
+                    OPTIONS.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// A Lua error from loading the file, as `file:line: message`.
+fn script_error(err: &mlua::Error, limits: &Limits) -> String {
+    // Lua already prefixes syntax and runtime errors with `file:line:` (the chunk is named
+    // `@file`); only limit errors need the file added.
+    let msg = sandbox::describe(err, limits);
+    if msg.starts_with("memory limit") || msg.starts_with("instruction budget") {
+        format!("scenario stopped while loading: {msg}")
+    } else {
+        msg
+    }
+}
+
+impl Scenario {
+    /// What `stormlight check` prints: what the scenario defines.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "scenario {}: ok", self.path.display());
+        let _ = writeln!(
+            s,
+            "  host: {}",
+            self.host.as_deref().unwrap_or("(none: pass --host)")
+        );
+        let o = &self.options;
+        let mut opts = Vec::new();
+        if let Some(u) = o.users {
+            opts.push(format!("users={u}"));
+        }
+        if let Some(r) = o.spawn_rate {
+            opts.push(format!("spawn_rate={r}"));
+        }
+        if let Some(d) = o.duration {
+            opts.push(format!("duration={}", humantime::format_duration(d)));
+        }
+        if let Some(t) = o.timeout {
+            opts.push(format!("timeout={}", humantime::format_duration(t)));
+        }
+        if let Some(g) = o.grace {
+            opts.push(format!("grace={}", humantime::format_duration(g)));
+        }
+        let _ = writeln!(
+            s,
+            "  options: {}",
+            if opts.is_empty() {
+                "(none)".into()
+            } else {
+                opts.join(" ")
+            }
+        );
+        let total: u64 = self.endpoints.iter().map(|e| e.weight as u64).sum();
+        let _ = writeln!(s, "  endpoints ({}):", self.endpoints.len());
+        for e in &self.endpoints {
+            let target = match &e.target {
+                api::Target::Path(p) | api::Target::Url(p) => p.as_str(),
+            };
+            let mut extra = Vec::new();
+            if e.name != target {
+                extra.push(format!("name={}", e.name));
+            }
+            if !e.query.is_empty() {
+                extra.push(format!("query={}", e.query.len()));
+            }
+            if !e.headers.is_empty() {
+                extra.push(format!("headers={}", e.headers.len()));
+            }
+            if let Some(b) = &e.body {
+                extra.push(format!("body={}B", b.len()));
+            }
+            if let Some(t) = e.timeout {
+                extra.push(format!("timeout={}", humantime::format_duration(t)));
+            }
+            let _ = writeln!(
+                s,
+                "    {:<7} {:<30} weight {} ({:.0}%) {}",
+                e.method.as_str(),
+                target,
+                e.weight,
+                100.0 * e.weight as f64 / total as f64,
+                extra.join(" ")
+            );
+        }
+        let names = self.hooks.names();
+        let _ = writeln!(
+            s,
+            "  hooks: {}",
+            if names.is_empty() {
+                "(none)".into()
+            } else {
+                names.join(", ")
+            }
+        );
+        s
+    }
+}
+
+/// One virtual user's own Lua state: the scenario run again in a fresh sandbox, plus the
+/// `user` table that every hook receives.
+pub struct UserState {
+    pub sandbox: Sandbox,
+    pub user: Table,
+    pub on_start: Option<Function>,
+    pub before_request: Option<Function>,
+    pub after_response: Option<Function>,
+    pub on_stop: Option<Function>,
+}
+
+impl UserState {
+    pub fn new(scenario: &Scenario, id: u64) -> Result<Self, String> {
+        let sandbox = Sandbox::new(scenario.limits).map_err(|e| e.to_string())?;
+        let limits = scenario.limits;
+        let lua = &sandbox.lua;
+        api::install(lua).map_err(|e| e.to_string())?;
+        sandbox.budget.reset();
+        lua.load(&*scenario.source)
+            .set_name(format!("@{}", scenario.path.display()))
+            .exec()
+            .map_err(|e| sandbox::describe(&e, &limits))?;
+        let make = || -> mlua::Result<Table> {
+            let user = lua.create_table()?;
+            user.raw_set("id", id)?;
+            user.raw_set("vars", lua.create_table()?)?;
+            Ok(user)
+        };
+        let user = make().map_err(|e| e.to_string())?;
+        let g = lua.globals();
+        let hook = |name: &str, on: bool| {
+            if on {
+                g.get::<Function>(name).ok()
+            } else {
+                None
+            }
+        };
+        let h = scenario.hooks;
+        Ok(Self {
+            on_start: hook("on_start", h.on_start),
+            before_request: hook("before_request", h.before_request),
+            after_response: hook("after_response", h.after_response),
+            on_stop: hook("on_stop", h.on_stop),
+            user,
+            sandbox,
+        })
+    }
+
+    /// Calls a hook within the instruction budget; errors are described in one line.
+    pub fn call<R: mlua::FromLuaMulti>(
+        &self,
+        f: &Function,
+        args: impl mlua::IntoLuaMulti,
+    ) -> Result<R, String> {
+        self.sandbox.budget.reset();
+        f.call(args)
+            .map_err(|e| sandbox::describe(&e, &self.sandbox.limits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(src: &str) -> Result<Scenario> {
+        load_source(Path::new("t.lua"), src, Limits::default())
+    }
+
+    fn err(src: &str) -> String {
+        format!("{:#}", load_str(src).expect_err(src))
+    }
+
+    #[test]
+    fn loads_tasks_plain_tables_options_and_hooks() {
+        let s = load_str(
+            r#"
+            host = "http://127.0.0.1:8000"
+            options = { users = 10, spawn_rate = 2, duration = "30s" }
+            endpoints = {
+              Task("GET", "/hello", { headers = { ["Content-Type"] = "application/json" } }),
+              Task("post", "/api/upload", { json = { name = "test", price = 10 }, weight = 2 }),
+              { method = "GET", path = "/items/7", name = "/items/[id]", query = { b = 2, a = "x y" } },
+              { method = "POST", url = "http://127.0.0.1:9/x", form = { k = "v&w" }, timeout = "2s" },
+            }
+            function before_request(user, req) end
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.host.as_deref(), Some("http://127.0.0.1:8000"));
+        assert_eq!(s.options.users, Some(10));
+        assert_eq!(s.options.duration, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(s.endpoints.len(), 4);
+        assert_eq!(s.endpoints[1].method, reqwest::Method::POST);
+        assert_eq!(s.endpoints[1].weight, 2);
+        let body: serde_json::Value =
+            serde_json::from_slice(s.endpoints[1].body.as_ref().unwrap()).unwrap();
+        assert_eq!(body, serde_json::json!({"name": "test", "price": 10}));
+        assert_eq!(s.endpoints[1].headers["content-type"], "application/json");
+        assert_eq!(s.endpoints[2].name, "/items/[id]");
+        assert_eq!(
+            s.endpoints[2].query,
+            vec![("a".into(), "x y".into()), ("b".into(), "2".into())]
+        );
+        assert_eq!(s.endpoints[3].body.as_deref(), Some(&b"k=v%26w"[..]));
+        assert_eq!(
+            s.hooks,
+            Hooks {
+                before_request: true,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = err("endpoints = {\n Task('GET', '/a'),\n Task('GET', '/b', { weight = 0 }),\n}");
+        assert!(
+            e.contains("t.lua:3") && e.contains("endpoints[2]") && e.contains("weight"),
+            "{e}"
+        );
+        let e = err("\n\nendpoints = { { method = 'FETCH', path = '/' } }");
+        assert!(e.contains("t.lua:3") && e.contains("unknown method"), "{e}");
+        let e = err("x = 1\nendpoints = {\n");
+        assert!(e.contains("t.lua:") && e.contains("expected"), "{e}");
+        assert!(err("host = 'x'\nendpoints = { Task('GET', '/') }").contains("bad host URL"));
+        assert!(err("x = 1").contains("no `endpoints`"));
+        assert!(err("endpoints = {}").contains("empty"));
+        assert!(err("endpoints = { { method = 'GET' } }").contains("path"));
+        assert!(
+            err("endpoints = { { method = 'GET', path = '/', heders = {} } }")
+                .contains("unknown field `heders`")
+        );
+        assert!(err("endpoints = { Task('GET', '/') }\nhost = 'ftp://x'").contains("host"));
+        assert!(err("endpoints = { Task('GET', '/') }\noptions = { users = 0 }").contains("users"));
+        assert!(
+            err("endpoints = { Task('GET', '/') }\noptions = { duration = 'soon' }")
+                .contains("duration")
+        );
+        assert!(err("endpoints = { Task('GET', '/') }\non_start = 5").contains("on_start"));
+        assert!(
+            err("endpoints = { Task('GET', '/', { json = {}, body = 'x' }) }")
+                .contains("at most one")
+        );
+        assert!(err("error('boom')").contains("t.lua:1: boom"));
+        assert!(err("while true do end").contains("instruction budget"));
+    }
+
+    #[test]
+    fn user_state_runs_hooks_in_its_own_sandbox() {
+        let s = load_str(
+            "endpoints = { Task('GET', '/') }\n\
+             counter = 0\n\
+             function on_start(user) counter = counter + 1; user.vars.token = 'tok-' .. user.id end",
+        )
+        .unwrap();
+        let a = UserState::new(&s, 1).unwrap();
+        let b = UserState::new(&s, 2).unwrap();
+        let f = a.on_start.clone().unwrap();
+        a.call::<()>(&f, a.user.clone()).unwrap();
+        a.call::<()>(&f, a.user.clone()).unwrap();
+        let vars: Table = a.user.get("vars").unwrap();
+        assert_eq!(vars.get::<String>("token").unwrap(), "tok-1");
+        assert_eq!(a.sandbox.lua.globals().get::<i64>("counter").unwrap(), 2);
+        assert_eq!(
+            b.sandbox.lua.globals().get::<i64>("counter").unwrap(),
+            0,
+            "states are separate"
+        );
+    }
+}

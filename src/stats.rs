@@ -1,0 +1,594 @@
+//! Measurements: what one request produced ([`Outcome`]), the per-worker [`Recorder`] that users
+//! write into without any lock, the [`Aggregate`] that merges recorders on each reporting tick,
+//! and the plain-data [`Summary`] that the report modules render.
+//!
+//! Every request has exactly one outcome: a success, or a failure with one [`Reason`]. Latencies
+//! go into HdrHistograms (microseconds, 3 significant digits), one per (method, name) row.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// The row a request is counted under: its method and its name (default: the path).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowId {
+    pub method: String,
+    pub name: String,
+}
+
+impl RowId {
+    pub fn new(method: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            method: method.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// Why a request failed. Stable, short and free of ports or addresses, so that the failures
+/// table groups like with like instead of growing a row per connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The target answered with status >= 400.
+    Status(u16),
+    /// Connection refused.
+    Refused,
+    /// Connection reset by the peer.
+    Reset,
+    /// The connection closed before a complete response arrived.
+    Closed,
+    /// Connecting took longer than the connect timeout.
+    ConnectTimeout,
+    /// The request (or reading its body) took longer than its timeout.
+    Timeout,
+    /// The host name did not resolve.
+    Dns,
+    /// TLS handshake or certificate failure.
+    Tls,
+    /// Any other connect error.
+    Connect,
+    /// The response body could not be read.
+    Body,
+    /// The response was not valid HTTP.
+    Protocol,
+    /// A hook raised an error (or hit the sandbox's limits). The text says which hook and why.
+    Script(String),
+    /// `after_response` returned `false, "why"`.
+    Rejected(String),
+    /// The request was still in flight when the run ended and the grace period ran out.
+    Aborted,
+    /// Anything the classes above do not cover.
+    Other(String),
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Status(code) => write!(f, "HTTP {code}"),
+            Reason::Refused => f.write_str("connection refused"),
+            Reason::Reset => f.write_str("connection reset"),
+            Reason::Closed => f.write_str("connection closed before response"),
+            Reason::ConnectTimeout => f.write_str("connect timeout"),
+            Reason::Timeout => f.write_str("request timeout"),
+            Reason::Dns => f.write_str("dns error"),
+            Reason::Tls => f.write_str("tls error"),
+            Reason::Connect => f.write_str("connect error"),
+            Reason::Body => f.write_str("error reading body"),
+            Reason::Protocol => f.write_str("protocol error"),
+            Reason::Script(why) => write!(f, "script error: {why}"),
+            Reason::Rejected(why) => f.write_str(why),
+            Reason::Aborted => f.write_str("aborted: run ended before the response"),
+            Reason::Other(why) => f.write_str(why),
+        }
+    }
+}
+
+/// A fresh latency histogram: microseconds, 3 significant digits, growing as values need.
+pub fn new_histogram() -> Histogram<u64> {
+    // `new` auto-resizes, so a row only pays for the range its latencies actually reach.
+    Histogram::new(3).expect("3 significant digits is a valid histogram precision")
+}
+
+/// Counts and latencies of one row (or of the total).
+#[derive(Debug, Clone)]
+pub struct RowStats {
+    pub requests: u64,
+    pub failures: u64,
+    pub latency_us: Histogram<u64>,
+}
+
+impl Default for RowStats {
+    fn default() -> Self {
+        Self {
+            requests: 0,
+            failures: 0,
+            latency_us: new_histogram(),
+        }
+    }
+}
+
+impl RowStats {
+    fn record(&mut self, elapsed: Option<Duration>, failed: bool) {
+        self.requests += 1;
+        self.failures += u64::from(failed);
+        if let Some(elapsed) = elapsed {
+            let us = u64::try_from(elapsed.as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            let _ = self.latency_us.record(us);
+        }
+    }
+
+    pub fn merge(&mut self, other: &RowStats) {
+        self.requests += other.requests;
+        self.failures += other.failures;
+        // Both histograms auto-resize, so `add` cannot fail on range.
+        let _ = self.latency_us.add(&other.latency_us);
+    }
+}
+
+/// What happened to one request. `elapsed` is `None` when nothing was sent (a hook failed first).
+pub struct Outcome {
+    pub elapsed: Option<Duration>,
+    pub failure: Option<Reason>,
+}
+
+/// A worker's recorder: rows are indexed by position, so recording a request for an endpoint
+/// whose row is known at load time is a vector index, not a hash lookup.
+pub struct Recorder {
+    rows: Vec<(Arc<RowId>, RowStats)>,
+    index: HashMap<Arc<RowId>, usize>,
+    /// Requests started and not yet finished, per row: counted as [`Reason::Aborted`] if the run
+    /// is cut off while they are in flight.
+    inflight: Vec<u64>,
+    /// Keyed by row id rather than index so that errors outside any request (a failing
+    /// `on_start`) can be listed without adding a request row.
+    failures: HashMap<(Arc<RowId>, Reason), u64>,
+}
+
+/// What a recorder hands to the aggregator on each tick: the counts since the previous tick.
+#[derive(Default)]
+pub struct Snapshot {
+    pub rows: Vec<(Arc<RowId>, RowStats)>,
+    pub failures: Vec<(Arc<RowId>, Reason, u64)>,
+}
+
+impl Recorder {
+    /// A recorder whose first rows are `rows`, in that order (the scenario's static rows).
+    pub fn new(rows: &[Arc<RowId>]) -> Self {
+        let mut rec = Self {
+            rows: Vec::new(),
+            index: HashMap::new(),
+            inflight: Vec::new(),
+            failures: HashMap::new(),
+        };
+        for row in rows {
+            rec.row(row);
+        }
+        rec
+    }
+
+    /// The index of a row, adding it if it is new (names changed by hooks end up here).
+    pub fn row(&mut self, id: &Arc<RowId>) -> usize {
+        if let Some(&i) = self.index.get(id) {
+            return i;
+        }
+        let i = self.rows.len();
+        self.rows.push((id.clone(), RowStats::default()));
+        self.inflight.push(0);
+        self.index.insert(id.clone(), i);
+        i
+    }
+
+    /// Looks a row up by method and name without allocating when it already exists.
+    pub fn row_by_name(&mut self, method: &str, name: &str) -> usize {
+        // The index is keyed by `Arc<RowId>`; a temporary RowId is the cheapest probe.
+        let probe = RowId::new(method, name);
+        if let Some(&i) = self.index.get(&probe) {
+            return i;
+        }
+        self.row(&Arc::new(probe))
+    }
+
+    pub fn begin(&mut self, row: usize) {
+        self.inflight[row] += 1;
+    }
+
+    /// Records the outcome of a request started with [`Recorder::begin`].
+    pub fn finish(&mut self, row: usize, outcome: Outcome) {
+        self.inflight[row] -= 1;
+        self.record(row, outcome);
+    }
+
+    /// Records an outcome that had no `begin` (nothing was in flight).
+    pub fn record(&mut self, row: usize, outcome: Outcome) {
+        let failed = outcome.failure.is_some();
+        self.rows[row].1.record(outcome.elapsed, failed);
+        if let Some(reason) = outcome.failure {
+            *self
+                .failures
+                .entry((self.rows[row].0.clone(), reason))
+                .or_insert(0) += 1;
+        }
+    }
+
+    /// Lists an error that belongs to no request (a hook outside a request failed): it shows in
+    /// the failures table but adds nothing to the request counts.
+    pub fn error(&mut self, id: &Arc<RowId>, reason: Reason) {
+        *self.failures.entry((id.clone(), reason)).or_insert(0) += 1;
+    }
+
+    /// Counts every request still in flight as aborted: called when the run is cut off.
+    pub fn abort_inflight(&mut self) {
+        for row in 0..self.rows.len() {
+            let n = std::mem::take(&mut self.inflight[row]);
+            if n > 0 {
+                let stats = &mut self.rows[row].1;
+                stats.requests += n;
+                stats.failures += n;
+                *self
+                    .failures
+                    .entry((self.rows[row].0.clone(), Reason::Aborted))
+                    .or_insert(0) += n;
+            }
+        }
+    }
+
+    /// Takes the counts since the last call, leaving the rows in place and empty.
+    pub fn take(&mut self) -> Snapshot {
+        let rows = self
+            .rows
+            .iter_mut()
+            .filter(|(_, s)| s.requests > 0)
+            .map(|(id, s)| {
+                let fresh = RowStats {
+                    requests: 0,
+                    failures: 0,
+                    latency_us: Histogram::new_from(&s.latency_us),
+                };
+                (id.clone(), std::mem::replace(s, fresh))
+            })
+            .collect();
+        let failures = self
+            .failures
+            .drain()
+            .map(|((id, reason), n)| (id, reason, n))
+            .collect();
+        Snapshot { rows, failures }
+    }
+}
+
+/// The merged view of every worker's snapshots: cumulative rows (in first-seen order), the
+/// failure reasons, and the counts of the latest tick for the live "current RPS".
+#[derive(Default)]
+pub struct Aggregate {
+    rows: Vec<(RowId, RowStats)>,
+    index: HashMap<RowId, usize>,
+    failures: HashMap<(RowId, Reason), u64>,
+    /// Requests per row in the current tick (reset by [`Aggregate::end_tick`]).
+    tick: HashMap<RowId, u64>,
+    last_tick: HashMap<RowId, u64>,
+}
+
+impl Aggregate {
+    /// Registers rows up front so that the tables list them in the scenario's order.
+    pub fn with_rows(rows: &[Arc<RowId>]) -> Self {
+        let mut agg = Self::default();
+        for row in rows {
+            agg.row_mut(row);
+        }
+        agg
+    }
+
+    fn row_mut(&mut self, id: &RowId) -> &mut RowStats {
+        let i = match self.index.get(id) {
+            Some(&i) => i,
+            None => {
+                self.rows.push((id.clone(), RowStats::default()));
+                self.index.insert(id.clone(), self.rows.len() - 1);
+                self.rows.len() - 1
+            }
+        };
+        &mut self.rows[i].1
+    }
+
+    pub fn add(&mut self, snap: Snapshot) {
+        for (id, stats) in snap.rows {
+            self.row_mut(&id).merge(&stats);
+            *self.tick.entry((*id).clone()).or_insert(0) += stats.requests;
+        }
+        for (id, reason, n) in snap.failures {
+            *self.failures.entry(((*id).clone(), reason)).or_insert(0) += n;
+        }
+    }
+
+    /// Closes the current tick: its counts become the "current" ones.
+    pub fn end_tick(&mut self) {
+        self.last_tick = std::mem::take(&mut self.tick);
+    }
+
+    /// Requests of `id` in the last closed tick (all rows when `None`).
+    pub fn last_tick_requests(&self, id: Option<&RowId>) -> u64 {
+        match id {
+            Some(id) => self.last_tick.get(id).copied().unwrap_or(0),
+            None => self.last_tick.values().sum(),
+        }
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = (&RowId, &RowStats)> {
+        self.rows.iter().map(|(id, s)| (id, s))
+    }
+
+    pub fn total(&self) -> RowStats {
+        let mut total = RowStats::default();
+        for (_, s) in &self.rows {
+            total.merge(s);
+        }
+        total
+    }
+
+    /// Failures grouped by (method, name, reason), most frequent first.
+    pub fn failures(&self) -> Vec<FailureSummary> {
+        let mut out: Vec<FailureSummary> = self
+            .failures
+            .iter()
+            .map(|((id, reason), &count)| FailureSummary {
+                method: id.method.clone(),
+                name: id.name.clone(),
+                reason: reason.to_string(),
+                count,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| (&a.name, &a.method, &a.reason).cmp(&(&b.name, &b.method, &b.reason)))
+        });
+        out
+    }
+
+    /// The final, serializable summary. Rows that never saw a request are left out.
+    pub fn summary(&self, meta: SummaryMeta) -> Summary {
+        let secs = meta.duration.as_secs_f64();
+        let endpoints = self
+            .rows
+            .iter()
+            .filter(|(_, s)| s.requests > 0)
+            .map(|(id, s)| RowSummary::new(&id.method, &id.name, s, secs))
+            .collect();
+        Summary {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: humantime::format_rfc3339_seconds(meta.started_at).to_string(),
+            duration_s: round3(secs),
+            interrupted: meta.interrupted,
+            config: meta.config,
+            total: RowSummary::new("", "Aggregated", &self.total(), secs).into_total(),
+            endpoints,
+            failures: self.failures(),
+        }
+    }
+}
+
+/// What the summary needs besides the counts.
+pub struct SummaryMeta {
+    pub started_at: std::time::SystemTime,
+    pub duration: Duration,
+    pub interrupted: bool,
+    pub config: ConfigSummary,
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The summary file's schema (SPEC: "Summary file"). Field names are stable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub version: String,
+    pub started_at: String,
+    pub duration_s: f64,
+    pub interrupted: bool,
+    pub config: ConfigSummary,
+    pub total: RowSummary,
+    pub endpoints: Vec<RowSummary>,
+    pub failures: Vec<FailureSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigSummary {
+    pub host: Option<String>,
+    pub users: u32,
+    pub spawn_rate: f64,
+    pub script: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RowSummary {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+    pub requests: u64,
+    pub failures: u64,
+    pub rps: f64,
+    pub latency_ms: Latency,
+}
+
+impl RowSummary {
+    pub fn new(method: &str, name: &str, s: &RowStats, secs: f64) -> Self {
+        Self {
+            method: Some(method.to_string()),
+            name: Some(name.to_string()),
+            requests: s.requests,
+            failures: s.failures,
+            rps: if secs > 0.0 {
+                round3(s.requests as f64 / secs)
+            } else {
+                0.0
+            },
+            latency_ms: Latency::of(&s.latency_us),
+        }
+    }
+
+    fn into_total(mut self) -> Self {
+        self.method = None;
+        self.name = None;
+        self
+    }
+}
+
+/// Latency figures in milliseconds. All zero when the row recorded no latency.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    pub min: f64,
+    pub avg: f64,
+    pub max: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub p99_9: f64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let ms = |us: u64| round3(us as f64 / 1000.0);
+        Self {
+            min: ms(h.min()),
+            avg: round3(h.mean() / 1000.0),
+            max: ms(h.max()),
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p95: ms(h.value_at_quantile(0.95)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p99_9: ms(h.value_at_quantile(0.999)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailureSummary {
+    pub method: String,
+    pub name: String,
+    pub reason: String,
+    pub count: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(ms: u64) -> Outcome {
+        Outcome {
+            elapsed: Some(Duration::from_millis(ms)),
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn recorder_counts_each_outcome_once_and_take_resets() {
+        let hello = Arc::new(RowId::new("GET", "/hello"));
+        let mut rec = Recorder::new(std::slice::from_ref(&hello));
+        let r = rec.row(&hello);
+        rec.begin(r);
+        rec.finish(r, ok(5));
+        rec.begin(r);
+        rec.finish(
+            r,
+            Outcome {
+                elapsed: Some(Duration::from_millis(7)),
+                failure: Some(Reason::Status(500)),
+            },
+        );
+        let dynamic = rec.row_by_name("POST", "/x");
+        rec.record(
+            dynamic,
+            Outcome {
+                elapsed: None,
+                failure: Some(Reason::Script("boom".into())),
+            },
+        );
+
+        let snap = rec.take();
+        assert_eq!(snap.rows.len(), 2);
+        assert_eq!(snap.rows[0].1.requests, 2);
+        assert_eq!(snap.rows[0].1.failures, 1);
+        assert_eq!(snap.rows[0].1.latency_us.len(), 2);
+        assert_eq!(
+            snap.rows[1].1.latency_us.len(),
+            0,
+            "an unsent request has no latency"
+        );
+        assert_eq!(snap.failures.len(), 2);
+
+        let again = rec.take();
+        assert!(
+            again.rows.is_empty() && again.failures.is_empty(),
+            "take leaves the recorder empty"
+        );
+    }
+
+    #[test]
+    fn abort_inflight_counts_unfinished_requests_as_failures() {
+        let row = Arc::new(RowId::new("GET", "/slow"));
+        let mut rec = Recorder::new(&[row]);
+        rec.begin(0);
+        rec.begin(0);
+        rec.finish(0, ok(1));
+        rec.abort_inflight();
+        let snap = rec.take();
+        assert_eq!(snap.rows[0].1.requests, 2);
+        assert_eq!(snap.rows[0].1.failures, 1);
+        assert_eq!(
+            snap.failures,
+            vec![(snap.rows[0].0.clone(), Reason::Aborted, 1)]
+        );
+    }
+
+    #[test]
+    fn aggregate_merges_snapshots_and_keeps_row_order() {
+        let a = Arc::new(RowId::new("GET", "/b"));
+        let b = Arc::new(RowId::new("POST", "/a"));
+        let mut agg = Aggregate::with_rows(&[a.clone(), b.clone()]);
+        for _ in 0..2 {
+            let mut rec = Recorder::new(&[a.clone(), b.clone()]);
+            for ms in 1..=100 {
+                rec.record(0, ok(ms));
+            }
+            rec.record(
+                1,
+                Outcome {
+                    elapsed: Some(Duration::from_millis(1)),
+                    failure: Some(Reason::Status(404)),
+                },
+            );
+            agg.add(rec.take());
+        }
+        agg.end_tick();
+        assert_eq!(agg.last_tick_requests(None), 202);
+        let names: Vec<_> = agg.rows().map(|(id, _)| id.name.clone()).collect();
+        assert_eq!(names, ["/b", "/a"]);
+        let total = agg.total();
+        assert_eq!((total.requests, total.failures), (202, 2));
+        let fails = agg.failures();
+        assert_eq!(
+            fails,
+            vec![FailureSummary {
+                method: "POST".into(),
+                name: "/a".into(),
+                reason: "HTTP 404".into(),
+                count: 2
+            }]
+        );
+        let lat = Latency::of(&agg.rows().next().unwrap().1.latency_us);
+        assert!((lat.p50 - 50.0).abs() < 0.1, "p50 {}", lat.p50);
+        assert!((lat.max - 100.0).abs() < 0.1, "max {}", lat.max);
+    }
+}

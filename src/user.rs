@@ -1,0 +1,188 @@
+//! One virtual user: a loop that picks a weighted endpoint, runs the hooks the scenario has,
+//! sends, and records the outcome in its worker's recorder. A user of a scenario without hooks
+//! never touches Lua: it clones a prebuilt request and sends it.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use mlua::Value;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use crate::http;
+use crate::runner::Plan;
+use crate::scenario::UserState;
+use crate::scenario::api::{self, Role};
+use crate::stats::{Outcome, Reason, Recorder, RowId};
+
+/// What every user of one worker thread shares.
+pub struct Worker {
+    pub plan: Arc<Plan>,
+    pub client: reqwest::Client,
+    pub recorder: RefCell<Recorder>,
+    /// Set when the run ends: users finish their current iteration and stop.
+    pub stopping: Arc<AtomicBool>,
+}
+
+/// Runs one user until the run stops.
+pub async fn run(worker: Rc<Worker>, id: u64) {
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let plan = worker.plan.clone();
+    if !plan.scenario.hooks.any() {
+        while !worker.stopping.load(Ordering::Relaxed) {
+            let ep = &plan.endpoints[plan.pick(&mut rng)];
+            let req = http::clone_request(&ep.request);
+            let outcome = send(&worker, ep.row, req, false).await.1;
+            worker.recorder.borrow_mut().finish(ep.row, outcome);
+        }
+        return;
+    }
+
+    let state = match UserState::new(&plan.scenario, id) {
+        Ok(state) => state,
+        Err(msg) => {
+            let id = Arc::new(RowId::new("HOOK", "user state"));
+            worker.recorder.borrow_mut().error(&id, Reason::Script(msg));
+            return;
+        }
+    };
+    if let Some(f) = &state.on_start
+        && let Err(msg) = state.call::<()>(f, state.user.clone())
+    {
+        worker.recorder.borrow_mut().error(
+            &plan.hook_row("on_start"),
+            Reason::Script(format!("on_start: {msg}")),
+        );
+    }
+    while !worker.stopping.load(Ordering::Relaxed) {
+        if !iteration(&worker, &state, &mut rng).await {
+            // Nothing was sent (skipped, or a hook failed): let the other users run.
+            tokio::task::yield_now().await;
+        }
+    }
+    if let Some(f) = &state.on_stop
+        && let Err(msg) = state.call::<()>(f, state.user.clone())
+    {
+        worker.recorder.borrow_mut().error(
+            &plan.hook_row("on_stop"),
+            Reason::Script(format!("on_stop: {msg}")),
+        );
+    }
+}
+
+/// Sends `req`, counting it in flight under `row`, and turns the result into an outcome.
+async fn send(
+    worker: &Worker,
+    row: usize,
+    req: reqwest::Request,
+    keep_body: bool,
+) -> (Option<http::Response>, Outcome) {
+    worker.recorder.borrow_mut().begin(row);
+    match http::send(&worker.client, req, keep_body).await {
+        Ok(resp) => {
+            let failure = (resp.status >= 400).then_some(Reason::Status(resp.status));
+            let outcome = Outcome {
+                elapsed: Some(resp.elapsed),
+                failure,
+            };
+            (Some(resp), outcome)
+        }
+        Err((elapsed, reason)) => (
+            None,
+            Outcome {
+                elapsed: Some(elapsed),
+                failure: Some(reason),
+            },
+        ),
+    }
+}
+
+/// One iteration of a user whose scenario has hooks. Returns whether a request was sent.
+async fn iteration(worker: &Worker, state: &UserState, rng: &mut SmallRng) -> bool {
+    let plan = &worker.plan;
+    let ep = &plan.endpoints[plan.pick(rng)];
+    let lua = &state.sandbox.lua;
+    let script_failure = |row: usize, msg: String| {
+        worker.recorder.borrow_mut().record(
+            row,
+            Outcome {
+                elapsed: None,
+                failure: Some(Reason::Script(msg)),
+            },
+        );
+    };
+
+    let mut row = ep.row;
+    let mut req = None;
+    let mut req_table = None;
+    if let Some(f) = &state.before_request {
+        let t = match api::request_table(lua, &ep.spec) {
+            Ok(t) => t,
+            Err(e) => {
+                script_failure(row, format!("before_request: {e}"));
+                return false;
+            }
+        };
+        match state.call::<Value>(f, (state.user.clone(), t.clone())) {
+            Ok(Value::Boolean(false)) => return false,
+            Ok(_) => {}
+            Err(msg) => {
+                script_failure(row, format!("before_request: {msg}"));
+                return false;
+            }
+        }
+        let spec = match api::parse_request(&t, Role::Hook) {
+            Ok(spec) => spec,
+            Err(msg) => {
+                script_failure(row, format!("before_request: req: {msg}"));
+                return false;
+            }
+        };
+        if spec.method != ep.spec.method || spec.name != ep.spec.name {
+            row = worker
+                .recorder
+                .borrow_mut()
+                .row_by_name(spec.method.as_str(), &spec.name);
+        }
+        if !spec.same_request(&ep.spec) {
+            match http::build_request(plan.host.as_ref(), &spec) {
+                Ok(r) => req = Some(r),
+                Err(e) => {
+                    script_failure(row, format!("before_request: req: {e:#}"));
+                    return false;
+                }
+            }
+        }
+        req_table = Some(t);
+    }
+    let req = req.unwrap_or_else(|| http::clone_request(&ep.request));
+
+    let keep_body = state.after_response.is_some();
+    let (resp, mut outcome) = send(worker, row, req, keep_body).await;
+    if let (Some(f), Some(resp)) = (&state.after_response, resp) {
+        let verdict =
+            api::response_table(lua, resp.status, &resp.headers, &resp.body, resp.elapsed)
+                .map_err(|e| e.to_string())
+                .and_then(|res| {
+                    let req_t = match req_table {
+                        Some(t) => t,
+                        None => api::request_table(lua, &ep.spec).map_err(|e| e.to_string())?,
+                    };
+                    state.call::<(Value, Option<String>)>(f, (state.user.clone(), req_t, res))
+                });
+        match verdict {
+            Ok((Value::Boolean(false), why)) => {
+                outcome.failure = Some(Reason::Rejected(
+                    why.unwrap_or_else(|| "rejected by after_response".into()),
+                ))
+            }
+            Ok((Value::Boolean(true), _)) => outcome.failure = None,
+            Ok(_) => {}
+            Err(msg) => outcome.failure = Some(Reason::Script(format!("after_response: {msg}"))),
+        }
+    }
+    worker.recorder.borrow_mut().finish(row, outcome);
+    true
+}
