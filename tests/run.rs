@@ -1,0 +1,285 @@
+//! In-process runs against the built-in target on an ephemeral port: the summary's counts are
+//! compared with what the target actually received.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stormlight::config::{LiveMode, Overrides, RunConfig};
+use stormlight::scenario::{self, sandbox::Limits};
+use stormlight::stats::Summary;
+use stormlight::target::Target;
+
+fn target() -> Target {
+    Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target starts")
+}
+
+/// Runs `source` for `secs` with `users` users against `host`, with the given sandbox limits.
+fn run(source: &str, host: &str, users: u32, secs: f64, limits: Limits) -> Summary {
+    let path = Path::new("test.lua");
+    let scenario = scenario::load_source(path, source, limits).expect("scenario loads");
+    let flags = Overrides {
+        host: Some(host.to_string()),
+        users: Some(users),
+        spawn_rate: Some(1000.0),
+        duration: Some(Duration::from_secs_f64(secs)),
+        grace: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off)
+        .expect("config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt
+        .block_on(stormlight::runner::run(
+            &cfg,
+            Arc::new(scenario),
+            std::future::pending(),
+        ))
+        .expect("run completes");
+    assert!(!result.interrupted);
+    result.summary
+}
+
+fn row<'a>(s: &'a Summary, name: &str) -> &'a stormlight::stats::RowSummary {
+    s.endpoints
+        .iter()
+        .find(|r| r.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no row {name} in {:?}", s.endpoints))
+}
+
+fn reasons(s: &Summary) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for f in &s.failures {
+        *out.entry(format!("{} {}: {}", f.method, f.name, f.reason))
+            .or_insert(0) += f.count;
+    }
+    out
+}
+
+#[test]
+fn totals_equal_what_the_target_received_and_weights_hold() {
+    let t = target();
+    let s = run(
+        r#"
+        endpoints = {
+          Task("GET", "/hello"),
+          Task("GET", "/items/1", { name = "/items/[id]", weight = 3 }),
+          Task("POST", "/api/upload", { json = { name = "x", price = 1 }, weight = 4 }),
+        }
+        "#,
+        &t.url(),
+        8,
+        2.0,
+        Limits::default(),
+    );
+    let received = t.counts.requests();
+    assert!(
+        received > 2000,
+        "too few requests to judge weights: {received}"
+    );
+    assert_eq!(
+        s.total.requests, received,
+        "every request sent is counted exactly once"
+    );
+    assert_eq!(s.total.failures, 0, "{:?}", s.failures);
+    let sum: u64 = s.endpoints.iter().map(|r| r.requests).sum();
+    assert_eq!(sum, s.total.requests);
+    let paths = t.counts.paths();
+    for (name, path, weight) in [
+        ("/hello", "/hello", 1.0),
+        ("/items/[id]", "/items/1", 3.0),
+        ("/api/upload", "/api/upload", 4.0),
+    ] {
+        let r = row(&s, name);
+        assert_eq!(
+            r.requests, paths[path],
+            "row {name} matches the target's count for {path}"
+        );
+        let share = r.requests as f64 / s.total.requests as f64;
+        assert!(
+            (share - weight / 8.0).abs() < 0.03,
+            "{name}: share {share:.3}, expected {:.3}",
+            weight / 8.0
+        );
+    }
+    assert!(s.total.latency_ms.p50 > 0.0 && s.total.latency_ms.p50 <= s.total.latency_ms.p99);
+    assert!(s.total.rps > 0.0);
+}
+
+#[test]
+fn faults_are_counted_with_distinct_reasons_and_the_run_finishes() {
+    let t = target();
+    // A port that was free a moment ago: nothing listens, so connecting is refused.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let s = run(
+        &format!(
+            r#"
+            endpoints = {{
+              Task("GET", "/hello"),
+              Task("GET", "/status/500"),
+              Task("GET", "/reset"),
+              Task("GET", "/stall?ms=5000", {{ name = "/stall", timeout = "200ms" }}),
+              {{ method = "GET", url = "http://{dead}/nothing", name = "refused" }},
+            }}
+            "#
+        ),
+        &t.url(),
+        5,
+        2.0,
+        Limits::default(),
+    );
+    let r = reasons(&s);
+    assert_eq!(
+        r.get("GET /status/500: HTTP 500"),
+        Some(&row(&s, "/status/500").requests),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.get("GET /reset: connection reset"),
+        Some(&row(&s, "/reset").requests),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.get("GET /stall: request timeout"),
+        Some(&row(&s, "/stall").requests),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.get("GET refused: connection refused"),
+        Some(&row(&s, "refused").requests),
+        "{r:?}"
+    );
+    assert_eq!(row(&s, "/hello").failures, 0);
+    // Everything but the refused requests reached the target, and was counted once.
+    assert_eq!(
+        s.total.requests - row(&s, "refused").requests,
+        t.counts.requests()
+    );
+    let failed: u64 = s.failures.iter().map(|f| f.count).sum();
+    assert_eq!(failed, s.total.failures);
+    for name in ["/status/500", "/reset", "/stall", "refused"] {
+        let r = row(&s, name);
+        assert!(r.requests > 0 && r.failures == r.requests, "{name}: {r:?}");
+    }
+}
+
+#[test]
+fn sandbox_escapes_and_runaway_hooks_are_stopped_and_the_run_goes_on() {
+    let t = target();
+    let cases = [
+        ("io", "io.open('/etc/passwd')", "global 'io'"),
+        (
+            "exec",
+            "os.execute('touch /tmp/stormlight-pwned')",
+            "field 'execute'",
+        ),
+        ("require", "require('socket')", "global 'require'"),
+        (
+            "bytecode",
+            r#"local f, err = load("\27Lua\84\0\25\147\13\10\26\10") assert(f, err)"#,
+            "binary chunk",
+        ),
+        ("dump", "string.dump(function() end)", "field 'dump'"),
+        ("debug", "debug.getinfo(1)", "global 'debug'"),
+        ("loop", "while true do end", "instruction budget"),
+        (
+            "pcall_loop",
+            "while true do pcall(function() while true do end end) end",
+            "instruction budget",
+        ),
+        (
+            "memory",
+            "local s = 'x' while true do s = s .. string.rep('y', #s) end",
+            "memory limit",
+        ),
+    ];
+    let mut endpoints = String::from("Task('GET', '/hello', { name = 'ok' }),\n");
+    let mut dispatch = String::new();
+    for (name, code, _) in &cases {
+        endpoints.push_str(&format!("Task('GET', '/hello', {{ name = '{name}' }}),\n"));
+        dispatch.push_str(&format!("  if req.name == '{name}' then {code} end\n"));
+    }
+    let source = format!(
+        "endpoints = {{\n{endpoints}}}\nfunction before_request(user, req)\n{dispatch}end\n"
+    );
+    let limits = Limits {
+        memory: 8 << 20,
+        instructions: 5_000_000,
+    };
+    let s = run(&source, &t.url(), 2, 2.0, limits);
+
+    let r = reasons(&s);
+    for (name, _, expected) in &cases {
+        let row = row(&s, name);
+        assert!(row.requests > 0, "{name} was never picked");
+        assert_eq!(row.failures, row.requests, "{name}: every attempt fails");
+        let (reason, count) = r
+            .iter()
+            .find(|(k, _)| k.starts_with(&format!("GET {name}: ")))
+            .unwrap_or_else(|| panic!("no failure for {name}: {r:?}"));
+        assert_eq!(*count, row.requests, "{name}: one reason");
+        assert!(
+            reason.contains("script error: before_request") && reason.contains(expected),
+            "{name}: {reason}"
+        );
+    }
+    assert!(!Path::new("/tmp/stormlight-pwned").exists());
+    let ok = row(&s, "ok");
+    assert!(
+        ok.requests > 0 && ok.failures == 0,
+        "the run goes on: {ok:?}"
+    );
+    assert_eq!(
+        t.counts.requests(),
+        ok.requests,
+        "only the good requests were sent"
+    );
+}
+
+#[test]
+fn hooks_change_requests_and_judge_responses() {
+    let t = target();
+    let s = run(
+        r#"
+        endpoints = { Task("GET", "/hello"), Task("POST", "/api/upload", { json = { n = 1 } }) }
+        function on_start(user) user.vars.token = "t" .. user.id end
+        function before_request(user, req)
+          req.headers["Authorization"] = "Bearer " .. user.vars.token
+          if req.method == "POST" then req.body = nil; req.json = { user = user.id } end
+          if req.path == "/hello" then req.path = "/status/404"; req.name = "renamed" end
+        end
+        function after_response(user, req, res)
+          if req.name == "renamed" then
+            if res.status == 404 then return true end
+            return false, "expected 404, got " .. res.status
+          end
+          if not res.body:find('"user":' .. user.id, 1, true) then return false, "echo lacks user id" end
+        end
+        "#,
+        &t.url(),
+        3,
+        1.5,
+        Limits::default(),
+    );
+    let paths = t.counts.paths();
+    assert_eq!(row(&s, "renamed").requests, paths["/status/404"]);
+    assert_eq!(
+        row(&s, "renamed").failures,
+        0,
+        "after_response turned the 404 into a success"
+    );
+    assert_eq!(row(&s, "/api/upload").failures, 0, "{:?}", s.failures);
+    assert_eq!(s.total.requests, t.counts.requests());
+    assert!(
+        !paths.contains_key("/hello"),
+        "before_request rewrote every /hello"
+    );
+}
