@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stormlight::config::{LiveMode, Overrides, RunConfig};
+use stormlight::runner::Plan;
 use stormlight::scenario;
 use stormlight::target::Target;
 
@@ -30,14 +31,9 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let result = rt.block_on(stormlight::runner::run(
-        &cfg,
-        Arc::new(scenario),
-        std::future::pending(),
-    ))?;
+    let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("endpoints bind to the host");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let result = rt.block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))?;
     let s = &result.summary;
     println!(
         "{} requests ({} failed) at {:.0} req/s, p99 {:.2} ms; the target received {}",

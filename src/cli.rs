@@ -112,11 +112,7 @@ impl LoadArgs {
     }
 
     pub fn live(&self) -> LiveMode {
-        if self.quiet {
-            LiveMode::Off
-        } else {
-            LiveMode::Auto
-        }
+        if self.quiet { LiveMode::Off } else { LiveMode::Auto }
     }
 }
 

@@ -72,10 +72,7 @@ impl RunConfig {
         }
         // Without a spawn rate every user starts within the first second (k6 starts all at once;
         // Locust's one-per-second default makes large tests crawl).
-        let spawn_rate = cli
-            .spawn_rate
-            .or(scenario.spawn_rate)
-            .unwrap_or(users as f64);
+        let spawn_rate = cli.spawn_rate.or(scenario.spawn_rate).unwrap_or(users as f64);
         if !spawn_rate.is_finite() || spawn_rate <= 0.0 {
             bail!("spawn rate must be a positive number of users per second (got {spawn_rate})");
         }
@@ -88,9 +85,7 @@ impl RunConfig {
             bail!("timeout must be more than 0");
         }
         let grace = cli.grace.or(scenario.grace).unwrap_or(DEFAULT_GRACE);
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Ok(Self {
             script,
             host,
@@ -108,8 +103,7 @@ impl RunConfig {
 
 /// Parses and checks a host URL: http or https, with a host name.
 pub fn parse_host(s: &str) -> Result<Url> {
-    let url = Url::parse(s)
-        .with_context(|| format!("bad host URL {s:?}: expected e.g. http://127.0.0.1:8080"))?;
+    let url = Url::parse(s).with_context(|| format!("bad host URL {s:?}: expected e.g. http://127.0.0.1:8080"))?;
     if !matches!(url.scheme(), "http" | "https") {
         bail!("bad host URL {s:?}: the scheme must be http or https");
     }
@@ -204,8 +198,7 @@ mod tests {
     #[test]
     fn nonsense_numbers_and_hosts_are_refused() {
         let none = Overrides::default();
-        let with =
-            |o: Overrides| RunConfig::resolve("x.lua".into(), &o, &none, None, LiveMode::Off);
+        let with = |o: Overrides| RunConfig::resolve("x.lua".into(), &o, &none, None, LiveMode::Off);
         assert!(
             with(Overrides {
                 users: Some(0),

@@ -45,8 +45,7 @@ pub fn build_request(host: Option<&Url>, spec: &RequestSpec) -> Result<reqwest::
 
 /// Clones a prebuilt request. Bodies are `Bytes`, so cloning cannot fail.
 pub fn clone_request(req: &reqwest::Request) -> reqwest::Request {
-    req.try_clone()
-        .expect("requests built from bytes are always cloneable")
+    req.try_clone().expect("requests built from bytes are always cloneable")
 }
 
 static CRYPTO: Once = Once::new();
@@ -161,9 +160,7 @@ pub fn classify(err: &reqwest::Error) -> Reason {
         // The URL would make one failures row per address; the message without it groups.
         let text = err.to_string();
         let text = match err.url() {
-            Some(u) => text
-                .replace(&format!(" ({u})"), "")
-                .replace(u.as_str(), "URL"),
+            Some(u) => text.replace(&format!(" ({u})"), "").replace(u.as_str(), "URL"),
             None => text,
         };
         Reason::Other(text)
@@ -181,10 +178,7 @@ mod tests {
             method: Method::GET,
             target,
             headers: HeaderMap::new(),
-            query: query
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            query: query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             body: None,
             name: "x".into(),
             weight: 1,
@@ -195,17 +189,9 @@ mod tests {
     #[test]
     fn paths_join_the_host_and_keep_its_base_path() {
         let host = Url::parse("http://127.0.0.1:8000/api/").unwrap();
-        let u = request_url(
-            Some(&host),
-            &spec(Target::Path("/items/7".into()), &[("q", "a b")]),
-        )
-        .unwrap();
+        let u = request_url(Some(&host), &spec(Target::Path("/items/7".into()), &[("q", "a b")])).unwrap();
         assert_eq!(u.as_str(), "http://127.0.0.1:8000/api/items/7?q=a+b");
-        let u = request_url(
-            Some(&host),
-            &spec(Target::Url("http://[::1]:9/z".into()), &[]),
-        )
-        .unwrap();
+        let u = request_url(Some(&host), &spec(Target::Url("http://[::1]:9/z".into()), &[])).unwrap();
         assert_eq!(u.as_str(), "http://[::1]:9/z");
         assert!(request_url(None, &spec(Target::Path("/x".into()), &[])).is_err());
     }

@@ -58,7 +58,7 @@ pub struct RunRequest {
 
 /// Loads a scenario, resolves the configuration and checks outputs: everything that can be bad
 /// input, before any traffic.
-pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, scenario::Scenario)> {
+pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, runner::Plan)> {
     let scenario = match source {
         Some(src) => scenario::load_source(&req.script, src, Default::default())?,
         None => scenario::load(&req.script)?,
@@ -74,15 +74,8 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, sce
         check_writable(out)?;
     }
     // Binding the endpoints to the host is the last check that can fail on bad input.
-    runner::Plan::new(
-        Arc::new(scenario::load_source(
-            &req.script,
-            &scenario.source,
-            scenario.limits,
-        )?),
-        cfg.host.clone(),
-    )?;
-    Ok((cfg, scenario))
+    let plan = runner::Plan::new(Arc::new(scenario), cfg.host.clone())?;
+    Ok((cfg, plan))
 }
 
 /// Fails early if `path` cannot be written, so a long run does not end with nowhere to write.
@@ -92,18 +85,13 @@ fn check_writable(path: &Path) -> Result<()> {
         _ => PathBuf::from("."),
     };
     let probe = dir.join(format!(".stormlight-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("cannot write --out {}", path.display()))?;
+    std::fs::write(&probe, b"").with_context(|| format!("cannot write --out {}", path.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
 
 /// `stormlight run` (and `demo`): runs, prints the summary to stdout, writes `--out`.
-pub async fn run(
-    cfg: RunConfig,
-    scenario: scenario::Scenario,
-    shutdown: impl Future<Output = ()>,
-) -> Result<Exit> {
+pub async fn run(cfg: RunConfig, plan: runner::Plan, shutdown: impl Future<Output = ()>) -> Result<Exit> {
     let host = cfg
         .host
         .as_ref()
@@ -121,7 +109,7 @@ pub async fn run(
         cfg.script.display(),
         cfg.workers
     );
-    let result = runner::run(&cfg, Arc::new(scenario), shutdown).await?;
+    let result = runner::run(&cfg, Arc::new(plan), shutdown).await?;
     let mut stdout = std::io::stdout().lock();
     let _ = report::write_summary(&mut stdout, &result.summary);
     let _ = stdout.flush();
@@ -161,8 +149,8 @@ pub async fn demo(
         out,
         live,
     };
-    let (cfg, scenario) = prepare(&req, Some(DEMO_SCENARIO))?;
-    let exit = run(cfg, scenario, shutdown).await?;
+    let (cfg, plan) = prepare(&req, Some(DEMO_SCENARIO))?;
+    let exit = run(cfg, plan, shutdown).await?;
     eprintln!("the target received {} requests", target.counts.requests());
     Ok(exit)
 }

@@ -10,10 +10,7 @@ use stormlight::{Exit, RunRequest};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -43,8 +40,8 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 out: args.load.out.clone(),
                 live: args.load.live(),
             };
-            let (cfg, scenario) = stormlight::prepare(&req, None)?;
-            stormlight::run(cfg, scenario, interrupted()).await
+            let (cfg, plan) = stormlight::prepare(&req, None)?;
+            stormlight::run(cfg, plan, interrupted()).await
         }
         Command::Demo(args) => {
             stormlight::demo(
@@ -57,10 +54,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
         }
         Command::Target { port, bind } => {
             let target = stormlight::target::Target::start(SocketAddr::new(bind, port)).await?;
-            println!(
-                "stormlight target listening on {} (Ctrl-C to stop)",
-                target.url()
-            );
+            println!("stormlight target listening on {} (Ctrl-C to stop)", target.url());
             let _ = tokio::signal::ctrl_c().await;
             println!("received {} requests", target.counts.requests());
             Ok(Exit::Success)

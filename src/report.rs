@@ -28,10 +28,7 @@ fn fails(requests: u64, failures: u64) -> String {
     if failures == 0 {
         "0".into()
     } else {
-        format!(
-            "{failures} ({:.1}%)",
-            100.0 * failures as f64 / requests.max(1) as f64
-        )
+        format!("{failures} ({:.1}%)", 100.0 * failures as f64 / requests.max(1) as f64)
     }
 }
 
@@ -42,10 +39,7 @@ fn latency_cells(l: &Latency) -> [String; 8] {
 const LATENCY_HEADERS: [&str; 8] = ["avg ms", "min", "max", "p50", "p90", "p95", "p99", "p99.9"];
 
 /// One table: a row per endpoint and the total. `current` adds a column of the last tick's RPS.
-fn stats_table(
-    rows: &[(String, String, RowSummary, Option<f64>)],
-    total: &(RowSummary, Option<f64>),
-) -> String {
+fn stats_table(rows: &[(String, String, RowSummary, Option<f64>)], total: &(RowSummary, Option<f64>)) -> String {
     let live = total.1.is_some();
     let mut b = Builder::default();
     let mut header = vec![
@@ -79,8 +73,7 @@ fn stats_table(
     }
     push("", "Aggregated", &total.0, total.1);
     let mut t = b.build();
-    t.with(Style::sharp())
-        .modify(Columns::new(2..), Alignment::right());
+    t.with(Style::sharp()).modify(Columns::new(2..), Alignment::right());
     t.to_string()
 }
 
@@ -110,16 +103,10 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         let mut b = Builder::default();
         b.push_record(["# occurrences", "Method", "Name", "Reason"]);
         for f in &s.failures {
-            b.push_record([
-                f.count.to_string(),
-                f.method.clone(),
-                f.name.clone(),
-                f.reason.clone(),
-            ]);
+            b.push_record([f.count.to_string(), f.method.clone(), f.name.clone(), f.reason.clone()]);
         }
         let mut t = b.build();
-        t.with(Style::sharp())
-            .modify(Columns::first(), Alignment::right());
+        t.with(Style::sharp()).modify(Columns::first(), Alignment::right());
         writeln!(w, "\nFailures\n{t}")?;
     }
     Ok(())
@@ -130,9 +117,7 @@ pub fn write_json(path: &Path, s: &Summary) -> Result<()> {
     let json = serde_json::to_vec_pretty(s).context("cannot encode the summary")?;
     let tmp = path.with_file_name(format!(
         ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         std::process::id()
     ));
     std::fs::write(&tmp, &json).with_context(|| format!("cannot write {}", tmp.display()))?;

@@ -86,10 +86,7 @@ impl Plan {
         if self.cumulative.len() == 1 {
             return 0;
         }
-        let total = *self
-            .cumulative
-            .last()
-            .expect("a scenario has at least one endpoint");
+        let total = *self.cumulative.last().expect("a scenario has at least one endpoint");
         let draw = rng.random_range(0..total);
         self.cumulative.partition_point(|&c| c <= draw)
     }
@@ -115,12 +112,8 @@ pub struct RunResult {
 }
 
 /// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
-pub async fn run(
-    cfg: &RunConfig,
-    scenario: Arc<Scenario>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<RunResult> {
-    let plan = Arc::new(Plan::new(scenario, cfg.host.clone())?);
+/// `plan` comes from [`Plan::new`] with the same host as `cfg`.
+pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output = ()>) -> Result<RunResult> {
     let stopping = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::with_capacity(cfg.workers);
     for n in 0..cfg.workers {
@@ -144,8 +137,8 @@ pub async fn run(
     tokio::pin!(shutdown);
 
     let interrupted = loop {
-        let next_spawn = (spawned < cfg.users as u64)
-            .then(|| start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate));
+        let next_spawn =
+            (spawned < cfg.users as u64).then(|| start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate));
         tokio::select! {
             biased;
             () = &mut shutdown => break true,
@@ -191,19 +184,13 @@ pub async fn run(
         duration: measured,
         interrupted,
         config: ConfigSummary {
-            host: cfg
-                .host
-                .as_ref()
-                .map(|h| h.as_str().trim_end_matches('/').to_string()),
+            host: cfg.host.as_ref().map(|h| h.as_str().trim_end_matches('/').to_string()),
             users: cfg.users,
             spawn_rate: cfg.spawn_rate,
             script: cfg.script.display().to_string(),
         },
     });
-    Ok(RunResult {
-        summary,
-        interrupted,
-    })
+    Ok(RunResult { summary, interrupted })
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -235,10 +222,7 @@ fn worker_thread(
     stopping: Arc<AtomicBool>,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start a worker runtime: {e}");
@@ -264,10 +248,8 @@ fn worker_thread(
                     let _ = reply.send(worker.recorder.borrow_mut().take());
                 }
                 Cmd::Finish(deadline, reply) => {
-                    let _ = tokio::time::timeout_at(deadline, async {
-                        while users.join_next().await.is_some() {}
-                    })
-                    .await;
+                    let _ =
+                        tokio::time::timeout_at(deadline, async { while users.join_next().await.is_some() {} }).await;
                     // No await between here and the reply: no user can record in between.
                     users.abort_all();
                     let mut rec = worker.recorder.borrow_mut();

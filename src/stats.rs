@@ -116,9 +116,7 @@ impl RowStats {
         self.requests += 1;
         self.failures += u64::from(failed);
         if let Some(elapsed) = elapsed {
-            let us = u64::try_from(elapsed.as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1);
+            let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
             let _ = self.latency_us.record(us);
         }
     }
@@ -209,10 +207,7 @@ impl Recorder {
         let failed = outcome.failure.is_some();
         self.rows[row].1.record(outcome.elapsed, failed);
         if let Some(reason) = outcome.failure {
-            *self
-                .failures
-                .entry((self.rows[row].0.clone(), reason))
-                .or_insert(0) += 1;
+            *self.failures.entry((self.rows[row].0.clone(), reason)).or_insert(0) += 1;
         }
     }
 
@@ -253,11 +248,7 @@ impl Recorder {
                 (id.clone(), std::mem::replace(s, fresh))
             })
             .collect();
-        let failures = self
-            .failures
-            .drain()
-            .map(|((id, reason), n)| (id, reason, n))
-            .collect();
+        let failures = self.failures.drain().map(|((id, reason), n)| (id, reason, n)).collect();
         Snapshot { rows, failures }
     }
 }
@@ -521,11 +512,7 @@ mod tests {
         assert_eq!(snap.rows[0].1.requests, 2);
         assert_eq!(snap.rows[0].1.failures, 1);
         assert_eq!(snap.rows[0].1.latency_us.len(), 2);
-        assert_eq!(
-            snap.rows[1].1.latency_us.len(),
-            0,
-            "an unsent request has no latency"
-        );
+        assert_eq!(snap.rows[1].1.latency_us.len(), 0, "an unsent request has no latency");
         assert_eq!(snap.failures.len(), 2);
 
         let again = rec.take();
@@ -546,10 +533,7 @@ mod tests {
         let snap = rec.take();
         assert_eq!(snap.rows[0].1.requests, 2);
         assert_eq!(snap.rows[0].1.failures, 1);
-        assert_eq!(
-            snap.failures,
-            vec![(snap.rows[0].0.clone(), Reason::Aborted, 1)]
-        );
+        assert_eq!(snap.failures, vec![(snap.rows[0].0.clone(), Reason::Aborted, 1)]);
     }
 
     #[test]

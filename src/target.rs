@@ -110,10 +110,7 @@ impl Target {
         std::thread::Builder::new()
             .name("stormlight-target".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = tx.send(Err(anyhow::Error::from(e)));
@@ -129,8 +126,7 @@ impl Target {
                     }
                 });
             })?;
-        rx.recv()
-            .context("the target thread ended before it started")?
+        rx.recv().context("the target thread ended before it started")?
     }
 }
 
@@ -181,10 +177,7 @@ async fn handle(req: Request<Incoming>, counts: Arc<Counts>) -> Result<Response<
     counts.count(&path);
     let method = req.method().clone();
     let resp = match (method.as_str(), path.as_str()) {
-        ("GET", "/hello") => json(
-            StatusCode::OK,
-            serde_json::json!({ "message": "Hello, World!" }),
-        ),
+        ("GET", "/hello") => json(StatusCode::OK, serde_json::json!({ "message": "Hello, World!" })),
         ("POST", "/api/upload") => {
             let body = req
                 .into_body()
@@ -194,10 +187,7 @@ async fn handle(req: Request<Incoming>, counts: Arc<Counts>) -> Result<Response<
                 .unwrap_or_default();
             match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(v) => json(StatusCode::OK, serde_json::json!({ "received": v })),
-                Err(e) => json(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({ "error": e.to_string() }),
-                ),
+                Err(e) => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() })),
             }
         }
         (_, "/slow") => {

@@ -51,10 +51,10 @@ pub async fn run(worker: Rc<Worker>, id: u64) {
     if let Some(f) = &state.on_start
         && let Err(msg) = state.call::<()>(f, state.user.clone())
     {
-        worker.recorder.borrow_mut().error(
-            &plan.hook_row("on_start"),
-            Reason::Script(format!("on_start: {msg}")),
-        );
+        worker
+            .recorder
+            .borrow_mut()
+            .error(&plan.hook_row("on_start"), Reason::Script(format!("on_start: {msg}")));
     }
     while !worker.stopping.load(Ordering::Relaxed) {
         if !iteration(&worker, &state, &mut rng).await {
@@ -65,10 +65,10 @@ pub async fn run(worker: Rc<Worker>, id: u64) {
     if let Some(f) = &state.on_stop
         && let Err(msg) = state.call::<()>(f, state.user.clone())
     {
-        worker.recorder.borrow_mut().error(
-            &plan.hook_row("on_stop"),
-            Reason::Script(format!("on_stop: {msg}")),
-        );
+        worker
+            .recorder
+            .borrow_mut()
+            .error(&plan.hook_row("on_stop"), Reason::Script(format!("on_stop: {msg}")));
     }
 }
 
@@ -162,16 +162,15 @@ async fn iteration(worker: &Worker, state: &UserState, rng: &mut SmallRng) -> bo
     let keep_body = state.after_response.is_some();
     let (resp, mut outcome) = send(worker, row, req, keep_body).await;
     if let (Some(f), Some(resp)) = (&state.after_response, resp) {
-        let verdict =
-            api::response_table(lua, resp.status, &resp.headers, &resp.body, resp.elapsed)
-                .map_err(|e| e.to_string())
-                .and_then(|res| {
-                    let req_t = match req_table {
-                        Some(t) => t,
-                        None => api::request_table(lua, &ep.spec).map_err(|e| e.to_string())?,
-                    };
-                    state.call::<(Value, Option<String>)>(f, (state.user.clone(), req_t, res))
-                });
+        let verdict = api::response_table(lua, resp.status, &resp.headers, &resp.body, resp.elapsed)
+            .map_err(|e| e.to_string())
+            .and_then(|res| {
+                let req_t = match req_table {
+                    Some(t) => t,
+                    None => api::request_table(lua, &ep.spec).map_err(|e| e.to_string())?,
+                };
+                state.call::<(Value, Option<String>)>(f, (state.user.clone(), req_t, res))
+            });
         match verdict {
             Ok((Value::Boolean(false), why)) => {
                 outcome.failure = Some(Reason::Rejected(

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stormlight::config::{LiveMode, Overrides, RunConfig};
+use stormlight::runner::Plan;
 use stormlight::scenario::{self, sandbox::Limits};
 use stormlight::stats::Summary;
 use stormlight::target::Target;
@@ -28,18 +29,14 @@ fn run(source: &str, host: &str, users: u32, secs: f64, limits: Limits) -> Summa
         grace: Some(Duration::from_secs(2)),
         ..Default::default()
     };
-    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off)
-        .expect("config");
+    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
+    let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("endpoints bind to the host");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let result = rt
-        .block_on(stormlight::runner::run(
-            &cfg,
-            Arc::new(scenario),
-            std::future::pending(),
-        ))
+        .block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
         .expect("run completes");
     assert!(!result.interrupted);
     result.summary
@@ -55,8 +52,7 @@ fn row<'a>(s: &'a Summary, name: &str) -> &'a stormlight::stats::RowSummary {
 fn reasons(s: &Summary) -> HashMap<String, u64> {
     let mut out = HashMap::new();
     for f in &s.failures {
-        *out.entry(format!("{} {}: {}", f.method, f.name, f.reason))
-            .or_insert(0) += f.count;
+        *out.entry(format!("{} {}: {}", f.method, f.name, f.reason)).or_insert(0) += f.count;
     }
     out
 }
@@ -78,14 +74,8 @@ fn totals_equal_what_the_target_received_and_weights_hold() {
         Limits::default(),
     );
     let received = t.counts.requests();
-    assert!(
-        received > 2000,
-        "too few requests to judge weights: {received}"
-    );
-    assert_eq!(
-        s.total.requests, received,
-        "every request sent is counted exactly once"
-    );
+    assert!(received > 2000, "too few requests to judge weights: {received}");
+    assert_eq!(s.total.requests, received, "every request sent is counted exactly once");
     assert_eq!(s.total.failures, 0, "{:?}", s.failures);
     let sum: u64 = s.endpoints.iter().map(|r| r.requests).sum();
     assert_eq!(sum, s.total.requests);
@@ -115,10 +105,7 @@ fn totals_equal_what_the_target_received_and_weights_hold() {
 fn faults_are_counted_with_distinct_reasons_and_the_run_finishes() {
     let t = target();
     // A port that was free a moment ago: nothing listens, so connecting is refused.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let s = run(
         &format!(
             r#"
@@ -159,10 +146,7 @@ fn faults_are_counted_with_distinct_reasons_and_the_run_finishes() {
     );
     assert_eq!(row(&s, "/hello").failures, 0);
     // Everything but the refused requests reached the target, and was counted once.
-    assert_eq!(
-        s.total.requests - row(&s, "refused").requests,
-        t.counts.requests()
-    );
+    assert_eq!(s.total.requests - row(&s, "refused").requests, t.counts.requests());
     let failed: u64 = s.failures.iter().map(|f| f.count).sum();
     assert_eq!(failed, s.total.failures);
     for name in ["/status/500", "/reset", "/stall", "refused"] {
@@ -176,11 +160,7 @@ fn sandbox_escapes_and_runaway_hooks_are_stopped_and_the_run_goes_on() {
     let t = target();
     let cases = [
         ("io", "io.open('/etc/passwd')", "global 'io'"),
-        (
-            "exec",
-            "os.execute('touch /tmp/stormlight-pwned')",
-            "field 'execute'",
-        ),
+        ("exec", "os.execute('touch /tmp/stormlight-pwned')", "field 'execute'"),
         ("require", "require('socket')", "global 'require'"),
         (
             "bytecode",
@@ -207,9 +187,7 @@ fn sandbox_escapes_and_runaway_hooks_are_stopped_and_the_run_goes_on() {
         endpoints.push_str(&format!("Task('GET', '/hello', {{ name = '{name}' }}),\n"));
         dispatch.push_str(&format!("  if req.name == '{name}' then {code} end\n"));
     }
-    let source = format!(
-        "endpoints = {{\n{endpoints}}}\nfunction before_request(user, req)\n{dispatch}end\n"
-    );
+    let source = format!("endpoints = {{\n{endpoints}}}\nfunction before_request(user, req)\n{dispatch}end\n");
     let limits = Limits {
         memory: 8 << 20,
         instructions: 5_000_000,
@@ -233,15 +211,8 @@ fn sandbox_escapes_and_runaway_hooks_are_stopped_and_the_run_goes_on() {
     }
     assert!(!Path::new("/tmp/stormlight-pwned").exists());
     let ok = row(&s, "ok");
-    assert!(
-        ok.requests > 0 && ok.failures == 0,
-        "the run goes on: {ok:?}"
-    );
-    assert_eq!(
-        t.counts.requests(),
-        ok.requests,
-        "only the good requests were sent"
-    );
+    assert!(ok.requests > 0 && ok.failures == 0, "the run goes on: {ok:?}");
+    assert_eq!(t.counts.requests(), ok.requests, "only the good requests were sent");
 }
 
 #[test]
@@ -278,8 +249,5 @@ fn hooks_change_requests_and_judge_responses() {
     );
     assert_eq!(row(&s, "/api/upload").failures, 0, "{:?}", s.failures);
     assert_eq!(s.total.requests, t.counts.requests());
-    assert!(
-        !paths.contains_key("/hello"),
-        "before_request rewrote every /hello"
-    );
+    assert!(!paths.contains_key("/hello"), "before_request rewrote every /hello");
 }

@@ -16,9 +16,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use crate::config::parse_duration;
 
 /// Methods a scenario may use.
-pub const METHODS: &[&str] = &[
-    "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE",
-];
+pub const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"];
 
 /// Where a request goes: a path joined to the host, or an absolute URL.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,8 +62,7 @@ pub enum Role {
 }
 
 const FIELDS: &[&str] = &[
-    "method", "path", "url", "headers", "query", "json", "body", "form", "name", "weight",
-    "timeout",
+    "method", "path", "url", "headers", "query", "json", "body", "form", "name", "weight", "timeout",
 ];
 
 /// Reads and validates a request table. Errors name the field and what is wrong with it.
@@ -82,10 +79,7 @@ pub fn parse_request(t: &Table, role: Role) -> Result<RequestSpec, String> {
             }
         };
         if !FIELDS.contains(&key.as_str()) {
-            return Err(format!(
-                "unknown field `{key}` (known: {})",
-                FIELDS.join(", ")
-            ));
+            return Err(format!("unknown field `{key}` (known: {})", FIELDS.join(", ")));
         }
     }
     let method = match t.raw_get::<Value>("method").map_err(|e| e.to_string())? {
@@ -109,16 +103,10 @@ pub fn parse_request(t: &Table, role: Role) -> Result<RequestSpec, String> {
         (Some(_), Some(_)) => return Err("give `path` or `url`, not both".into()),
         (None, None) => return Err("`path` (or an absolute `url`) is missing".into()),
         (Some(p), None) if is_absolute(&p) => Target::Url(p),
-        (Some(p), None) => Target::Path(if p.starts_with('/') {
-            p
-        } else {
-            format!("/{p}")
-        }),
+        (Some(p), None) => Target::Path(if p.starts_with('/') { p } else { format!("/{p}") }),
         (None, Some(u)) if is_absolute(&u) => Target::Url(u),
         (None, Some(u)) => {
-            return Err(format!(
-                "`url` must be absolute (http:// or https://), got {u:?}"
-            ));
+            return Err(format!("`url` must be absolute (http:// or https://), got {u:?}"));
         }
     };
 
@@ -127,10 +115,8 @@ pub fn parse_request(t: &Table, role: Role) -> Result<RequestSpec, String> {
         for pair in h.pairs::<Value, Value>() {
             let (k, v) = pair.map_err(|e| e.to_string())?;
             let (k, v) = (scalar(&k, "headers key")?, scalar(&v, "headers value")?);
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| format!("bad header name {k:?}"))?;
-            let value =
-                HeaderValue::from_str(&v).map_err(|_| format!("bad value for header {k:?}"))?;
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name {k:?}"))?;
+            let value = HeaderValue::from_str(&v).map_err(|_| format!("bad value for header {k:?}"))?;
             headers.append(name, value);
         }
     }
@@ -154,8 +140,7 @@ pub fn parse_request(t: &Table, role: Role) -> Result<RequestSpec, String> {
         return Err("give at most one of `json`, `body` and `form`".into());
     }
     let body = if !json.is_nil() {
-        let bytes =
-            serde_json::to_vec(&json).map_err(|e| format!("`json` cannot be encoded: {e}"))?;
+        let bytes = serde_json::to_vec(&json).map_err(|e| format!("`json` cannot be encoded: {e}"))?;
         set_default_content_type(&mut headers, "application/json");
         Some(Bytes::from(bytes))
     } else if let Some(form) = form {
@@ -185,17 +170,10 @@ pub fn parse_request(t: &Table, role: Role) -> Result<RequestSpec, String> {
         Value::Integer(w) if w >= 1 && role == Role::Endpoint => {
             u32::try_from(w).map_err(|_| "`weight` is too large")?
         }
-        Value::Number(w)
-            if w >= 1.0 && w.fract() == 0.0 && w <= u32::MAX as f64 && role == Role::Endpoint =>
-        {
-            w as u32
-        }
+        Value::Number(w) if w >= 1.0 && w.fract() == 0.0 && w <= u32::MAX as f64 && role == Role::Endpoint => w as u32,
         _ if role == Role::Hook => 1,
         other => {
-            return Err(format!(
-                "`weight` must be a positive integer, got {}",
-                show(&other)
-            ));
+            return Err(format!("`weight` must be a positive integer, got {}", show(&other)));
         }
     };
     let timeout = match t.raw_get::<Value>("timeout").map_err(|e| e.to_string())? {
@@ -264,13 +242,8 @@ fn opt_table(t: &Table, key: &str) -> Result<Option<Table>, String> {
 fn scalar(v: &Value, what: &str) -> Result<String, String> {
     match v {
         Value::String(s) => Ok(s.to_string_lossy()),
-        Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => {
-            Ok(v.to_string().unwrap_or_default())
-        }
-        other => Err(format!(
-            "{what} must be a string or number, got {}",
-            show(other)
-        )),
+        Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => Ok(v.to_string().unwrap_or_default()),
+        other => Err(format!("{what} must be a string or number, got {}", show(other))),
     }
 }
 
@@ -292,29 +265,28 @@ pub struct TaskLines(pub RefCell<HashMap<usize, usize>>);
 
 /// Installs the scenario globals that every state has: `Task(method, path, opts)`.
 pub fn install(lua: &Lua) -> mlua::Result<()> {
-    let task =
-        lua.create_function(|lua, (method, path, opts): (Value, Value, Option<Table>)| {
-            let t = match opts {
-                // Copy so that one opts table can serve several Tasks.
-                Some(opts) => {
-                    let t = lua.create_table()?;
-                    for pair in opts.pairs::<Value, Value>() {
-                        let (k, v) = pair?;
-                        t.raw_set(k, v)?;
-                    }
-                    t
+    let task = lua.create_function(|lua, (method, path, opts): (Value, Value, Option<Table>)| {
+        let t = match opts {
+            // Copy so that one opts table can serve several Tasks.
+            Some(opts) => {
+                let t = lua.create_table()?;
+                for pair in opts.pairs::<Value, Value>() {
+                    let (k, v) = pair?;
+                    t.raw_set(k, v)?;
                 }
-                None => lua.create_table()?,
-            };
-            t.raw_set("method", method)?;
-            t.raw_set("path", path)?;
-            if let Some(lines) = lua.app_data_ref::<TaskLines>()
-                && let Some(line) = lua.inspect_stack(1, |d| d.current_line()).flatten()
-            {
-                lines.0.borrow_mut().insert(t.to_pointer() as usize, line);
+                t
             }
-            Ok(t)
-        })?;
+            None => lua.create_table()?,
+        };
+        t.raw_set("method", method)?;
+        t.raw_set("path", path)?;
+        if let Some(lines) = lua.app_data_ref::<TaskLines>()
+            && let Some(line) = lua.inspect_stack(1, |d| d.current_line()).flatten()
+        {
+            lines.0.borrow_mut().insert(t.to_pointer() as usize, line);
+        }
+        Ok(t)
+    })?;
     lua.globals().set("Task", task)
 }
 

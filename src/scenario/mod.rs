@@ -63,8 +63,7 @@ pub struct Scenario {
 
 /// Loads and validates a scenario file. Nothing is sent.
 pub fn load(path: &Path) -> Result<Scenario> {
-    let source = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read scenario {}", path.display()))?;
+    let source = std::fs::read_to_string(path).with_context(|| format!("cannot read scenario {}", path.display()))?;
     load_source(path, &source, Limits::default())
 }
 
@@ -103,22 +102,13 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
             api::show(&other)
         ),
     };
-    let options = match globals
-        .get::<Value>("options")
-        .map_err(|e| anyhow!("{e}"))?
-    {
+    let options = match globals.get::<Value>("options").map_err(|e| anyhow!("{e}"))? {
         Value::Nil => Overrides::default(),
         Value::Table(t) => parse_options(&t).map_err(|e| anyhow!("{file}: options: {e}"))?,
-        other => bail!(
-            "{file}: `options` must be a table, got {}",
-            api::show(&other)
-        ),
+        other => bail!("{file}: `options` must be a table, got {}", api::show(&other)),
     };
 
-    let table = match globals
-        .get::<Value>("endpoints")
-        .map_err(|e| anyhow!("{e}"))?
-    {
+    let table = match globals.get::<Value>("endpoints").map_err(|e| anyhow!("{e}"))? {
         Value::Table(t) => t,
         Value::Nil => {
             bail!("{file}: no `endpoints` table: define endpoints = {{ Task(\"GET\", \"/\") }}")
@@ -129,11 +119,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
             api::show(&other)
         ),
     };
-    let lines = lua
-        .remove_app_data::<TaskLines>()
-        .unwrap_or_default()
-        .0
-        .into_inner();
+    let lines = lua.remove_app_data::<TaskLines>().unwrap_or_default().0.into_inner();
     let len = table.raw_len();
     if len == 0 {
         bail!(
@@ -152,12 +138,8 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
                 api::show(&other)
             ),
         };
-        let line = lines
-            .get(&(t.to_pointer() as usize))
-            .copied()
-            .or(endpoints_line);
-        let spec = api::parse_request(&t, Role::Endpoint)
-            .map_err(|e| anyhow!("{}: endpoints[{i}]: {e}", at(line)))?;
+        let line = lines.get(&(t.to_pointer() as usize)).copied().or(endpoints_line);
+        let spec = api::parse_request(&t, Role::Endpoint).map_err(|e| anyhow!("{}: endpoints[{i}]: {e}", at(line)))?;
         endpoints.push(spec);
     }
     if table.pairs::<Value, Value>().count() != len {
@@ -186,20 +168,14 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
 }
 
 /// Records the line at which a global is first assigned (for messages about plain tables).
-fn watch_global(
-    lua: &Lua,
-    name: &'static str,
-) -> mlua::Result<std::rc::Rc<std::cell::Cell<Option<usize>>>> {
+fn watch_global(lua: &Lua, name: &'static str) -> mlua::Result<std::rc::Rc<std::cell::Cell<Option<usize>>>> {
     let line = std::rc::Rc::new(std::cell::Cell::new(None));
     let seen = line.clone();
     let mt = lua.create_table()?;
     mt.set(
         "__newindex",
         lua.create_function(move |lua, (t, k, v): (Table, Value, Value)| {
-            if seen.get().is_none()
-                && k.as_string()
-                    .is_some_and(|s| s.as_bytes() == name.as_bytes())
-            {
+            if seen.get().is_none() && k.as_string().is_some_and(|s| s.as_bytes() == name.as_bytes()) {
                 seen.set(lua.inspect_stack(1, |d| d.current_line()).flatten());
             }
             t.raw_set(k, v)
@@ -213,10 +189,7 @@ fn hook_defined(globals: &Table, name: &str, file: &str) -> Result<bool> {
     match globals.get::<Value>(name).map_err(|e| anyhow!("{e}"))? {
         Value::Nil => Ok(false),
         Value::Function(_) => Ok(true),
-        other => bail!(
-            "{file}: `{name}` must be a function, got {}",
-            api::show(&other)
-        ),
+        other => bail!("{file}: `{name}` must be a function, got {}", api::show(&other)),
     }
 }
 
@@ -234,10 +207,7 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
             "users" => match v {
                 Value::Integer(n) if n >= 1 && n <= u32::MAX as i64 => o.users = Some(n as u32),
                 other => {
-                    return Err(format!(
-                        "`users` must be a positive integer, got {}",
-                        api::show(&other)
-                    ));
+                    return Err(format!("`users` must be a positive integer, got {}", api::show(&other)));
                 }
             },
             "spawn_rate" => match v {
@@ -252,9 +222,7 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
             },
             "duration" => {
                 let d = match &v {
-                    Value::String(s) => {
-                        parse_duration(&s.to_string_lossy()).map_err(|e| e.to_string())?
-                    }
+                    Value::String(s) => parse_duration(&s.to_string_lossy()).map_err(|e| e.to_string())?,
                     other => api::duration_value(other).map_err(|e| format!("`duration`: {e}"))?,
                 };
                 if d.is_zero() {
@@ -262,17 +230,10 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
                 }
                 o.duration = Some(d);
             }
-            "timeout" => {
-                o.timeout = Some(api::duration_value(&v).map_err(|e| format!("`timeout`: {e}"))?)
-            }
-            "grace" => {
-                o.grace = Some(api::duration_value(&v).map_err(|e| format!("`grace`: {e}"))?)
-            }
+            "timeout" => o.timeout = Some(api::duration_value(&v).map_err(|e| format!("`timeout`: {e}"))?),
+            "grace" => o.grace = Some(api::duration_value(&v).map_err(|e| format!("`grace`: {e}"))?),
             other => {
-                return Err(format!(
-                    "unknown option `{other}` (known: {})",
-                    OPTIONS.join(", ")
-                ));
+                return Err(format!("unknown option `{other}` (known: {})", OPTIONS.join(", ")));
             }
         }
     }
@@ -296,11 +257,7 @@ impl Scenario {
     pub fn describe(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "scenario {}: ok", self.path.display());
-        let _ = writeln!(
-            s,
-            "  host: {}",
-            self.host.as_deref().unwrap_or("(none: pass --host)")
-        );
+        let _ = writeln!(s, "  host: {}", self.host.as_deref().unwrap_or("(none: pass --host)"));
         let o = &self.options;
         let mut opts = Vec::new();
         if let Some(u) = o.users {
@@ -404,11 +361,7 @@ impl UserState {
         let user = make().map_err(|e| e.to_string())?;
         let g = lua.globals();
         let hook = |name: &str, on: bool| {
-            if on {
-                g.get::<Function>(name).ok()
-            } else {
-                None
-            }
+            if on { g.get::<Function>(name).ok() } else { None }
         };
         let h = scenario.hooks;
         Ok(Self {
@@ -422,14 +375,9 @@ impl UserState {
     }
 
     /// Calls a hook within the instruction budget; errors are described in one line.
-    pub fn call<R: mlua::FromLuaMulti>(
-        &self,
-        f: &Function,
-        args: impl mlua::IntoLuaMulti,
-    ) -> Result<R, String> {
+    pub fn call<R: mlua::FromLuaMulti>(&self, f: &Function, args: impl mlua::IntoLuaMulti) -> Result<R, String> {
         self.sandbox.budget.reset();
-        f.call(args)
-            .map_err(|e| sandbox::describe(&e, &self.sandbox.limits))
+        f.call(args).map_err(|e| sandbox::describe(&e, &self.sandbox.limits))
     }
 }
 
@@ -467,8 +415,7 @@ mod tests {
         assert_eq!(s.endpoints.len(), 4);
         assert_eq!(s.endpoints[1].method, reqwest::Method::POST);
         assert_eq!(s.endpoints[1].weight, 2);
-        let body: serde_json::Value =
-            serde_json::from_slice(s.endpoints[1].body.as_ref().unwrap()).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(s.endpoints[1].body.as_ref().unwrap()).unwrap();
         assert_eq!(body, serde_json::json!({"name": "test", "price": 10}));
         assert_eq!(s.endpoints[1].headers["content-type"], "application/json");
         assert_eq!(s.endpoints[2].name, "/items/[id]");
@@ -501,21 +448,12 @@ mod tests {
         assert!(err("x = 1").contains("no `endpoints`"));
         assert!(err("endpoints = {}").contains("empty"));
         assert!(err("endpoints = { { method = 'GET' } }").contains("path"));
-        assert!(
-            err("endpoints = { { method = 'GET', path = '/', heders = {} } }")
-                .contains("unknown field `heders`")
-        );
+        assert!(err("endpoints = { { method = 'GET', path = '/', heders = {} } }").contains("unknown field `heders`"));
         assert!(err("endpoints = { Task('GET', '/') }\nhost = 'ftp://x'").contains("host"));
         assert!(err("endpoints = { Task('GET', '/') }\noptions = { users = 0 }").contains("users"));
-        assert!(
-            err("endpoints = { Task('GET', '/') }\noptions = { duration = 'soon' }")
-                .contains("duration")
-        );
+        assert!(err("endpoints = { Task('GET', '/') }\noptions = { duration = 'soon' }").contains("duration"));
         assert!(err("endpoints = { Task('GET', '/') }\non_start = 5").contains("on_start"));
-        assert!(
-            err("endpoints = { Task('GET', '/', { json = {}, body = 'x' }) }")
-                .contains("at most one")
-        );
+        assert!(err("endpoints = { Task('GET', '/', { json = {}, body = 'x' }) }").contains("at most one"));
         assert!(err("error('boom')").contains("t.lua:1: boom"));
         assert!(err("while true do end").contains("instruction budget"));
     }

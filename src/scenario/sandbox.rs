@@ -86,12 +86,7 @@ os = { time = raw_os.time, clock = raw_os.clock, date = raw_os.date, difftime = 
 
 impl Sandbox {
     pub fn new(limits: Limits) -> mlua::Result<Self> {
-        let libs = StdLib::STRING
-            | StdLib::TABLE
-            | StdLib::MATH
-            | StdLib::UTF8
-            | StdLib::COROUTINE
-            | StdLib::OS;
+        let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS;
         let lua = Lua::new_with(libs, LuaOptions::default())?;
         let budget = Rc::new(Budget {
             used: Cell::new(0),
@@ -114,26 +109,19 @@ impl Sandbox {
         lua.globals().set("print", print)?;
 
         let hook_budget = budget.clone();
-        lua.set_global_hook(
-            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-            move |_, _| {
-                let used = hook_budget.used.get() + 1;
-                hook_budget.used.set(used);
-                if used > hook_budget.limit {
-                    return Err(mlua::Error::runtime(format!(
-                        "instruction budget exceeded ({} instructions in one call): runaway loop?",
-                        hook_budget.limit * HOOK_EVERY as u64
-                    )));
-                }
-                Ok(VmState::Continue)
-            },
-        )?;
+        lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), move |_, _| {
+            let used = hook_budget.used.get() + 1;
+            hook_budget.used.set(used);
+            if used > hook_budget.limit {
+                return Err(mlua::Error::runtime(format!(
+                    "instruction budget exceeded ({} instructions in one call): runaway loop?",
+                    hook_budget.limit * HOOK_EVERY as u64
+                )));
+            }
+            Ok(VmState::Continue)
+        })?;
         lua.set_memory_limit(limits.memory)?;
-        Ok(Self {
-            lua,
-            budget,
-            limits,
-        })
+        Ok(Self { lua, budget, limits })
     }
 }
 
@@ -233,9 +221,6 @@ mod tests {
         let err = run("local s = 'x' while true do s = s .. string.rep('y', #s) end").unwrap_err();
         assert!(err.contains("memory limit"), "{err}");
         let err = run("return string.rep('x', 1 << 40)").unwrap_err();
-        assert!(
-            err.contains("memory limit") || err.contains("too large"),
-            "{err}"
-        );
+        assert!(err.contains("memory limit") || err.contains("too large"), "{err}");
     }
 }

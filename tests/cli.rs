@@ -1,0 +1,747 @@
+//! End-to-end tests of the `stormlight` binary: exit codes, messages, `check`, `--help`, a normal
+//! run and Ctrl-C, each against an in-process built-in target that counts what it receives.
+//!
+//! Every child process is bounded: each run passes a short `-t`, and the harness kills a child
+//! that outlives its deadline (and any child still running when a test panics).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use stormlight::target::Target;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stormlight");
+
+/// Deadline for commands that should end at once (bad input, `check`, `--help`).
+const QUICK: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("stormlight-cli-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `name` with `contents` and returns its path.
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).expect("write scenario");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a finished child left behind.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    fn show(&self) -> String {
+        format!(
+            "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A running child with its output drained by two threads; killed on drop if still running.
+struct Proc {
+    child: Child,
+    out: Option<JoinHandle<String>>,
+    err: Option<JoinHandle<String>>,
+    what: String,
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+impl Proc {
+    fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
+        let what = args
+            .iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let out = child.stdout.take().map(drain);
+        let err = child.stderr.take().map(drain);
+        Proc {
+            child,
+            out,
+            err,
+            what: format!("stormlight {what}"),
+        }
+    }
+
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn collect(&mut self, status: ExitStatus) -> Finished {
+        let stdout = self
+            .out
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        let stderr = self
+            .err
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        Finished { status, stdout, stderr }
+    }
+
+    /// Waits for the child to exit; after `limit`, kills it and panics with what it printed.
+    fn wait(mut self, limit: Duration) -> Finished {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return self.collect(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    let status = self.child.wait().expect("wait after kill");
+                    let f = self.collect(status);
+                    panic!("`{}` did not exit within {limit:?}; killed it\n{}", self.what, f.show());
+                }
+                Err(e) => panic!("waiting for `{}`: {e}", self.what),
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs the binary to completion within `limit`.
+fn run<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Finished {
+    Proc::spawn(args).wait(limit)
+}
+
+fn target() -> Target {
+    Target::spawn_thread("127.0.0.1:0".parse().unwrap()).expect("start the built-in target")
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON ({e}):\n{text}", path.display()))
+}
+
+/// Asserts that `v` is an object holding each of `keys`.
+fn assert_keys(v: &serde_json::Value, keys: &[&str], what: &str) {
+    let obj = v.as_object().unwrap_or_else(|| panic!("{what} is not an object: {v}"));
+    for k in keys {
+        assert!(obj.contains_key(*k), "{what} lacks `{k}`: {v}");
+    }
+}
+
+const LATENCY_FIELDS: &[&str] = &["min", "avg", "max", "p50", "p90", "p95", "p99", "p99_9"];
+
+/// Two endpoints of the built-in target, both answered with 200.
+const GOOD_SCENARIO: &str = r#"endpoints = {
+  Task("GET", "/hello"),
+  Task("POST", "/api/upload", { json = { name = "test", price = 10 }, weight = 2 }),
+}
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// 1. Bad input: exit 2, a clear message on stderr, nothing sent
+// ---------------------------------------------------------------------------------------------
+
+struct BadCase {
+    name: &'static str,
+    /// Scenario file contents; `None`: the file does not exist.
+    script: Option<&'static str>,
+    /// Flags after `run SCRIPT`; `{host}` is replaced by the target's URL.
+    flags: &'static [&'static str],
+    /// Phrases that must all appear in stderr (case-insensitive); `{file}` is the script's
+    /// file name.
+    expect: &'static [&'static str],
+}
+
+const DEFAULT_FLAGS: &[&str] = &["--host", "{host}", "-u", "2", "-t", "1s", "-q"];
+
+const BAD_CASES: &[BadCase] = &[
+    BadCase {
+        name: "missing scenario file",
+        script: None,
+        flags: DEFAULT_FLAGS,
+        expect: &["{file}", "no such file"],
+    },
+    BadCase {
+        name: "Lua syntax error",
+        script: Some("endpoints = {\n  Task(\"GET\", \"/hello\"),\n}\nlocal x = = 1\n"),
+        flags: DEFAULT_FLAGS,
+        expect: &["{file}:4:"],
+    },
+    BadCase {
+        name: "Lua runtime error while loading",
+        script: Some("-- a comment\n\nerror(\"boom at load\")\nendpoints = { Task(\"GET\", \"/hello\") }\n"),
+        flags: DEFAULT_FLAGS,
+        expect: &["{file}:3:", "boom at load"],
+    },
+    BadCase {
+        name: "no endpoints",
+        script: Some("options = { users = 1 }\n"),
+        flags: DEFAULT_FLAGS,
+        expect: &["endpoints"],
+    },
+    BadCase {
+        name: "empty endpoints",
+        script: Some("-- nothing to do\nendpoints = {}\n"),
+        flags: DEFAULT_FLAGS,
+        expect: &["endpoints", "empty"],
+    },
+    BadCase {
+        name: "unknown method",
+        script: Some("endpoints = {\n  Task(\"FETCH\", \"/hello\"),\n}\n"),
+        flags: DEFAULT_FLAGS,
+        expect: &["unknown method", "fetch", "{file}:2"],
+    },
+    BadCase {
+        name: "weight 0",
+        script: Some(
+            "endpoints = {\n  Task(\"GET\", \"/hello\"),\n  Task(\"GET\", \"/items/1\", { weight = 0 }),\n}\n",
+        ),
+        flags: DEFAULT_FLAGS,
+        expect: &["weight", "{file}:3"],
+    },
+    BadCase {
+        name: "bad host URL",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "nonsense", "-u", "2", "-t", "1s", "-q"],
+        expect: &["bad host url", "nonsense"],
+    },
+    BadCase {
+        name: "-u 0",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "0", "-t", "1s", "-q"],
+        expect: &["users", "at least 1"],
+    },
+    BadCase {
+        name: "negative spawn rate",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "2", "-r", "-1", "-t", "1s", "-q"],
+        expect: &["spawn rate", "-1"],
+    },
+    BadCase {
+        name: "bad duration",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "2", "-t", "soon", "-q"],
+        expect: &["duration", "soon"],
+    },
+    BadCase {
+        name: "unknown flag",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "2", "-t", "1s", "-q", "--bogus"],
+        expect: &["--bogus"],
+    },
+    BadCase {
+        name: "--out in a directory that does not exist",
+        script: Some(GOOD_SCENARIO),
+        flags: &[
+            "--host",
+            "{host}",
+            "-u",
+            "2",
+            "-t",
+            "1s",
+            "-q",
+            "--out",
+            "/nonexistent-stormlight-dir/out.json",
+        ],
+        expect: &["--out"],
+    },
+];
+
+#[test]
+fn bad_input_exits_2_with_a_message_and_sends_nothing() {
+    let mut failed = Vec::new();
+    for case in BAD_CASES {
+        // One target per case, so a case that sends traffic is pinned on that case.
+        let target = target();
+        let host = target.url();
+        let dir = TempDir::new("bad");
+        let file = match case.script {
+            Some(src) => dir.write("scenario.lua", src),
+            None => dir.path().join("missing.lua"),
+        };
+        let file_name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let mut args: Vec<String> = vec!["run".into(), file.display().to_string()];
+        args.extend(case.flags.iter().map(|f| f.replace("{host}", &host)));
+
+        let f = run(&args, QUICK);
+        let stderr = f.stderr.to_lowercase();
+        let mut problems = Vec::new();
+        if f.code() != Some(2) {
+            problems.push(format!("exit code {:?}, expected 2", f.code()));
+        }
+        for phrase in case.expect {
+            let phrase = phrase.replace("{file}", &file_name).to_lowercase();
+            if !stderr.contains(&phrase) {
+                problems.push(format!("stderr lacks {phrase:?}"));
+            }
+        }
+        let sent = target.counts.requests();
+        if sent != 0 {
+            problems.push(format!("the target received {sent} requests, expected 0"));
+        }
+        if !problems.is_empty() {
+            failed.push(format!(
+                "case {:?} (stormlight {}): {}\n{}",
+                case.name,
+                args.join(" "),
+                problems.join("; "),
+                f.show()
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} bad-input cases failed:\n\n{}",
+        failed.len(),
+        BAD_CASES.len(),
+        failed.join("\n\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. check
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn check_prints_endpoints_and_hooks() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hooks.lua");
+    let f = run(&["check".as_ref(), script.as_os_str()], QUICK);
+    assert_eq!(f.code(), Some(0), "check scripts/hooks.lua\n{}", f.show());
+    for want in [
+        "/hello",
+        "/api/upload",
+        "/items/7",
+        "/items/[id]",
+        "GET",
+        "POST",
+        "on_start",
+        "before_request",
+        "after_response",
+        "on_stop",
+    ] {
+        assert!(f.stdout.contains(want), "check output lacks {want:?}\n{}", f.show());
+    }
+}
+
+#[test]
+fn check_sends_nothing_even_with_a_host() {
+    let target = target();
+    let dir = TempDir::new("check-host");
+    let file = dir.write("scenario.lua", &format!("host = \"{}\"\n{GOOD_SCENARIO}", target.url()));
+    let f = run(&["check".as_ref(), file.as_os_str()], QUICK);
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    assert!(f.stdout.contains("/api/upload"), "{}", f.show());
+    assert_eq!(target.counts.requests(), 0, "check sent requests");
+}
+
+#[test]
+fn check_on_a_broken_file_exits_2_with_file_and_line() {
+    let dir = TempDir::new("check-bad");
+    let file = dir.write(
+        "broken.lua",
+        "endpoints = {\n  Task(\"GET\", \"/hello\"),\n  Task(\"GET\", \"/x\",\n}\n",
+    );
+    let f = run(&["check".as_ref(), file.as_os_str()], QUICK);
+    assert_eq!(f.code(), Some(2), "{}", f.show());
+    assert!(
+        f.stderr.contains("broken.lua:4:"),
+        "expected broken.lua:4: on stderr\n{}",
+        f.show()
+    );
+
+    let missing = dir.path().join("nope.lua");
+    let f = run(&["check".as_ref(), missing.as_os_str()], QUICK);
+    assert_eq!(f.code(), Some(2), "{}", f.show());
+    assert!(f.stderr.contains("nope.lua"), "{}", f.show());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. --help
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn help_shows_examples() {
+    for args in [&["--help"][..], &["run", "--help"][..], &["help", "run"][..]] {
+        let f = run(args, QUICK);
+        assert_eq!(f.code(), Some(0), "stormlight {}\n{}", args.join(" "), f.show());
+        assert!(
+            f.stdout.contains("Example"),
+            "stormlight {} shows no example\n{}",
+            args.join(" "),
+            f.show()
+        );
+    }
+    let f = run(&["run", "--help"], QUICK);
+    for flag in ["--host", "--users", "--spawn-rate", "--duration", "--out"] {
+        assert!(f.stdout.contains(flag), "run --help lacks {flag}\n{}", f.show());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Ctrl-C
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn sigint_prints_summary_writes_json_and_exits_130() {
+    let target = target();
+    let dir = TempDir::new("sigint");
+    let script = dir.write("scenario.lua", GOOD_SCENARIO);
+    let out = dir.path().join("out.json");
+    let args: Vec<String> = vec![
+        "run".into(),
+        script.display().to_string(),
+        "--host".into(),
+        target.url(),
+        "-u".into(),
+        "5".into(),
+        "-t".into(),
+        "60s".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "-q".into(),
+    ];
+    let proc = Proc::spawn(&args);
+
+    // Traffic first (so the run is really under way), then ~2 s of it.
+    let start = Instant::now();
+    while target.counts.requests() == 0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(target.counts.requests() > 0, "no traffic within 10 s");
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(start.elapsed()));
+
+    let kill = Command::new("kill")
+        .args(["-INT", &proc.id().to_string()])
+        .status()
+        .expect("run kill -INT");
+    assert!(kill.success(), "kill -INT failed");
+    let interrupted_at = Instant::now();
+    let f = proc.wait(Duration::from_secs(10));
+    let took = interrupted_at.elapsed();
+
+    assert_eq!(f.code(), Some(130), "exit after SIGINT (took {took:?})\n{}", f.show());
+    assert!(
+        f.stdout.contains("Aggregated"),
+        "no summary table on stdout\n{}",
+        f.show()
+    );
+    assert!(out.exists(), "--out file not written\n{}", f.show());
+    let json = read_json(&out);
+    assert_eq!(json["interrupted"], serde_json::Value::Bool(true), "{json:#}");
+    let reported = json["total"]["requests"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("total.requests missing: {json:#}"));
+    let received = target.counts.requests();
+    assert_eq!(
+        reported,
+        received,
+        "total.requests in the JSON vs requests the target received\n{}",
+        f.show()
+    );
+
+    // Written atomically: no temporary file left next to it.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["out.json", "scenario.lua"], "leftover files");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A normal run
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn short_run_exits_0_and_json_matches_target_and_schema() {
+    let target = target();
+    let dir = TempDir::new("run");
+    let script = dir.write("scenario.lua", GOOD_SCENARIO);
+    let out = dir.path().join("out.json");
+    let args: Vec<String> = vec![
+        "run".into(),
+        script.display().to_string(),
+        "--host".into(),
+        target.url(),
+        "-u".into(),
+        "3".into(),
+        "-t".into(),
+        "2s".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "-q".into(),
+    ];
+    let f = run(&args, Duration::from_secs(20));
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    assert!(f.stdout.contains("Aggregated"), "{}", f.show());
+
+    let json = read_json(&out);
+    assert_keys(
+        &json,
+        &[
+            "version",
+            "started_at",
+            "duration_s",
+            "interrupted",
+            "config",
+            "total",
+            "endpoints",
+            "failures",
+        ],
+        "summary",
+    );
+    assert_eq!(json["interrupted"], serde_json::Value::Bool(false));
+    assert!(
+        json["version"].is_string() && json["started_at"].is_string(),
+        "{json:#}"
+    );
+    let secs = json["duration_s"].as_f64().expect("duration_s is a number");
+    assert!((1.5..10.0).contains(&secs), "duration_s = {secs}");
+
+    assert_keys(&json["config"], &["host", "users", "spawn_rate", "script"], "config");
+    assert_eq!(json["config"]["users"], 3, "{json:#}");
+
+    let total = &json["total"];
+    assert_keys(total, &["requests", "failures", "rps", "latency_ms"], "total");
+    assert_keys(&total["latency_ms"], LATENCY_FIELDS, "total.latency_ms");
+    let requests = total["requests"].as_u64().expect("total.requests");
+    assert!(requests > 0, "no requests in 2 s: {json:#}");
+    assert_eq!(
+        requests,
+        target.counts.requests(),
+        "total.requests vs what the target received"
+    );
+    assert_eq!(total["failures"], 0, "the target answers 200: {json:#}");
+
+    let rows = json["endpoints"].as_array().expect("endpoints is an array");
+    let mut seen = Vec::new();
+    let mut sum = 0;
+    for row in rows {
+        assert_keys(
+            row,
+            &["method", "name", "requests", "failures", "rps", "latency_ms"],
+            "endpoint row",
+        );
+        assert_keys(&row["latency_ms"], LATENCY_FIELDS, "endpoint latency_ms");
+        sum += row["requests"].as_u64().expect("row requests");
+        seen.push(format!(
+            "{} {}",
+            row["method"].as_str().unwrap_or("?"),
+            row["name"].as_str().unwrap_or("?")
+        ));
+    }
+    seen.sort();
+    assert_eq!(seen, ["GET /hello", "POST /api/upload"], "endpoint rows");
+    assert_eq!(sum, requests, "endpoint rows add up to the total");
+    assert!(json["failures"].is_array(), "{json:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ctrl-C with requests in flight
+// ---------------------------------------------------------------------------------------------
+
+/// Every user is waiting on a slow response when Ctrl-C arrives.
+const SLOW_SCENARIO: &str = r#"endpoints = {
+  Task("GET", "/slow", { query = { ms = "3000" } }),
+}
+"#;
+
+fn send_sigint(pid: u32) {
+    let kill = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("run kill -INT");
+    assert!(kill.success(), "kill -INT {pid} failed");
+}
+
+/// Waits until the target has received at least `n` requests (at most 10 s).
+fn wait_for_requests(target: &Target, n: u64) {
+    let start = Instant::now();
+    while target.counts.requests() < n && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        target.counts.requests() >= n,
+        "the target received {} requests within 10 s, expected {n}",
+        target.counts.requests()
+    );
+}
+
+#[test]
+fn sigint_with_requests_in_flight_counts_each_once_after_the_grace() {
+    let target = target();
+    let dir = TempDir::new("sigint-inflight");
+    let script = dir.write("scenario.lua", SLOW_SCENARIO);
+    let out = dir.path().join("out.json");
+    let args: Vec<String> = vec![
+        "run".into(),
+        script.display().to_string(),
+        "--host".into(),
+        target.url(),
+        "-u".into(),
+        "4".into(),
+        "-t".into(),
+        "60s".into(),
+        "--grace".into(),
+        "300ms".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "-q".into(),
+    ];
+    let proc = Proc::spawn(&args);
+    wait_for_requests(&target, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    send_sigint(proc.id());
+    let interrupted_at = Instant::now();
+    let f = proc.wait(Duration::from_secs(10));
+    let took = interrupted_at.elapsed();
+
+    assert_eq!(f.code(), Some(130), "{}", f.show());
+    // The grace is 300 ms and the responses need 3 s: the run must not wait for them.
+    assert!(
+        took < Duration::from_millis(2500),
+        "exit took {took:?} after Ctrl-C with --grace 300ms\n{}",
+        f.show()
+    );
+    let json = read_json(&out);
+    let received = target.counts.requests();
+    assert_eq!(
+        json["total"]["requests"].as_u64(),
+        Some(received),
+        "total.requests vs what the target received: {json:#}"
+    );
+    // None of them got an answer: each is a failure, listed with a reason.
+    assert_eq!(json["total"]["failures"].as_u64(), Some(received), "{json:#}");
+    let listed: u64 = json["failures"]
+        .as_array()
+        .expect("failures is an array")
+        .iter()
+        .map(|f| f["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(listed, received, "failure counts by reason: {json:#}");
+}
+
+#[test]
+fn second_sigint_exits_at_once() {
+    let target = target();
+    let dir = TempDir::new("sigint-twice");
+    let script = dir.write("scenario.lua", SLOW_SCENARIO);
+    let args: Vec<String> = vec![
+        "run".into(),
+        script.display().to_string(),
+        "--host".into(),
+        target.url(),
+        "-u".into(),
+        "2".into(),
+        "-t".into(),
+        "60s".into(),
+        "--grace".into(),
+        "30s".into(),
+        "-q".into(),
+    ];
+    let proc = Proc::spawn(&args);
+    wait_for_requests(&target, 2);
+    send_sigint(proc.id());
+    std::thread::sleep(Duration::from_millis(500));
+    send_sigint(proc.id());
+    let second_at = Instant::now();
+    // The grace (30 s) and the responses (3 s) would take longer than this.
+    let f = proc.wait(Duration::from_secs(10));
+    let took = second_at.elapsed();
+    assert_eq!(f.code(), Some(130), "{}", f.show());
+    assert!(
+        took < Duration::from_millis(2000),
+        "second Ctrl-C: exit took {took:?}\n{}",
+        f.show()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A dead host is not bad input
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn dead_host_is_counted_not_rejected() {
+    // A port that was free a moment ago and has nobody listening now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = TempDir::new("dead-host");
+    let script = dir.write("scenario.lua", GOOD_SCENARIO);
+    let out = dir.path().join("out.json");
+    let args: Vec<String> = vec![
+        "run".into(),
+        script.display().to_string(),
+        "--host".into(),
+        format!("http://127.0.0.1:{port}"),
+        "-u".into(),
+        "2".into(),
+        "-t".into(),
+        "1s".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "-q".into(),
+    ];
+    let f = run(&args, Duration::from_secs(20));
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    let json = read_json(&out);
+    let requests = json["total"]["requests"].as_u64().expect("total.requests");
+    assert!(requests > 0, "{json:#}");
+    assert_eq!(json["total"]["failures"].as_u64(), Some(requests), "{json:#}");
+    assert!(!json["failures"].as_array().expect("failures").is_empty(), "{json:#}");
+}
