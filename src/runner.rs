@@ -31,7 +31,7 @@ pub const TICK: Duration = Duration::from_secs(2);
 /// An endpoint bound to the host: its request is built once, here.
 pub struct Endpoint {
     pub spec: RequestSpec,
-    pub request: reqwest::Request,
+    pub request: http::Prepared,
     /// Its row in every worker's recorder (rows are registered in this order).
     pub row: usize,
 }
@@ -54,7 +54,7 @@ impl Plan {
         let mut cumulative = Vec::new();
         let mut total = 0u64;
         for (i, spec) in scenario.endpoints.iter().enumerate() {
-            let request = http::build_request(host.as_ref(), spec)
+            let request = http::Prepared::new(host.as_ref(), spec)
                 .with_context(|| format!("{}: endpoints[{}]", scenario.path.display(), i + 1))?;
             let id = RowId::new(spec.method.as_str(), spec.name.clone());
             let row = match rows.iter().position(|r| **r == id) {
@@ -118,7 +118,7 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
     let mut workers = Vec::with_capacity(cfg.workers);
     for n in 0..cfg.workers {
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = http::client(cfg.timeout)?;
+        let client = http::Client::new(cfg.timeout);
         let (plan, stopping) = (plan.clone(), stopping.clone());
         std::thread::Builder::new()
             .name(format!("stormlight-worker-{n}"))
@@ -218,7 +218,7 @@ async fn flush(workers: &[mpsc::UnboundedSender<Cmd>], agg: &mut Aggregate) {
 
 fn worker_thread(
     plan: Arc<Plan>,
-    client: reqwest::Client,
+    client: http::Client,
     stopping: Arc<AtomicBool>,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
 ) {

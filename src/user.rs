@@ -20,7 +20,7 @@ use crate::stats::{Outcome, Reason, Recorder, RowId};
 /// What every user of one worker thread shares.
 pub struct Worker {
     pub plan: Arc<Plan>,
-    pub client: reqwest::Client,
+    pub client: http::Client,
     pub recorder: RefCell<Recorder>,
     /// Set when the run ends: users finish their current iteration and stop.
     pub stopping: Arc<AtomicBool>,
@@ -29,12 +29,12 @@ pub struct Worker {
 /// Runs one user until the run stops.
 pub async fn run(worker: Rc<Worker>, id: u64) {
     let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let mut session = http::Session::default();
     let plan = worker.plan.clone();
     if !plan.scenario.hooks.any() {
         while !worker.stopping.load(Ordering::Relaxed) {
             let ep = &plan.endpoints[plan.pick(&mut rng)];
-            let req = http::clone_request(&ep.request);
-            let outcome = send(&worker, ep.row, req, false).await.1;
+            let outcome = send(&worker, &mut session, ep.row, &ep.request, false).await.1;
             worker.recorder.borrow_mut().finish(ep.row, outcome);
         }
         return;
@@ -57,7 +57,7 @@ pub async fn run(worker: Rc<Worker>, id: u64) {
             .error(&plan.hook_row("on_start"), Reason::Script(format!("on_start: {msg}")));
     }
     while !worker.stopping.load(Ordering::Relaxed) {
-        if !iteration(&worker, &state, &mut rng).await {
+        if !iteration(&worker, &state, &mut session, &mut rng).await {
             // Nothing was sent (skipped, or a hook failed): let the other users run.
             tokio::task::yield_now().await;
         }
@@ -75,12 +75,13 @@ pub async fn run(worker: Rc<Worker>, id: u64) {
 /// Sends `req`, counting it in flight under `row`, and turns the result into an outcome.
 async fn send(
     worker: &Worker,
+    session: &mut http::Session,
     row: usize,
-    req: reqwest::Request,
+    req: &http::Prepared,
     keep_body: bool,
 ) -> (Option<http::Response>, Outcome) {
     worker.recorder.borrow_mut().begin(row);
-    match http::send(&worker.client, req, keep_body).await {
+    match worker.client.send(session, req, keep_body).await {
         Ok(resp) => {
             let failure = (resp.status >= 400).then_some(Reason::Status(resp.status));
             let outcome = Outcome {
@@ -100,7 +101,7 @@ async fn send(
 }
 
 /// One iteration of a user whose scenario has hooks. Returns whether a request was sent.
-async fn iteration(worker: &Worker, state: &UserState, rng: &mut SmallRng) -> bool {
+async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Session, rng: &mut SmallRng) -> bool {
     let plan = &worker.plan;
     let ep = &plan.endpoints[plan.pick(rng)];
     let lua = &state.sandbox.lua;
@@ -147,7 +148,7 @@ async fn iteration(worker: &Worker, state: &UserState, rng: &mut SmallRng) -> bo
                 .row_by_name(spec.method.as_str(), &spec.name);
         }
         if !spec.same_request(&ep.spec) {
-            match http::build_request(plan.host.as_ref(), &spec) {
+            match http::Prepared::new(plan.host.as_ref(), &spec) {
                 Ok(r) => req = Some(r),
                 Err(e) => {
                     script_failure(row, format!("before_request: req: {e:#}"));
@@ -157,10 +158,10 @@ async fn iteration(worker: &Worker, state: &UserState, rng: &mut SmallRng) -> bo
         }
         req_table = Some(t);
     }
-    let req = req.unwrap_or_else(|| http::clone_request(&ep.request));
+    let req = req.as_ref().unwrap_or(&ep.request);
 
     let keep_body = state.after_response.is_some();
-    let (resp, mut outcome) = send(worker, row, req, keep_body).await;
+    let (resp, mut outcome) = send(worker, session, row, req, keep_body).await;
     if let (Some(f), Some(resp)) = (&state.after_response, resp) {
         let verdict = api::response_table(lua, resp.status, &resp.headers, &resp.body, resp.elapsed)
             .map_err(|e| e.to_string())

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use hyper::Method;
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use mlua::{Lua, Table, Value};
-use reqwest::Method;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::parse_duration;
 

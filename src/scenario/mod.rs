@@ -413,7 +413,7 @@ mod tests {
         assert_eq!(s.options.users, Some(10));
         assert_eq!(s.options.duration, Some(std::time::Duration::from_secs(30)));
         assert_eq!(s.endpoints.len(), 4);
-        assert_eq!(s.endpoints[1].method, reqwest::Method::POST);
+        assert_eq!(s.endpoints[1].method, hyper::Method::POST);
         assert_eq!(s.endpoints[1].weight, 2);
         let body: serde_json::Value = serde_json::from_slice(s.endpoints[1].body.as_ref().unwrap()).unwrap();
         assert_eq!(body, serde_json::json!({"name": "test", "price": 10}));
