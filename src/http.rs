@@ -1,26 +1,30 @@
 //! HTTP: requests prepared once at load time ([`Prepared`]), each virtual user's own
 //! keep-alive connections ([`Session`]), sending, and classifying failures into [`Reason`]s.
 //!
-//! The engine is hyper's low-level HTTP/1.1 client (`hyper::client::conn::http1`), one
-//! connection per user and origin, with no pool: a user has one request in flight at a time, so
-//! a pool's locking, its idle bookkeeping and reqwest's layers (proxy lookup, redirect policy,
-//! URL re-parsing, per-request header merging) would be pure overhead on the hot path
-//! (measured with bench/bench.py against nginx: reqwest 15.7 µs of CPU per request, this
-//! engine 8.0 µs).
+//! The engine is a small HTTP/1.1 client on tokio sockets: a request is serialized to its wire
+//! bytes once, when the scenario loads, and each send is one write; the response head is
+//! parsed in place by `httparse` (hyper's parser) into a stack array, and only the framing
+//! headers are looked at, unless `after_response` wants the headers. Each user owns its
+//! connections (one per origin) and keeps one request in flight, as wrk's connections do, so
+//! there is no pool, no channel and no second task per request.
+//!
+//! Measured with bench/bench.py against nginx (CPU per request): reqwest 15.7 µs; hyper's
+//! own HTTP/1.1 connection API 8.0 µs (a third of it building response `HeaderMap`s and
+//! dispatching between tasks); this engine: see the README's "Performance".
 //! TLS is rustls (ring provider) with one `ClientConfig` shared by every connection.
 
-use std::error::Error as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper::header::{HOST, HeaderMap, HeaderValue, USER_AGENT};
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use hyper::{Method, Uri};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use url::Url;
 
 use crate::scenario::api::{RequestSpec, Target};
@@ -42,9 +46,9 @@ pub struct Prepared {
     pub origin: Arc<Origin>,
     /// Origin-form request target (`/path?query`).
     pub uri: Uri,
-    /// Headers as sent, `Host` and `User-Agent` included.
-    pub headers: HeaderMap,
-    pub body: Bytes,
+    /// The request as it goes on the wire: request line, headers (`Host`, `User-Agent` and
+    /// `Content-Length` included) and body.
+    pub wire: Bytes,
     pub timeout: Option<Duration>,
 }
 
@@ -68,7 +72,7 @@ pub fn request_url(host: Option<&Url>, spec: &RequestSpec) -> Result<Url> {
 static USER_AGENT_VALUE: HeaderValue = HeaderValue::from_static(concat!("stormlight/", env!("CARGO_PKG_VERSION")));
 
 impl Prepared {
-    /// Builds the request once: URL parsed, headers checked, body encoded.
+    /// Builds the request once: URL parsed, headers checked, body encoded, bytes laid out.
     pub fn new(host: Option<&Url>, spec: &RequestSpec) -> Result<Self> {
         let url = request_url(host, spec)?;
         let https = match url.scheme() {
@@ -89,15 +93,33 @@ impl Prepared {
         let mut headers = spec.headers.clone();
         if !headers.contains_key(HOST) {
             let authority = match url.port() {
-                Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-                None => url.host_str().unwrap_or_default().to_string(),
+                Some(p) => format!("{host_str}:{p}"),
+                None => host_str.clone(),
             };
             headers.insert(HOST, HeaderValue::from_str(&authority).context("bad host header")?);
         }
         if !headers.contains_key(USER_AGENT) {
             headers.insert(USER_AGENT, USER_AGENT_VALUE.clone());
         }
-        // Bare `[::1]` style hosts come back from url with brackets; sockets want them without.
+        let body = spec.body.clone().unwrap_or_default();
+        // A body, or a method that usually has one, says how long it is.
+        if !body.is_empty() || matches!(spec.method, Method::POST | Method::PUT | Method::PATCH) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let mut wire = Vec::with_capacity(64 + target.len() + body.len() + headers.len() * 32);
+        wire.extend_from_slice(spec.method.as_str().as_bytes());
+        wire.push(b' ');
+        wire.extend_from_slice(target.as_bytes());
+        wire.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &headers {
+            wire.extend_from_slice(name.as_str().as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"\r\n");
+        wire.extend_from_slice(&body);
+        // `[::1]` comes back from url with brackets; sockets want the bare address.
         let host_str = host_str.trim_start_matches('[').trim_end_matches(']').to_string();
         Ok(Self {
             method: spec.method.clone(),
@@ -107,18 +129,9 @@ impl Prepared {
                 port,
             }),
             uri,
-            headers,
-            body: spec.body.clone().unwrap_or_default(),
+            wire: Bytes::from(wire),
             timeout: spec.timeout,
         })
-    }
-
-    fn to_request(&self) -> hyper::Request<Full<Bytes>> {
-        let mut req = hyper::Request::new(Full::new(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
     }
 }
 
@@ -157,19 +170,78 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
         .clone()
 }
 
+/// A connection's byte stream: plain TCP or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One keep-alive connection and its read buffer.
+struct Conn {
+    origin: Arc<Origin>,
+    stream: Stream,
+    buf: BytesMut,
+}
+
+/// Response heads larger than this are a protocol error.
+const MAX_HEAD: usize = 64 * 1024;
+/// Headers per response head that are parsed.
+const MAX_HEADERS: usize = 100;
+
 /// A virtual user's open connections, one per origin it has talked to.
 #[derive(Default)]
 pub struct Session {
-    conns: Vec<(Arc<Origin>, http1::SendRequest<Full<Bytes>>)>,
+    conns: Vec<Conn>,
 }
 
 /// What came back, for the verdict and for `after_response`.
 pub struct Response {
     pub status: u16,
+    /// Filled only when the body is kept (for `after_response`).
     pub headers: HeaderMap,
-    /// The body, kept only when asked for; otherwise read and dropped frame by frame.
+    /// The body, kept only when asked for; otherwise counted and dropped.
     pub body: Bytes,
     pub elapsed: Duration,
+}
+
+/// How the body of a response is delimited.
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
 }
 
 impl Client {
@@ -183,71 +255,51 @@ impl Client {
     ) -> Result<Response, (Duration, Reason)> {
         let start = Instant::now();
         let timeout = req.timeout.unwrap_or(self.timeout);
-        match tokio::time::timeout(timeout, self.exchange(session, req, keep_body)).await {
-            Ok(Ok((status, headers, body))) => Ok(Response {
-                status,
-                headers,
-                body,
-                elapsed: start.elapsed(),
-            }),
-            Ok(Err(reason)) => Err((start.elapsed(), reason)),
+        let idx = match session.conns.iter().position(|c| c.origin == req.origin) {
+            Some(i) => i,
+            None => match tokio::time::timeout(timeout, self.connect(&req.origin)).await {
+                Ok(Ok(conn)) => {
+                    session.conns.push(conn);
+                    session.conns.len() - 1
+                }
+                Ok(Err(reason)) => return Err((start.elapsed(), reason)),
+                Err(_) => return Err((start.elapsed(), Reason::ConnectTimeout)),
+            },
+        };
+        let conn = &mut session.conns[idx];
+        let result =
+            tokio::time::timeout(timeout.saturating_sub(start.elapsed()), exchange(conn, req, keep_body)).await;
+        match result {
+            Ok(Ok((resp, reusable))) => {
+                if !reusable {
+                    session.conns.swap_remove(idx);
+                }
+                Ok(Response {
+                    elapsed: start.elapsed(),
+                    ..resp
+                })
+            }
+            Ok(Err(reason)) => {
+                session.conns.swap_remove(idx);
+                Err((start.elapsed(), reason))
+            }
             Err(_) => {
                 // The connection may be mid-response: never reuse it.
-                session.conns.retain(|(o, _)| *o != req.origin);
+                session.conns.swap_remove(idx);
                 Err((start.elapsed(), Reason::Timeout))
             }
         }
     }
 
-    async fn exchange(
-        &self,
-        session: &mut Session,
-        req: &Prepared,
-        keep_body: bool,
-    ) -> Result<(u16, HeaderMap, Bytes), Reason> {
-        let idx = match session.conns.iter().position(|(o, _)| *o == req.origin) {
-            Some(i) if !session.conns[i].1.is_closed() => i,
-            found => {
-                if let Some(i) = found {
-                    session.conns.swap_remove(i);
-                }
-                let sender = self.connect(&req.origin).await?;
-                session.conns.push((req.origin.clone(), sender));
-                session.conns.len() - 1
-            }
-        };
-        let sender = &mut session.conns[idx].1;
-        let result = async {
-            sender.ready().await.map_err(|e| classify(&e))?;
-            let resp = sender.send_request(req.to_request()).await.map_err(|e| classify(&e))?;
-            let status = resp.status().as_u16();
-            let (parts, mut body) = resp.into_parts();
-            if keep_body {
-                let bytes = body.collect().await.map_err(|e| classify(&e))?.to_bytes();
-                Ok((status, parts.headers, bytes))
-            } else {
-                while let Some(frame) = body.frame().await {
-                    frame.map_err(|e| classify(&e))?;
-                }
-                Ok((status, HeaderMap::new(), Bytes::new()))
-            }
-        }
-        .await;
-        if result.is_err() {
-            session.conns.swap_remove(idx);
-        }
-        result
-    }
-
-    async fn connect(&self, origin: &Origin) -> Result<http1::SendRequest<Full<Bytes>>, Reason> {
+    async fn connect(&self, origin: &Arc<Origin>) -> Result<Conn, Reason> {
         let addr = resolve(origin).await?;
-        let tcp = match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(Reason::ConnectTimeout),
             Ok(Err(e)) => return Err(io_reason(&e).unwrap_or(Reason::Connect)),
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
-        if origin.https {
+        let stream = if origin.https {
             let config = tls_config().map_err(|_| Reason::Tls)?;
             let name = rustls::pki_types::ServerName::try_from(origin.host.clone()).map_err(|_| Reason::Tls)?;
             let tls = tokio::time::timeout(
@@ -257,27 +309,195 @@ impl Client {
             .await
             .map_err(|_| Reason::ConnectTimeout)?
             .map_err(|e| io_reason(&e).unwrap_or(Reason::Tls))?;
-            handshake(tls).await
+            Stream::Tls(Box::new(tls))
         } else {
-            handshake(tcp).await
-        }
+            Stream::Plain(tcp)
+        };
+        Ok(Conn {
+            origin: origin.clone(),
+            stream,
+            buf: BytesMut::with_capacity(4096),
+        })
     }
 }
 
-async fn handshake<T>(io: T) -> Result<http1::SendRequest<Full<Bytes>>, Reason>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| classify(&e))?;
-    // The connection is driven by a task of its own on this worker's LocalSet; it ends when the
-    // user drops its sender or the peer closes.
-    tokio::task::spawn_local(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
+/// Reads more bytes into the connection's buffer; end of stream is an error here.
+async fn fill(conn: &mut Conn) -> Result<(), Reason> {
+    if conn.buf.capacity() - conn.buf.len() < 1024 {
+        conn.buf.reserve(4096);
+    }
+    match conn.stream.read_buf(&mut conn.buf).await {
+        Ok(0) => Err(Reason::Closed),
+        Ok(_) => Ok(()),
+        Err(e) => Err(io_reason(&e).unwrap_or(Reason::Body)),
+    }
+}
+
+/// One request and its response on an open connection. Returns the response and whether the
+/// connection can carry another request.
+async fn exchange(conn: &mut Conn, req: &Prepared, keep_body: bool) -> Result<(Response, bool), Reason> {
+    conn.buf.clear();
+    let written = async {
+        conn.stream.write_all(&req.wire).await?;
+        conn.stream.flush().await
+    };
+    written.await.map_err(|e| io_reason(&e).unwrap_or(Reason::Closed))?;
+
+    // The head: parsed in place; 1xx interim responses are skipped.
+    let (status, framing, mut reusable, headers) = loop {
+        let parsed = {
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut head = httparse::Response::new(&mut slots);
+            match head.parse(&conn.buf) {
+                Ok(httparse::Status::Complete(len)) => Some(read_head(&head, len, &req.method, keep_body)?),
+                Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => return Err(Reason::Protocol),
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => return Err(Reason::Protocol),
+            }
+        };
+        match parsed {
+            Some((len, status, ..)) if (100..200).contains(&status) && status != 101 => conn.buf.advance(len),
+            Some((len, status, framing, reusable, headers)) => {
+                conn.buf.advance(len);
+                break (status, framing, reusable, headers);
+            }
+            None => fill(conn).await?,
+        }
+    };
+
+    let mut body = BytesMut::new();
+    let mut take = |conn: &mut Conn, n: usize| {
+        let chunk = conn.buf.split_to(n);
+        if keep_body {
+            body.extend_from_slice(&chunk);
+        }
+    };
+    match framing {
+        Framing::None => {}
+        Framing::Length(mut left) => {
+            while left > 0 {
+                if conn.buf.is_empty() {
+                    fill(conn).await?;
+                }
+                let n = (conn.buf.len() as u64).min(left) as usize;
+                take(conn, n);
+                left -= n as u64;
+            }
+        }
+        Framing::UntilClose => {
+            reusable = false;
+            loop {
+                let n = conn.buf.len();
+                take(conn, n);
+                match fill(conn).await {
+                    Ok(()) => {}
+                    Err(Reason::Closed) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Framing::Chunked => loop {
+            let (len, size) = loop {
+                match httparse::parse_chunk_size(&conn.buf) {
+                    Ok(httparse::Status::Complete(found)) => break found,
+                    Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => return Err(Reason::Protocol),
+                    Ok(httparse::Status::Partial) => fill(conn).await?,
+                    Err(_) => return Err(Reason::Protocol),
+                }
+            };
+            conn.buf.advance(len);
+            if size == 0 {
+                // Trailers (rarely any) end with an empty line.
+                loop {
+                    if let Some(end) = conn.buf.windows(2).position(|w| w == b"\r\n") {
+                        conn.buf.advance(end + 2);
+                        if end == 0 {
+                            break;
+                        }
+                    } else {
+                        fill(conn).await?;
+                    }
+                }
+                break;
+            }
+            let mut left = size;
+            while left > 0 {
+                if conn.buf.is_empty() {
+                    fill(conn).await?;
+                }
+                let n = (conn.buf.len() as u64).min(left) as usize;
+                take(conn, n);
+                left -= n as u64;
+            }
+            while conn.buf.len() < 2 {
+                fill(conn).await?;
+            }
+            if &conn.buf[..2] != b"\r\n" {
+                return Err(Reason::Protocol);
+            }
+            conn.buf.advance(2);
+        },
+    }
+    // Bytes beyond the response mean the framing was off: do not reuse.
+    let reusable = reusable && conn.buf.is_empty();
+    Ok((
+        Response {
+            status,
+            headers,
+            body: body.freeze(),
+            elapsed: Duration::ZERO,
+        },
+        reusable,
+    ))
+}
+
+/// The parts of a response head the engine needs: its length, status, framing, whether the
+/// connection stays open, and (only if asked) the headers.
+fn read_head(
+    head: &httparse::Response<'_, '_>,
+    len: usize,
+    method: &Method,
+    want_headers: bool,
+) -> Result<(usize, u16, Framing, bool, HeaderMap), Reason> {
+    let status = head.code.ok_or(Reason::Protocol)?;
+    let mut keep_alive = head.version == Some(1);
+    let mut length = None;
+    let mut chunked = false;
+    let mut headers = HeaderMap::new();
+    for h in head.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            length = Some(v.ok_or(Reason::Protocol)?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            if h.value.windows(5).any(|w| w.eq_ignore_ascii_case(b"close")) {
+                keep_alive = false;
+            } else if h.value.windows(10).any(|w| w.eq_ignore_ascii_case(b"keep-alive")) {
+                keep_alive = true;
+            }
+        }
+        if want_headers
+            && let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            )
+        {
+            headers.append(name, value);
+        }
+    }
+    let framing = if *method == Method::HEAD || status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    Ok((len, status, framing, keep_alive, headers))
 }
 
 async fn resolve(origin: &Origin) -> Result<SocketAddr, Reason> {
@@ -298,33 +518,6 @@ fn io_reason(io: &std::io::Error) -> Option<Reason> {
         TimedOut => Some(Reason::Timeout),
         UnexpectedEof => Some(Reason::Closed),
         _ => None,
-    }
-}
-
-/// Puts a hyper error into its class by walking its causes.
-pub fn classify(err: &hyper::Error) -> Reason {
-    let mut source = err.source();
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(r) = io_reason(io) {
-                return r;
-            }
-            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-                return Reason::Tls;
-            }
-        }
-        source = e.source();
-    }
-    if err.is_incomplete_message() || err.is_canceled() || err.is_closed() {
-        Reason::Closed
-    } else if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
-        Reason::Protocol
-    } else if err.is_timeout() {
-        Reason::Timeout
-    } else if err.is_body_write_aborted() || err.is_user() {
-        Reason::Other(err.to_string())
-    } else {
-        Reason::Body
     }
 }
 
@@ -357,12 +550,14 @@ mod tests {
     }
 
     #[test]
-    fn prepared_requests_carry_origin_form_target_host_and_agent() {
+    fn prepared_requests_are_laid_out_once_on_the_wire() {
         let host = Url::parse("http://127.0.0.1:8000").unwrap();
         let p = Prepared::new(Some(&host), &spec(Target::Path("/a b".into()), &[("k", "v")])).unwrap();
-        assert_eq!(p.uri.to_string(), "/a%20b?k=v");
-        assert_eq!(p.headers[HOST], "127.0.0.1:8000");
-        assert!(p.headers[USER_AGENT].to_str().unwrap().starts_with("stormlight/"));
+        let agent = concat!("user-agent: stormlight/", env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            p.wire,
+            format!("GET /a%20b?k=v HTTP/1.1\r\nhost: 127.0.0.1:8000\r\n{agent}\r\n\r\n")
+        );
         assert_eq!(
             *p.origin,
             Origin {
@@ -371,7 +566,10 @@ mod tests {
                 port: 8000
             }
         );
-        let p = Prepared::new(None, &spec(Target::Url("https://[::1]/x".into()), &[])).unwrap();
+        let mut post = spec(Target::Url("https://[::1]/x".into()), &[]);
+        post.method = Method::POST;
+        post.body = Some(Bytes::from_static(b"{}"));
+        let p = Prepared::new(None, &post).unwrap();
         assert_eq!(
             *p.origin,
             Origin {
@@ -380,6 +578,8 @@ mod tests {
                 port: 443
             }
         );
-        assert_eq!(p.headers[HOST], "[::1]");
+        let text = String::from_utf8(p.wire.to_vec()).unwrap();
+        assert!(text.starts_with("POST /x HTTP/1.1\r\nhost: [::1]\r\n"), "{text}");
+        assert!(text.ends_with("content-length: 2\r\n\r\n{}"), "{text}");
     }
 }
