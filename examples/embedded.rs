@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         s.total.requests,
         s.total.failures,
         s.total.rps,
-        s.total.latency_ms.p99,
+        s.total.latency_ms.map_or(0.0, |l| l.p99),
         target.counts.requests()
     );
     Ok(())

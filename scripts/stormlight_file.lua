@@ -1,4 +1,5 @@
--- scripts/stormlight_file.lua: the original blog's example, in Lua.
+-- scripts/stormlight_file.lua: the scenario `stormlight demo` runs. stormlight began as a blog
+-- post that rebuilt a minimal Locust in Python; this is that post's example, in Lua.
 -- Two endpoints of the built-in target: GET /hello and POST /api/upload (twice as often).
 -- Try it:  stormlight target --port 8000   (in one terminal)
 --          stormlight run scripts/stormlight_file.lua -t 10s

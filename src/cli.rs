@@ -36,7 +36,9 @@ pub enum Command {
     },
     /// Start the built-in target on loopback and run the bundled example against it
     /// (10 users, spawn rate 5, 10 s).
-    #[command(after_help = "Example:\n  stormlight demo\n  stormlight demo -t 30s --out demo.json")]
+    #[command(
+        after_help = "Examples:\n  stormlight demo\n  stormlight demo -t 30s --out demo.json\n\nWithout flags: 10 users, 5 started per second, for 10 s."
+    )]
     Demo(DemoArgs),
     /// Run the built-in target alone, for trying scenarios by hand.
     #[command(
@@ -72,25 +74,25 @@ pub struct DemoArgs {
 /// Flags shared by `run` and `demo`.
 #[derive(Debug, Args)]
 pub struct LoadArgs {
-    /// Number of virtual users [default: scenario's options.users, else 1].
+    /// Number of virtual users.
     #[arg(short, long, value_name = "N")]
     pub users: Option<u32>,
-    /// Users started per second [default: all users within the first second].
+    /// Users started per second.
     #[arg(short = 'r', long, value_name = "R", allow_negative_numbers = true)]
     pub spawn_rate: Option<f64>,
-    /// How long to run: 30, 30s, 2m, 1h30m, 500ms [default: until Ctrl-C].
-    #[arg(short = 't', long, value_name = "D", value_parser = duration)]
+    /// How long to run: 30, 1.5s, 30s, 2m, 1h30m, 500ms.
+    #[arg(short = 't', long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub duration: Option<Duration>,
-    /// Request timeout, unless an endpoint sets its own [default: 30s].
-    #[arg(long, value_name = "D", value_parser = duration)]
+    /// Request timeout, unless an endpoint sets its own.
+    #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub timeout: Option<Duration>,
-    /// How long requests in flight at the end may finish before they count as aborted [default: 5s].
-    #[arg(long, value_name = "D", value_parser = duration)]
+    /// How long requests in flight at the end may finish before they count as aborted.
+    #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub grace: Option<Duration>,
     /// Write the final summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
-    /// No live table; only the final summary.
+    /// No live table (the final summary still goes to stdout).
     #[arg(short, long)]
     pub quiet: bool,
 }

@@ -103,6 +103,9 @@ impl RunConfig {
 
 /// Parses and checks a host URL: http or https, with a host name.
 pub fn parse_host(s: &str) -> Result<Url> {
+    if !s.contains("://") {
+        bail!("bad host URL {s:?}: it needs a scheme, e.g. http://{s}");
+    }
     let url = Url::parse(s).with_context(|| format!("bad host URL {s:?}: expected e.g. http://127.0.0.1:8080"))?;
     if !matches!(url.scheme(), "http" | "https") {
         bail!("bad host URL {s:?}: the scheme must be http or https");
@@ -119,7 +122,7 @@ pub fn parse_host(s: &str) -> Result<Url> {
 /// Parses a duration: `30` (seconds), `30s`, `2m`, `1h30m`, `500ms`, `1.5s`.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
-    let bad = || format!("bad duration {s:?}: use e.g. 30, 30s, 2m, 1h30m or 500ms");
+    let bad = || format!("bad duration {s:?}: use e.g. 30 (seconds), 1.5s, 30s, 2m, 1h30m or 500ms");
     if s.is_empty() {
         bail!(bad());
     }
@@ -158,6 +161,17 @@ fn secs_to_duration(secs: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(secs).context("duration out of range")
 }
 
+/// A duration for people: `500ms`, `1.5s`, `30s`, `2m 30s`.
+pub fn format_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else if d.subsec_millis() != 0 && d < Duration::from_secs(60) {
+        format!("{}s", (d.as_secs_f64() * 1000.0).round() / 1000.0)
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +186,9 @@ mod tests {
         assert_eq!(d("500ms"), Duration::from_millis(500));
         assert_eq!(d("1.5s"), Duration::from_millis(1500));
         assert_eq!(d("1m30s"), Duration::from_secs(90));
+        assert_eq!(format_duration(d("1.5s")), "1.5s");
+        assert_eq!(format_duration(d("500ms")), "500ms");
+        assert_eq!(format_duration(d("1m30s")), "1m 30s");
         for bad in ["", "abc", "10x", "-5", "5 s", "s", "1.2.3s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
@@ -220,7 +237,18 @@ mod tests {
             })
             .is_err()
         );
-        for host in ["nonsense", "ftp://x", "http://", "http://h/?q=1"] {
+        assert!(
+            format!(
+                "{:#}",
+                with(Overrides {
+                    host: Some("localhost:8000".into()),
+                    ..Default::default()
+                })
+                .unwrap_err()
+            )
+            .contains("http://localhost:8000")
+        );
+        for host in ["nonsense", "ftp://x", "http://", "http://h/?q=1", "127.0.0.1:80"] {
             assert!(
                 with(Overrides {
                     host: Some(host.into()),

@@ -99,15 +99,16 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, shutdown: impl Future<Outpu
         .unwrap_or_else(|| "(urls in scenario)".into());
     let duration = cfg
         .duration
-        .map(|d| humantime::format_duration(d).to_string())
+        .map(config::format_duration)
         .unwrap_or_else(|| "until Ctrl-C".into());
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     eprintln!(
-        "stormlight {}: {} users at {}/s for {duration} against {host} ({}; {} worker threads)",
+        "stormlight {}: {} at {}/s for {duration} against {host} ({}; {})",
         env!("CARGO_PKG_VERSION"),
-        cfg.users,
+        plural(cfg.users as usize, "user"),
         cfg.spawn_rate,
         cfg.script.display(),
-        cfg.workers
+        plural(cfg.workers, "worker thread"),
     );
     let result = runner::run(&cfg, Arc::new(plan), shutdown).await?;
     let mut stdout = std::io::stdout().lock();

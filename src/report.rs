@@ -28,12 +28,20 @@ fn fails(requests: u64, failures: u64) -> String {
     if failures == 0 {
         "0".into()
     } else {
-        format!("{failures} ({:.1}%)", 100.0 * failures as f64 / requests.max(1) as f64)
+        let pct = 100.0 * failures as f64 / requests.max(1) as f64;
+        if pct < 0.1 {
+            format!("{failures} (<0.1%)")
+        } else {
+            format!("{failures} ({pct:.1}%)")
+        }
     }
 }
 
-fn latency_cells(l: &Latency) -> [String; 8] {
-    [l.avg, l.min, l.max, l.p50, l.p90, l.p95, l.p99, l.p99_9].map(ms)
+fn latency_cells(l: &Option<Latency>) -> [String; 8] {
+    match l {
+        Some(l) => [l.avg, l.min, l.max, l.p50, l.p90, l.p95, l.p99, l.p99_9].map(ms),
+        None => std::array::from_fn(|_| "-".to_string()),
+    }
 }
 
 const LATENCY_HEADERS: [&str; 8] = ["avg ms", "min", "max", "p50", "p90", "p95", "p99", "p99.9"];
@@ -93,8 +101,9 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         .collect();
     writeln!(
         w,
-        "\nstormlight summary: {} users, {:.1}s{}",
+        "\nstormlight summary: {} user{}, {:.1}s{}",
         s.config.users,
+        if s.config.users == 1 { "" } else { "s" },
         s.duration_s,
         if s.interrupted { " (interrupted)" } else { "" }
     )?;

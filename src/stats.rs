@@ -406,7 +406,9 @@ pub struct RowSummary {
     pub requests: u64,
     pub failures: u64,
     pub rps: f64,
-    pub latency_ms: Latency,
+    /// `None` (JSON `null`) when the row has no latency: every request failed before sending
+    /// or was aborted.
+    pub latency_ms: Option<Latency>,
 }
 
 impl RowSummary {
@@ -432,7 +434,7 @@ impl RowSummary {
     }
 }
 
-/// Latency figures in milliseconds. All zero when the row recorded no latency.
+/// Latency figures in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct Latency {
     pub min: f64,
@@ -446,12 +448,13 @@ pub struct Latency {
 }
 
 impl Latency {
-    pub fn of(h: &Histogram<u64>) -> Self {
+    /// The figures of a histogram; `None` if it is empty.
+    pub fn of(h: &Histogram<u64>) -> Option<Self> {
         if h.is_empty() {
-            return Self::default();
+            return None;
         }
         let ms = |us: u64| round3(us as f64 / 1000.0);
-        Self {
+        Some(Self {
             min: ms(h.min()),
             avg: round3(h.mean() / 1000.0),
             max: ms(h.max()),
@@ -460,7 +463,7 @@ impl Latency {
             p95: ms(h.value_at_quantile(0.95)),
             p99: ms(h.value_at_quantile(0.99)),
             p99_9: ms(h.value_at_quantile(0.999)),
-        }
+        })
     }
 }
 
@@ -571,7 +574,7 @@ mod tests {
                 count: 2
             }]
         );
-        let lat = Latency::of(&agg.rows().next().unwrap().1.latency_us);
+        let lat = Latency::of(&agg.rows().next().unwrap().1.latency_us).unwrap();
         assert!((lat.p50 - 50.0).abs() < 0.1, "p50 {}", lat.p50);
         assert!((lat.max - 100.0).abs() < 0.1, "max {}", lat.max);
     }

@@ -97,7 +97,8 @@ fn totals_equal_what_the_target_received_and_weights_hold() {
             weight / 8.0
         );
     }
-    assert!(s.total.latency_ms.p50 > 0.0 && s.total.latency_ms.p50 <= s.total.latency_ms.p99);
+    let lat = s.total.latency_ms.expect("latencies recorded");
+    assert!(lat.p50 > 0.0 && lat.p50 <= lat.p99);
     assert!(s.total.rps > 0.0);
 }
 
@@ -199,6 +200,7 @@ fn sandbox_escapes_and_runaway_hooks_are_stopped_and_the_run_goes_on() {
         let row = row(&s, name);
         assert!(row.requests > 0, "{name} was never picked");
         assert_eq!(row.failures, row.requests, "{name}: every attempt fails");
+        assert!(row.latency_ms.is_none(), "{name}: nothing was sent, so no latency");
         let (reason, count) = r
             .iter()
             .find(|(k, _)| k.starts_with(&format!("GET {name}: ")))
@@ -250,4 +252,34 @@ fn hooks_change_requests_and_judge_responses() {
     assert_eq!(row(&s, "/api/upload").failures, 0, "{:?}", s.failures);
     assert_eq!(s.total.requests, t.counts.requests());
     assert!(!paths.contains_key("/hello"), "before_request rewrote every /hello");
+}
+
+/// Issue 2 regression: a scenario's own `host` is used when no --host is given.
+#[test]
+fn r2_scenario_host_is_used_without_a_flag() {
+    let t = target();
+    let source = format!("host = \"{}/\"\nendpoints = {{ Task('GET', '/hello') }}\n", t.url());
+    let req = stormlight::RunRequest {
+        script: "host.lua".into(),
+        flags: Overrides {
+            duration: Some(Duration::from_millis(500)),
+            ..Default::default()
+        },
+        out: None,
+        live: LiveMode::Off,
+    };
+    let (cfg, plan) = stormlight::prepare(&req, Some(&source)).expect("the scenario's host is enough");
+    assert_eq!(
+        cfg.host.as_ref().map(|h| h.as_str().trim_end_matches('/')),
+        Some(t.url().as_str())
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt
+        .block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
+        .unwrap();
+    assert!(result.summary.total.requests > 0);
+    assert_eq!(result.summary.total.requests, t.counts.requests());
 }

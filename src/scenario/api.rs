@@ -139,6 +139,12 @@ pub fn parse_request(t: &Table, role: Role) -> Result<RequestSpec, String> {
     if given > 1 {
         return Err("give at most one of `json`, `body` and `form`".into());
     }
+    if !matches!(json, Value::Nil | Value::Table(_)) {
+        return Err(format!(
+            "`json` must be a table, got {} (use `body` for text that is already JSON)",
+            show(&json)
+        ));
+    }
     let body = if !json.is_nil() {
         let bytes = serde_json::to_vec(&json).map_err(|e| format!("`json` cannot be encoded: {e}"))?;
         set_default_content_type(&mut headers, "application/json");

@@ -9,8 +9,10 @@
 pub mod api;
 pub mod sandbox;
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -53,12 +55,13 @@ pub struct Scenario {
     pub path: PathBuf,
     /// The source, run again in each user's own state when the scenario has hooks.
     pub source: Arc<str>,
-    pub host: Option<String>,
-    /// The `options` table, to be merged under the command-line flags.
+    /// The `options` table and `host`, to be merged under the command-line flags.
     pub options: Overrides,
     pub endpoints: Vec<RequestSpec>,
     pub hooks: Hooks,
     pub limits: Limits,
+    /// Things that load but look like mistakes (a misspelt hook), for `check` and `run`.
+    pub warnings: Vec<String>,
 }
 
 /// Loads and validates a scenario file. Nothing is sent.
@@ -67,6 +70,9 @@ pub fn load(path: &Path) -> Result<Scenario> {
     load_source(path, &source, Limits::default())
 }
 
+/// Globals whose assignment line is remembered, for messages about them.
+const WATCHED: [&str; 3] = ["endpoints", "options", "host"];
+
 /// Like [`load`], from source text already in memory (`path` names it in messages).
 pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario> {
     let file = path.display().to_string();
@@ -74,7 +80,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
     let lua = &sb.lua;
     api::install(lua).map_err(|e| anyhow!("{e}"))?;
     lua.set_app_data(TaskLines::default());
-    let endpoints_line = watch_global(lua, "endpoints").map_err(|e| anyhow!("{e}"))?;
+    let assigned = watch_globals(lua).map_err(|e| anyhow!("{e}"))?;
 
     sb.budget.reset();
     lua.load(source)
@@ -82,36 +88,48 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         .exec()
         .map_err(|e| anyhow!("{}", script_error(&e, &limits)))?;
     let _ = lua.globals().set_metatable(None);
-    let endpoints_line = endpoints_line.get();
-
-    let globals = lua.globals();
+    let assigned = assigned.take();
+    let line_of = |name: &str| assigned.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
     let at = |line: Option<usize>| match line {
         Some(l) => format!("{file}:{l}"),
         None => file.clone(),
     };
+    let globals = lua.globals();
 
     let host = match globals.get::<Value>("host").map_err(|e| anyhow!("{e}"))? {
         Value::Nil => None,
         Value::String(s) => {
             let h = s.to_string_lossy();
-            crate::config::parse_host(&h).with_context(|| format!("{file}: `host`"))?;
+            crate::config::parse_host(&h).with_context(|| format!("{}: `host`", at(line_of("host"))))?;
             Some(h)
         }
         other => bail!(
-            "{file}: `host` must be a string like \"http://127.0.0.1:8000\", got {}",
+            "{}: `host` must be a string like \"http://127.0.0.1:8000\", got {}",
+            at(line_of("host")),
             api::show(&other)
         ),
     };
-    let options = match globals.get::<Value>("options").map_err(|e| anyhow!("{e}"))? {
+    let mut options = match globals.get::<Value>("options").map_err(|e| anyhow!("{e}"))? {
         Value::Nil => Overrides::default(),
-        Value::Table(t) => parse_options(&t).map_err(|e| anyhow!("{file}: options: {e}"))?,
-        other => bail!("{file}: `options` must be a table, got {}", api::show(&other)),
+        Value::Table(t) => parse_options(&t).map_err(|e| anyhow!("{}: options: {e}", at(line_of("options"))))?,
+        other => bail!(
+            "{}: `options` must be a table, got {}",
+            at(line_of("options")),
+            api::show(&other)
+        ),
     };
+    // The scenario's host is one more option under the --host flag.
+    options.host = host;
 
+    let endpoints_line = line_of("endpoints");
     let table = match globals.get::<Value>("endpoints").map_err(|e| anyhow!("{e}"))? {
         Value::Table(t) => t,
         Value::Nil => {
-            bail!("{file}: no `endpoints` table: define endpoints = {{ Task(\"GET\", \"/\") }}")
+            let hint = match near_miss(&globals, &["endpoints"]) {
+                Some((found, _)) => format!(" (found `{found}`: did you mean `endpoints`?)"),
+                None => String::new(),
+            };
+            bail!("{file}: no `endpoints` table{hint}: define endpoints = {{ Task(\"GET\", \"/\") }}")
         }
         other => bail!(
             "{}: `endpoints` must be a table, got {}",
@@ -127,6 +145,8 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
             at(endpoints_line)
         );
     }
+    // A plain-table entry has no call to take a line from: find where it starts in the text.
+    let entry_line = |i: usize| endpoints_line.and_then(|l| entry_line(source, l, i)).or(endpoints_line);
     let mut endpoints = Vec::with_capacity(len);
     for i in 1..=len {
         let entry = table.raw_get::<Value>(i).map_err(|e| anyhow!("{e}"))?;
@@ -134,11 +154,11 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
             Value::Table(t) => t,
             other => bail!(
                 "{}: endpoints[{i}] must be a table or Task(...), got {}",
-                at(endpoints_line),
+                at(entry_line(i)),
                 api::show(&other)
             ),
         };
-        let line = lines.get(&(t.to_pointer() as usize)).copied().or(endpoints_line);
+        let line = lines.get(&(t.to_pointer() as usize)).copied().or_else(|| entry_line(i));
         let spec = api::parse_request(&t, Role::Endpoint).map_err(|e| anyhow!("{}: endpoints[{i}]: {e}", at(line)))?;
         endpoints.push(spec);
     }
@@ -155,34 +175,151 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         after_response: hook_defined(&globals, "after_response", &file)?,
         on_stop: hook_defined(&globals, "on_stop", &file)?,
     };
+    let mut warnings = Vec::new();
+    if let Some((found, meant)) = near_miss(&globals, &HOOK_NAMES) {
+        warnings.push(format!(
+            "{file}: `{found}` is not a hook; did you mean `{meant}`? (it will never be called)"
+        ));
+    }
 
     Ok(Scenario {
         path: path.to_path_buf(),
         source: Arc::from(source),
-        host,
         options,
         endpoints,
         hooks,
         limits,
+        warnings,
     })
 }
 
-/// Records the line at which a global is first assigned (for messages about plain tables).
-fn watch_global(lua: &Lua, name: &'static str) -> mlua::Result<std::rc::Rc<std::cell::Cell<Option<usize>>>> {
-    let line = std::rc::Rc::new(std::cell::Cell::new(None));
-    let seen = line.clone();
+const HOOK_NAMES: [&str; 4] = ["on_start", "before_request", "after_response", "on_stop"];
+
+/// A global whose name is a near miss (a typo) of one of `names`: (found, meant).
+fn near_miss(globals: &Table, names: &[&'static str]) -> Option<(String, &'static str)> {
+    for pair in globals.pairs::<Value, Value>() {
+        let Ok((Value::String(k), _)) = pair else { continue };
+        let k = k.to_string_lossy();
+        for name in names {
+            let close = edit_distance(&k, name) <= 2 || (k.len() > 4 && name.starts_with(k.as_str()));
+            if k != *name && close && !names.contains(&k.as_str()) {
+                return Some((k, name));
+            }
+        }
+    }
+    None
+}
+
+/// Levenshtein distance (names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The line where entry `index` (1-based) of the `endpoints = { ... }` table starts, by
+/// scanning the source from the last `endpoints = {` at or before `assigned_line` (Lua
+/// reports an assignment at its last line). Strings and comments are skipped.
+fn entry_line(source: &str, assigned_line: usize, index: usize) -> Option<usize> {
+    let b = source.as_bytes();
+    let line_at = |pos: usize| source[..pos].bytes().filter(|&c| c == b'\n').count() + 1;
+    // Start of the table: the last `endpoints` ... `{` that begins on or before the line.
+    let mut start = None;
+    let mut from = 0;
+    while let Some(off) = source[from..].find("endpoints") {
+        let pos = from + off;
+        if line_at(pos) > assigned_line {
+            break;
+        }
+        let rest = source[pos + "endpoints".len()..].trim_start();
+        if let Some(rest) = rest.strip_prefix('=')
+            && rest.trim_start().starts_with('{')
+        {
+            start = Some(source.len() - rest.trim_start().len());
+        }
+        from = pos + 1;
+    }
+    let mut i = start? + 1;
+    let (mut depth, mut entry, mut at_entry_start) = (0usize, 1usize, true);
+    while i < b.len() {
+        let c = b[i];
+        if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            // A comment: long (--[[ ]]) or to the end of the line.
+            if source[i + 2..].starts_with("[[") {
+                i = source[i..].find("]]").map_or(b.len(), |e| i + e + 2);
+            } else {
+                i = source[i..].find('\n').map_or(b.len(), |e| i + e);
+            }
+            continue;
+        }
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if at_entry_start && depth == 0 {
+            if c == b'}' {
+                return None;
+            }
+            if entry == index {
+                return Some(line_at(i));
+            }
+            at_entry_start = false;
+        }
+        match c {
+            b'"' | b'\'' => {
+                i += 1;
+                while i < b.len() && b[i] != c {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'[' if source[i..].starts_with("[[") => {
+                i = source[i..].find("]]").map_or(b.len(), |e| i + e + 1);
+            }
+            b'{' | b'(' | b'[' => depth += 1,
+            b'}' | b')' | b']' if depth == 0 => return None,
+            b'}' | b')' | b']' => depth -= 1,
+            b',' | b';' if depth == 0 => {
+                entry += 1;
+                at_entry_start = true;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Records the line at which each watched global is first assigned.
+/// (global, line of its first assignment), filled while the file runs.
+type AssignedLines = Rc<RefCell<Vec<(&'static str, usize)>>>;
+
+fn watch_globals(lua: &Lua) -> mlua::Result<AssignedLines> {
+    let lines = Rc::new(RefCell::new(Vec::new()));
+    let seen = lines.clone();
     let mt = lua.create_table()?;
     mt.set(
         "__newindex",
         lua.create_function(move |lua, (t, k, v): (Table, Value, Value)| {
-            if seen.get().is_none() && k.as_string().is_some_and(|s| s.as_bytes() == name.as_bytes()) {
-                seen.set(lua.inspect_stack(1, |d| d.current_line()).flatten());
+            if let Some(name) = k
+                .as_string()
+                .and_then(|s| WATCHED.into_iter().find(|w| s.as_bytes() == w.as_bytes()))
+                && !seen.borrow().iter().any(|(n, _)| *n == name)
+                && let Some(line) = lua.inspect_stack(1, |d| d.current_line()).flatten()
+            {
+                seen.borrow_mut().push((name, line));
             }
             t.raw_set(k, v)
         })?,
     )?;
     lua.globals().set_metatable(Some(mt))?;
-    Ok(line)
+    Ok(lines)
 }
 
 fn hook_defined(globals: &Table, name: &str, file: &str) -> Result<bool> {
@@ -257,7 +394,11 @@ impl Scenario {
     pub fn describe(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "scenario {}: ok", self.path.display());
-        let _ = writeln!(s, "  host: {}", self.host.as_deref().unwrap_or("(none: pass --host)"));
+        let _ = writeln!(
+            s,
+            "  host: {}",
+            self.options.host.as_deref().unwrap_or("(none: pass --host)")
+        );
         let o = &self.options;
         let mut opts = Vec::new();
         if let Some(u) = o.users {
@@ -267,13 +408,13 @@ impl Scenario {
             opts.push(format!("spawn_rate={r}"));
         }
         if let Some(d) = o.duration {
-            opts.push(format!("duration={}", humantime::format_duration(d)));
+            opts.push(format!("duration={}", crate::config::format_duration(d)));
         }
         if let Some(t) = o.timeout {
-            opts.push(format!("timeout={}", humantime::format_duration(t)));
+            opts.push(format!("timeout={}", crate::config::format_duration(t)));
         }
         if let Some(g) = o.grace {
-            opts.push(format!("grace={}", humantime::format_duration(g)));
+            opts.push(format!("grace={}", crate::config::format_duration(g)));
         }
         let _ = writeln!(
             s,
@@ -292,29 +433,31 @@ impl Scenario {
             };
             let mut extra = Vec::new();
             if e.name != target {
-                extra.push(format!("name={}", e.name));
+                extra.push(format!("name {}", e.name));
             }
             if !e.query.is_empty() {
-                extra.push(format!("query={}", e.query.len()));
+                let keys: Vec<&str> = e.query.iter().map(|(k, _)| k.as_str()).collect();
+                extra.push(format!("query {}", keys.join(",")));
             }
             if !e.headers.is_empty() {
-                extra.push(format!("headers={}", e.headers.len()));
+                let names: Vec<&str> = e.headers.keys().map(|k| k.as_str()).collect();
+                extra.push(format!("headers {}", names.join(",")));
             }
             if let Some(b) = &e.body {
-                extra.push(format!("body={}B", b.len()));
+                extra.push(format!("body {} bytes", b.len()));
             }
             if let Some(t) = e.timeout {
-                extra.push(format!("timeout={}", humantime::format_duration(t)));
+                extra.push(format!("timeout {}", crate::config::format_duration(t)));
             }
-            let _ = writeln!(
-                s,
-                "    {:<7} {:<30} weight {} ({:.0}%) {}",
+            let line = format!(
+                "    {:<7} {:<30} weight {} ({:.0}%)  {}",
                 e.method.as_str(),
                 target,
                 e.weight,
                 100.0 * e.weight as f64 / total as f64,
-                extra.join(" ")
+                extra.join("; ")
             );
+            let _ = writeln!(s, "{}", line.trim_end());
         }
         let names = self.hooks.names();
         let _ = writeln!(
@@ -409,7 +552,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(s.host.as_deref(), Some("http://127.0.0.1:8000"));
+        assert_eq!(s.options.host.as_deref(), Some("http://127.0.0.1:8000"));
         assert_eq!(s.options.users, Some(10));
         assert_eq!(s.options.duration, Some(std::time::Duration::from_secs(30)));
         assert_eq!(s.endpoints.len(), 4);
@@ -455,6 +598,15 @@ mod tests {
         assert!(err("endpoints = { Task('GET', '/') }\non_start = 5").contains("on_start"));
         assert!(err("endpoints = { Task('GET', '/', { json = {}, body = 'x' }) }").contains("at most one"));
         assert!(err("error('boom')").contains("t.lua:1: boom"));
+        // A plain table's error points at the entry, not at the end of `endpoints`.
+        let e = err(
+            "endpoints = {\n  Task('GET', '/a'),\n  -- a comment, with a comma\n  { method = 'GET', path = \"/b,{\" },\n  { method = 'GET', path = '/c', wieght = 2 },\n}",
+        );
+        assert!(e.contains("t.lua:5: endpoints[3]: unknown field `wieght`"), "{e}");
+        let e = err("options = {\n  user = 5,\n}\nendpoints = { Task('GET', '/') }");
+        assert!(e.contains("t.lua:3: options: unknown option `user`"), "{e}");
+        assert!(err("endpoint = { Task('GET', '/') }").contains("did you mean `endpoints`"));
+        assert!(err("endpoints = { Task('POST', '/', { json = '{}' }) }").contains("`json` must be a table"));
         assert!(err("while true do end").contains("instruction budget"));
     }
 
