@@ -45,7 +45,9 @@ pub struct Prepared {
     pub method: Method,
     pub origin: Arc<Origin>,
     /// Origin-form request target (`/path?query`).
-    pub uri: Uri,
+    pub target: Arc<str>,
+    /// The `Host` header for this origin (used unless the scenario sets its own).
+    pub host_header: HeaderValue,
     /// The request as it goes on the wire: request line, headers (`Host`, `User-Agent` and
     /// `Content-Length` included) and body.
     pub wire: Bytes,
@@ -87,51 +89,68 @@ impl Prepared {
             target.push('?');
             target.push_str(q);
         }
-        let uri: Uri = target
-            .parse()
+        target
+            .parse::<Uri>()
             .with_context(|| format!("bad request target {target:?}"))?;
-        let mut headers = spec.headers.clone();
-        if !headers.contains_key(HOST) {
-            let authority = match url.port() {
-                Some(p) => format!("{host_str}:{p}"),
-                None => host_str.clone(),
-            };
-            headers.insert(HOST, HeaderValue::from_str(&authority).context("bad host header")?);
-        }
-        if !headers.contains_key(USER_AGENT) {
-            headers.insert(USER_AGENT, USER_AGENT_VALUE.clone());
-        }
+        let authority = match url.port() {
+            Some(p) => format!("{host_str}:{p}"),
+            None => host_str.clone(),
+        };
+        let host_header = HeaderValue::from_str(&authority).context("bad host header")?;
+        // `[::1]` comes back from url with brackets; sockets want the bare address.
+        let host_str = host_str.trim_start_matches('[').trim_end_matches(']').to_string();
+        let origin = Arc::new(Origin {
+            https,
+            host: host_str,
+            port,
+        });
+        Ok(Self::assemble(origin, Arc::from(target), host_header, spec))
+    }
+
+    /// The same destination with another method, headers, body or timeout: what a hook that
+    /// changed neither the path nor the query sends, without parsing a URL again.
+    pub fn with_spec(&self, spec: &RequestSpec) -> Self {
+        Self::assemble(self.origin.clone(), self.target.clone(), self.host_header.clone(), spec)
+    }
+
+    fn assemble(origin: Arc<Origin>, target: Arc<str>, host_header: HeaderValue, spec: &RequestSpec) -> Self {
         let body = spec.body.clone().unwrap_or_default();
-        // A body, or a method that usually has one, says how long it is.
-        if !body.is_empty() || matches!(spec.method, Method::POST | Method::PUT | Method::PATCH) {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        }
-        let mut wire = Vec::with_capacity(64 + target.len() + body.len() + headers.len() * 32);
+        let mut wire = Vec::with_capacity(64 + target.len() + body.len() + spec.headers.len() * 32);
         wire.extend_from_slice(spec.method.as_str().as_bytes());
         wire.push(b' ');
         wire.extend_from_slice(target.as_bytes());
         wire.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &headers {
-            wire.extend_from_slice(name.as_str().as_bytes());
+        let mut line = |name: &str, value: &[u8]| {
+            wire.extend_from_slice(name.as_bytes());
             wire.extend_from_slice(b": ");
-            wire.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(value);
             wire.extend_from_slice(b"\r\n");
+        };
+        if !spec.headers.contains_key(HOST) {
+            line(HOST.as_str(), host_header.as_bytes());
+        }
+        if !spec.headers.contains_key(USER_AGENT) {
+            line(USER_AGENT.as_str(), USER_AGENT_VALUE.as_bytes());
+        }
+        // A body, or a method that usually has one, says how long it is.
+        if !body.is_empty() || matches!(spec.method, Method::POST | Method::PUT | Method::PATCH) {
+            line(CONTENT_LENGTH.as_str(), body.len().to_string().as_bytes());
+        }
+        for (name, value) in &spec.headers {
+            if name != CONTENT_LENGTH {
+                line(name.as_str(), value.as_bytes());
+            }
         }
         wire.extend_from_slice(b"\r\n");
         wire.extend_from_slice(&body);
-        // `[::1]` comes back from url with brackets; sockets want the bare address.
-        let host_str = host_str.trim_start_matches('[').trim_end_matches(']').to_string();
-        Ok(Self {
+        Self {
             method: spec.method.clone(),
-            origin: Arc::new(Origin {
-                https,
-                host: host_str,
-                port,
-            }),
-            uri,
+            origin,
+            target,
+            host_header,
             wire: Bytes::from(wire),
             timeout: spec.timeout,
-        })
+        }
     }
 }
 

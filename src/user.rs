@@ -14,7 +14,7 @@ use rand::rngs::SmallRng;
 use crate::http;
 use crate::runner::Plan;
 use crate::scenario::UserState;
-use crate::scenario::api::{self, Role};
+use crate::scenario::api;
 use crate::stats::{Outcome, Reason, Recorder, RowId};
 
 /// What every user of one worker thread shares.
@@ -103,8 +103,8 @@ async fn send(
 /// One iteration of a user whose scenario has hooks. Returns whether a request was sent.
 async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Session, rng: &mut SmallRng) -> bool {
     let plan = &worker.plan;
-    let ep = &plan.endpoints[plan.pick(rng)];
-    let lua = &state.sandbox.lua;
+    let index = plan.pick(rng);
+    let ep = &plan.endpoints[index];
     let script_failure = |row: usize, msg: String| {
         worker.recorder.borrow_mut().record(
             row,
@@ -114,19 +114,16 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
             },
         );
     };
+    {
+        let mut req = state.req.0.borrow_mut();
+        req.base = index;
+        req.edits = api::ReqEdits::default();
+    }
 
     let mut row = ep.row;
-    let mut req = None;
-    let mut req_table = None;
+    let mut edited = None;
     if let Some(f) = &state.before_request {
-        let t = match api::request_table(lua, &ep.spec) {
-            Ok(t) => t,
-            Err(e) => {
-                script_failure(row, format!("before_request: {e}"));
-                return false;
-            }
-        };
-        match state.call::<Value>(f, (state.user.clone(), t.clone())) {
+        match state.call::<Value>(f, (&state.user, &state.req_ud)) {
             Ok(Value::Boolean(false)) => return false,
             Ok(_) => {}
             Err(msg) => {
@@ -134,45 +131,40 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
                 return false;
             }
         }
-        let spec = match api::parse_request(&t, Role::Hook) {
-            Ok(spec) => spec,
-            Err(msg) => {
-                script_failure(row, format!("before_request: req: {msg}"));
-                return false;
-            }
-        };
-        if spec.method != ep.spec.method || spec.name != ep.spec.name {
-            row = worker
-                .recorder
-                .borrow_mut()
-                .row_by_name(spec.method.as_str(), &spec.name);
+        let req = state.req.0.borrow();
+        let edits = &req.edits;
+        if edits.method.is_some() || edits.name.is_some() {
+            let method = edits.method.as_ref().unwrap_or(&ep.spec.method);
+            let name = edits.name.as_ref().unwrap_or(&ep.spec.name);
+            row = worker.recorder.borrow_mut().row_by_name(method.as_str(), name);
         }
-        if !spec.same_request(&ep.spec) {
-            match http::Prepared::new(plan.host.as_ref(), &spec) {
-                Ok(r) => req = Some(r),
-                Err(e) => {
-                    script_failure(row, format!("before_request: req: {e:#}"));
-                    return false;
+        if edits.changes_wire() {
+            let spec = edits.apply(&ep.spec);
+            if edits.target.is_none() && edits.query.is_none() {
+                edited = Some(ep.request.with_spec(&spec));
+            } else {
+                match http::Prepared::new(plan.host.as_ref(), &spec) {
+                    Ok(p) => edited = Some(p),
+                    Err(e) => {
+                        drop(req);
+                        script_failure(row, format!("before_request: req: {e:#}"));
+                        return false;
+                    }
                 }
             }
         }
-        req_table = Some(t);
     }
-    let req = req.as_ref().unwrap_or(&ep.request);
+    let req = edited.as_ref().unwrap_or(&ep.request);
 
     let keep_body = state.after_response.is_some();
     let (resp, mut outcome) = send(worker, session, row, req, keep_body).await;
     if let (Some(f), Some(resp)) = (&state.after_response, resp) {
-        let verdict = api::response_table(lua, resp.status, &resp.headers, &resp.body, resp.elapsed)
-            .map_err(|e| e.to_string())
-            .and_then(|res| {
-                let req_t = match req_table {
-                    Some(t) => t,
-                    None => api::request_table(lua, &ep.spec).map_err(|e| e.to_string())?,
-                };
-                state.call::<(Value, Option<String>)>(f, (state.user.clone(), req_t, res))
-            });
-        match verdict {
+        state
+            .res
+            .0
+            .borrow_mut()
+            .set(resp.status, resp.headers, resp.body, resp.elapsed);
+        match state.call::<(Value, Option<String>)>(f, (&state.user, &state.req_ud, &state.res_ud)) {
             Ok((Value::Boolean(false), why)) => {
                 outcome.failure = Some(Reason::Rejected(
                     why.unwrap_or_else(|| "rejected by after_response".into()),

@@ -1,17 +1,26 @@
-//! Everything a scenario can call or receive: the `Task` helper, the request table (an endpoint,
-//! or the `req` a hook sees and may change) and the `res` table of `after_response`.
+//! Everything a scenario can call or receive: the `Task` helper, the request table (an entry of
+//! `endpoints`), and the `req` and `res` objects hooks receive.
 //!
-//! The request table's fields (SPEC, "Scenario file"): `method`, `path` | `url`, `headers`,
-//! `query`, one of `json` / `body` / `form`, `name`, `weight`, `timeout`.
+//! The request fields (SPEC, "Scenario file"): `method`, `path` | `url`, `headers`, `query`, one
+//! of `json` / `body` / `form`, `name`, `weight`, `timeout`. Each field has one validator here,
+//! used both when `endpoints` loads and when a hook assigns to `req`.
+//!
+//! `req` and `res` are userdata, not tables: each user has one of each, reused for every call,
+//! so a hook call builds no table (a table per call costs ~2 µs and feeds the garbage
+//! collector). Reading `req.x` reads the endpoint's prepared value; assigning records an edit;
+//! after the hook the user sends the endpoint's prepared request untouched when nothing was
+//! edited.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::Method;
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use mlua::{Lua, Table, Value};
+use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use crate::config::parse_duration;
 
@@ -23,6 +32,14 @@ pub const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", 
 pub enum Target {
     Path(String),
     Url(String),
+}
+
+impl Target {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Target::Path(s) | Target::Url(s) => s,
+        }
+    }
 }
 
 /// A request as the scenario describes it, validated but not yet bound to a host.
@@ -39,34 +56,111 @@ pub struct RequestSpec {
     pub timeout: Option<Duration>,
 }
 
-impl RequestSpec {
-    /// Whether `other` sends the same request (name and weight aside): a hook that changed
-    /// nothing that goes on the wire reuses the prebuilt request.
-    pub fn same_request(&self, other: &RequestSpec) -> bool {
-        self.method == other.method
-            && self.target == other.target
-            && self.headers == other.headers
-            && self.query == other.query
-            && self.body == other.body
-            && self.timeout == other.timeout
-    }
-}
-
-/// Which fields a table may have, and in what role.
-#[derive(Clone, Copy, PartialEq)]
-pub enum Role {
-    /// An entry of `endpoints`: `weight` allowed.
-    Endpoint,
-    /// The `req` a hook returns to the host: `weight` ignored.
-    Hook,
-}
-
 const FIELDS: &[&str] = &[
     "method", "path", "url", "headers", "query", "json", "body", "form", "name", "weight", "timeout",
 ];
 
-/// Reads and validates a request table. Errors name the field and what is wrong with it.
-pub fn parse_request(t: &Table, role: Role) -> Result<RequestSpec, String> {
+type FieldResult<T> = Result<T, String>;
+
+fn method_value(v: &Value) -> FieldResult<Method> {
+    match v {
+        Value::String(s) => {
+            let m = s.to_string_lossy().to_ascii_uppercase();
+            if !METHODS.contains(&m.as_str()) {
+                return Err(format!(
+                    "unknown method {:?} (use one of {})",
+                    s.to_string_lossy(),
+                    METHODS.join(", ")
+                ));
+            }
+            Method::from_bytes(m.as_bytes()).map_err(|e| e.to_string())
+        }
+        Value::Nil => Err("`method` is missing".into()),
+        other => Err(format!("`method` must be a string, got {}", show(other))),
+    }
+}
+
+fn path_value(p: String) -> Target {
+    if is_absolute(&p) {
+        Target::Url(p)
+    } else if p.starts_with('/') {
+        Target::Path(p)
+    } else {
+        Target::Path(format!("/{p}"))
+    }
+}
+
+fn url_value(u: String) -> FieldResult<Target> {
+    if is_absolute(&u) {
+        Ok(Target::Url(u))
+    } else {
+        Err(format!("`url` must be absolute (http:// or https://), got {u:?}"))
+    }
+}
+
+fn header_pair(k: &Value, v: &Value) -> FieldResult<(HeaderName, HeaderValue)> {
+    let (k, v) = (scalar(k, "headers key")?, scalar(v, "headers value")?);
+    let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name {k:?}"))?;
+    let value = HeaderValue::from_str(&v).map_err(|_| format!("bad value for header {k:?}"))?;
+    Ok((name, value))
+}
+
+fn headers_value(t: &Table) -> FieldResult<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    for pair in t.pairs::<Value, Value>() {
+        let (k, v) = pair.map_err(|e| e.to_string())?;
+        let (name, value) = header_pair(&k, &v)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+fn pairs_value(t: &Table, what: &str) -> FieldResult<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    for pair in t.pairs::<Value, Value>() {
+        let (k, v) = pair.map_err(|e| e.to_string())?;
+        pairs.push((
+            scalar(&k, &format!("{what} key"))?,
+            scalar(&v, &format!("{what} value"))?,
+        ));
+    }
+    pairs.sort();
+    Ok(pairs)
+}
+
+/// A JSON body from a table; the content type it implies.
+fn json_body(v: &Value) -> FieldResult<(Bytes, &'static str)> {
+    if !matches!(v, Value::Table(_)) {
+        return Err(format!(
+            "`json` must be a table, got {} (use `body` for text that is already JSON)",
+            show(v)
+        ));
+    }
+    let bytes = serde_json::to_vec(v).map_err(|e| format!("`json` cannot be encoded: {e}"))?;
+    Ok((Bytes::from(bytes), "application/json"))
+}
+
+/// A url-encoded body from a table; the content type it implies.
+fn form_body(t: &Table) -> FieldResult<(Bytes, &'static str)> {
+    let pairs = pairs_value(t, "form")?;
+    let encoded = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    Ok((Bytes::from(encoded), "application/x-www-form-urlencoded"))
+}
+
+fn timeout_value(v: &Value) -> FieldResult<Option<Duration>> {
+    match v {
+        Value::Nil => Ok(None),
+        v => match duration_value(v).map_err(|e| format!("`timeout`: {e}"))? {
+            d if d.is_zero() => Err("`timeout` must be more than 0".into()),
+            d => Ok(Some(d)),
+        },
+    }
+}
+
+/// Reads and validates an entry of `endpoints`. Errors name the field and what is wrong.
+pub fn parse_request(t: &Table) -> FieldResult<RequestSpec> {
     for pair in t.pairs::<Value, Value>() {
         let (k, _) = pair.map_err(|e| e.to_string())?;
         let key = match &k {
@@ -82,113 +176,53 @@ pub fn parse_request(t: &Table, role: Role) -> Result<RequestSpec, String> {
             return Err(format!("unknown field `{key}` (known: {})", FIELDS.join(", ")));
         }
     }
-    let method = match t.raw_get::<Value>("method").map_err(|e| e.to_string())? {
-        Value::String(s) => {
-            let m = s.to_string_lossy().to_ascii_uppercase();
-            if !METHODS.contains(&m.as_str()) {
-                return Err(format!(
-                    "unknown method {:?} (use one of {})",
-                    s.to_string_lossy(),
-                    METHODS.join(", ")
-                ));
-            }
-            Method::from_bytes(m.as_bytes()).map_err(|e| e.to_string())?
-        }
-        Value::Nil => return Err("`method` is missing".into()),
-        other => return Err(format!("`method` must be a string, got {}", show(&other))),
-    };
-    let path = opt_string(t, "path")?;
-    let url = opt_string(t, "url")?;
-    let target = match (path, url) {
+    let get = |key: &str| t.raw_get::<Value>(key).map_err(|e| e.to_string());
+    let method = method_value(&get("method")?)?;
+    let target = match (opt_string(t, "path")?, opt_string(t, "url")?) {
         (Some(_), Some(_)) => return Err("give `path` or `url`, not both".into()),
         (None, None) => return Err("`path` (or an absolute `url`) is missing".into()),
-        (Some(p), None) if is_absolute(&p) => Target::Url(p),
-        (Some(p), None) => Target::Path(if p.starts_with('/') { p } else { format!("/{p}") }),
-        (None, Some(u)) if is_absolute(&u) => Target::Url(u),
-        (None, Some(u)) => {
-            return Err(format!("`url` must be absolute (http:// or https://), got {u:?}"));
-        }
+        (Some(p), None) => path_value(p),
+        (None, Some(u)) => url_value(u)?,
     };
-
-    let mut headers = HeaderMap::new();
-    if let Some(h) = opt_table(t, "headers")? {
-        for pair in h.pairs::<Value, Value>() {
-            let (k, v) = pair.map_err(|e| e.to_string())?;
-            let (k, v) = (scalar(&k, "headers key")?, scalar(&v, "headers value")?);
-            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name {k:?}"))?;
-            let value = HeaderValue::from_str(&v).map_err(|_| format!("bad value for header {k:?}"))?;
-            headers.append(name, value);
-        }
-    }
-    let mut query = Vec::new();
-    if let Some(q) = opt_table(t, "query")? {
-        for pair in q.pairs::<Value, Value>() {
-            let (k, v) = pair.map_err(|e| e.to_string())?;
-            query.push((scalar(&k, "query key")?, scalar(&v, "query value")?));
-        }
-        query.sort();
-    }
-
-    let json = t.raw_get::<Value>("json").map_err(|e| e.to_string())?;
-    let body = opt_string(t, "body")?;
-    let form = opt_table(t, "form")?;
-    let given = [!json.is_nil(), body.is_some(), form.is_some()]
+    let mut headers = match opt_table(t, "headers")? {
+        Some(h) => headers_value(&h)?,
+        None => HeaderMap::new(),
+    };
+    let query = match opt_table(t, "query")? {
+        Some(q) => pairs_value(&q, "query")?,
+        None => Vec::new(),
+    };
+    let (json, body, form) = (get("json")?, opt_string(t, "body")?, opt_table(t, "form")?);
+    if [!json.is_nil(), body.is_some(), form.is_some()]
         .iter()
         .filter(|&&b| b)
-        .count();
-    if given > 1 {
+        .count()
+        > 1
+    {
         return Err("give at most one of `json`, `body` and `form`".into());
     }
-    if !matches!(json, Value::Nil | Value::Table(_)) {
-        return Err(format!(
-            "`json` must be a table, got {} (use `body` for text that is already JSON)",
-            show(&json)
-        ));
-    }
-    let body = if !json.is_nil() {
-        let bytes = serde_json::to_vec(&json).map_err(|e| format!("`json` cannot be encoded: {e}"))?;
-        set_default_content_type(&mut headers, "application/json");
-        Some(Bytes::from(bytes))
+    let encoded = if !json.is_nil() {
+        Some(json_body(&json)?)
     } else if let Some(form) = form {
-        let mut pairs = Vec::new();
-        for pair in form.pairs::<Value, Value>() {
-            let (k, v) = pair.map_err(|e| e.to_string())?;
-            pairs.push((scalar(&k, "form key")?, scalar(&v, "form value")?));
-        }
-        pairs.sort();
-        let encoded = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish();
-        set_default_content_type(&mut headers, "application/x-www-form-urlencoded");
-        Some(Bytes::from(encoded))
+        Some(form_body(&form)?)
     } else {
-        body.map(Bytes::from)
+        None
     };
-
-    let name = match opt_string(t, "name")? {
-        Some(n) => n,
-        None => match &target {
-            Target::Path(p) | Target::Url(p) => p.clone(),
-        },
+    let body = match encoded {
+        Some((bytes, content_type)) => {
+            set_default_content_type(&mut headers, content_type);
+            Some(bytes)
+        }
+        None => body.map(Bytes::from),
     };
-    let weight = match t.raw_get::<Value>("weight").map_err(|e| e.to_string())? {
+    let name = opt_string(t, "name")?.unwrap_or_else(|| target.as_str().to_string());
+    let weight = match get("weight")? {
         Value::Nil => 1,
-        Value::Integer(w) if w >= 1 && role == Role::Endpoint => {
-            u32::try_from(w).map_err(|_| "`weight` is too large")?
-        }
-        Value::Number(w) if w >= 1.0 && w.fract() == 0.0 && w <= u32::MAX as f64 && role == Role::Endpoint => w as u32,
-        _ if role == Role::Hook => 1,
-        other => {
-            return Err(format!("`weight` must be a positive integer, got {}", show(&other)));
-        }
+        Value::Integer(w) if w >= 1 => u32::try_from(w).map_err(|_| "`weight` is too large")?,
+        Value::Number(w) if w >= 1.0 && w.fract() == 0.0 && w <= u32::MAX as f64 => w as u32,
+        other => return Err(format!("`weight` must be a positive integer, got {}", show(&other))),
     };
-    let timeout = match t.raw_get::<Value>("timeout").map_err(|e| e.to_string())? {
-        Value::Nil => None,
-        v => Some(duration_value(&v).map_err(|e| format!("`timeout`: {e}"))?),
-    };
-    if timeout == Some(Duration::ZERO) {
-        return Err("`timeout` must be more than 0".into());
-    }
+    let timeout = timeout_value(&get("timeout")?)?;
     Ok(RequestSpec {
         method,
         target,
@@ -224,19 +258,23 @@ fn is_absolute(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
 
-fn opt_string(t: &Table, key: &str) -> Result<Option<String>, String> {
-    match t.raw_get::<Value>(key).map_err(|e| e.to_string())? {
+fn string_value(v: &Value, key: &str) -> FieldResult<Option<String>> {
+    match v {
         Value::Nil => Ok(None),
         Value::String(s) => Ok(Some(
             s.to_str()
                 .map_err(|_| format!("`{key}` is not valid UTF-8"))?
                 .to_string(),
         )),
-        other => Err(format!("`{key}` must be a string, got {}", show(&other))),
+        other => Err(format!("`{key}` must be a string, got {}", show(other))),
     }
 }
 
-fn opt_table(t: &Table, key: &str) -> Result<Option<Table>, String> {
+fn opt_string(t: &Table, key: &str) -> FieldResult<Option<String>> {
+    string_value(&t.raw_get::<Value>(key).map_err(|e| e.to_string())?, key)
+}
+
+fn opt_table(t: &Table, key: &str) -> FieldResult<Option<Table>> {
     match t.raw_get::<Value>(key).map_err(|e| e.to_string())? {
         Value::Nil => Ok(None),
         Value::Table(t) => Ok(Some(t)),
@@ -245,7 +283,7 @@ fn opt_table(t: &Table, key: &str) -> Result<Option<Table>, String> {
 }
 
 /// A string, number or boolean as text (for header, query and form values).
-fn scalar(v: &Value, what: &str) -> Result<String, String> {
+fn scalar(v: &Value, what: &str) -> FieldResult<String> {
     match v {
         Value::String(s) => Ok(s.to_string_lossy()),
         Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => Ok(v.to_string().unwrap_or_default()),
@@ -296,31 +334,255 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     lua.globals().set("Task", task)
 }
 
-/// Builds the `req` table a hook receives: method, path or url, name, headers, query, body
-/// (the encoded body as a string; set `json` or `form` instead to replace it), timeout.
-pub fn request_table(lua: &Lua, spec: &RequestSpec) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 6)?;
-    t.raw_set("method", spec.method.as_str())?;
-    match &spec.target {
-        Target::Path(p) => t.raw_set("path", p.as_str())?,
-        Target::Url(u) => t.raw_set("url", u.as_str())?,
+/// What a hook did to `req` this call, over the endpoint it started from.
+#[derive(Default)]
+pub struct ReqEdits {
+    pub method: Option<Method>,
+    pub target: Option<Target>,
+    pub name: Option<String>,
+    /// Headers replaced as a whole (`req.headers = {...}`), then single edits on top.
+    pub headers: Option<HeaderMap>,
+    pub header_edits: Vec<(HeaderName, Option<HeaderValue>)>,
+    pub query: Option<Vec<(String, String)>>,
+    /// `Some(None)`: body removed.
+    pub body: Option<Option<Bytes>>,
+    pub content_type: Option<&'static str>,
+    pub timeout: Option<Option<Duration>>,
+}
+
+impl ReqEdits {
+    /// Whether the request on the wire differs from the endpoint's (a new name alone does not).
+    pub fn changes_wire(&self) -> bool {
+        self.method.is_some()
+            || self.target.is_some()
+            || self.headers.is_some()
+            || !self.header_edits.is_empty()
+            || self.query.is_some()
+            || self.body.is_some()
+            || self.timeout.is_some()
     }
-    t.raw_set("name", spec.name.as_str())?;
-    t.raw_set("headers", headers_table(lua, &spec.headers)?)?;
-    if !spec.query.is_empty() {
-        let q = lua.create_table()?;
-        for (k, v) in &spec.query {
-            q.raw_set(k.as_str(), v.as_str())?;
+
+    /// The endpoint with these edits applied.
+    pub fn apply(&self, base: &RequestSpec) -> RequestSpec {
+        let mut spec = base.clone();
+        if let Some(m) = &self.method {
+            spec.method = m.clone();
         }
-        t.raw_set("query", q)?;
+        if let Some(t) = &self.target {
+            spec.target = t.clone();
+        }
+        if let Some(n) = &self.name {
+            spec.name = n.clone();
+        }
+        if let Some(h) = &self.headers {
+            spec.headers = h.clone();
+        }
+        for (name, value) in &self.header_edits {
+            match value {
+                Some(v) => {
+                    spec.headers.insert(name.clone(), v.clone());
+                }
+                None => {
+                    spec.headers.remove(name);
+                }
+            }
+        }
+        if let Some(q) = &self.query {
+            spec.query = q.clone();
+        }
+        if let Some(b) = &self.body {
+            spec.body = b.clone();
+        }
+        if let Some(ct) = self.content_type {
+            set_default_content_type(&mut spec.headers, ct);
+        }
+        if let Some(t) = self.timeout {
+            spec.timeout = t;
+        }
+        spec
     }
-    if let Some(body) = &spec.body {
-        t.raw_set("body", lua.create_string(body)?)?;
+}
+
+/// The state behind a user's `req`: which endpoint it stands for, and the edits.
+pub struct ReqState {
+    pub endpoints: Arc<[RequestSpec]>,
+    pub base: usize,
+    pub edits: ReqEdits,
+}
+
+impl ReqState {
+    fn base(&self) -> &RequestSpec {
+        &self.endpoints[self.base]
     }
-    if let Some(timeout) = spec.timeout {
-        t.raw_set("timeout", timeout.as_secs_f64())?;
+
+    fn header(&self, name: &HeaderName) -> Option<HeaderValue> {
+        if let Some((_, v)) = self.edits.header_edits.iter().rev().find(|(n, _)| n == name) {
+            return v.clone();
+        }
+        self.edits
+            .headers
+            .as_ref()
+            .unwrap_or(&self.base().headers)
+            .get(name)
+            .cloned()
     }
-    Ok(t)
+}
+
+/// A user's `req` object. Cloning shares the state.
+#[derive(Clone)]
+pub struct Req(pub Rc<RefCell<ReqState>>);
+
+/// The `req.headers` object of a user's `req`.
+#[derive(Clone)]
+struct ReqHeaders(Rc<RefCell<ReqState>>);
+
+fn field_err(e: String) -> mlua::Error {
+    mlua::Error::runtime(format!("req: {e}"))
+}
+
+impl UserData for Req {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_function(MetaMethod::Index, |lua, (ud, key): (AnyUserData, mlua::LuaString)| {
+            let this = ud.borrow::<Req>()?;
+            let st = this.0.borrow();
+            let e = &st.edits;
+            let base = st.base();
+            Ok(match &*key.as_bytes() {
+                b"method" => Value::String(lua.create_string(e.method.as_ref().unwrap_or(&base.method).as_str())?),
+                b"path" | b"url" => {
+                    let target = e.target.as_ref().unwrap_or(&base.target);
+                    match (target, &*key.as_bytes()) {
+                        (Target::Path(p), b"path") | (Target::Url(p), b"url") => Value::String(lua.create_string(p)?),
+                        _ => Value::Nil,
+                    }
+                }
+                b"name" => Value::String(lua.create_string(e.name.as_ref().unwrap_or(&base.name))?),
+                b"headers" => ud.user_value::<Value>()?,
+                b"query" => {
+                    let t = lua.create_table()?;
+                    for (k, v) in e.query.as_ref().unwrap_or(&base.query) {
+                        t.raw_set(k.as_str(), v.as_str())?;
+                    }
+                    Value::Table(t)
+                }
+                b"body" => match e.body.as_ref().unwrap_or(&base.body) {
+                    Some(b) => Value::String(lua.create_string(b)?),
+                    None => Value::Nil,
+                },
+                b"timeout" => match e.timeout.unwrap_or(base.timeout) {
+                    Some(t) => Value::Number(t.as_secs_f64()),
+                    None => Value::Nil,
+                },
+                _ => Value::Nil,
+            })
+        });
+        methods.add_meta_function(MetaMethod::NewIndex, |_, (ud, key, value): (AnyUserData, mlua::LuaString, Value)| {
+            let this = ud.borrow::<Req>()?;
+            let mut st = this.0.borrow_mut();
+            let e = &mut st.edits;
+            match &*key.as_bytes() {
+                b"method" => e.method = Some(method_value(&value).map_err(field_err)?),
+                b"path" => match string_value(&value, "path").map_err(field_err)? {
+                    Some(p) => e.target = Some(path_value(p)),
+                    None => return Err(field_err("`path` cannot be nil".into())),
+                },
+                b"url" => match string_value(&value, "url").map_err(field_err)? {
+                    Some(u) => e.target = Some(url_value(u).map_err(field_err)?),
+                    None => return Err(field_err("`url` cannot be nil".into())),
+                },
+                b"name" => match string_value(&value, "name").map_err(field_err)? {
+                    Some(n) => e.name = Some(n),
+                    None => return Err(field_err("`name` cannot be nil".into())),
+                },
+                b"headers" => match &value {
+                    Value::Table(t) => {
+                        e.headers = Some(headers_value(t).map_err(field_err)?);
+                        e.header_edits.clear();
+                    }
+                    other => return Err(field_err(format!("`headers` must be a table, got {}", show(other)))),
+                },
+                b"query" => match &value {
+                    Value::Table(t) => e.query = Some(pairs_value(t, "query").map_err(field_err)?),
+                    Value::Nil => e.query = Some(Vec::new()),
+                    other => return Err(field_err(format!("`query` must be a table, got {}", show(other)))),
+                },
+                b"body" => {
+                    e.body = Some(string_value(&value, "body").map_err(field_err)?.map(Bytes::from));
+                    e.content_type = None;
+                }
+                b"json" | b"form" if value.is_nil() => e.body = Some(None),
+                b"json" => {
+                    let (bytes, ct) = json_body(&value).map_err(field_err)?;
+                    e.body = Some(Some(bytes));
+                    e.content_type = Some(ct);
+                }
+                b"form" => match &value {
+                    Value::Table(t) => {
+                        let (bytes, ct) = form_body(t).map_err(field_err)?;
+                        e.body = Some(Some(bytes));
+                        e.content_type = Some(ct);
+                    }
+                    other => return Err(field_err(format!("`form` must be a table, got {}", show(other)))),
+                },
+                b"timeout" => e.timeout = Some(timeout_value(&value).map_err(field_err)?),
+                other => {
+                    return Err(field_err(format!(
+                        "no field `{}` (fields: method, path, url, name, headers, query, body, json, form, timeout)",
+                        String::from_utf8_lossy(other)
+                    )));
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+impl UserData for ReqHeaders {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::Index, |lua, this, key: mlua::LuaString| {
+            let Ok(name) = HeaderName::from_bytes(&key.as_bytes()) else {
+                return Ok(Value::Nil);
+            };
+            match this.0.borrow().header(&name) {
+                Some(v) => Ok(Value::String(lua.create_string(v.as_bytes())?)),
+                None => Ok(Value::Nil),
+            }
+        });
+        methods.add_meta_method(MetaMethod::NewIndex, |_, this, (key, value): (Value, Value)| {
+            let edit = if value.is_nil() {
+                let name = scalar(&key, "headers key").map_err(field_err)?;
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| field_err(format!("bad header name {name:?}")))?;
+                (name, None)
+            } else {
+                let (name, value) = header_pair(&key, &value).map_err(field_err)?;
+                (name, Some(value))
+            };
+            this.0.borrow_mut().edits.header_edits.push(edit);
+            Ok(())
+        });
+        // pairs(req.headers): a snapshot of the headers as they would be sent.
+        methods.add_meta_method(MetaMethod::Pairs, |lua, this, ()| {
+            let st = this.0.borrow();
+            let spec = st.edits.apply(st.base());
+            let t = headers_table(lua, &spec.headers)?;
+            let next: mlua::Function = lua.globals().get("next")?;
+            Ok((next, t, Value::Nil))
+        });
+    }
+}
+
+/// Creates a user's `req` object (once per user) and the handle to its state.
+pub fn new_req(lua: &Lua, endpoints: Arc<[RequestSpec]>) -> mlua::Result<(AnyUserData, Req)> {
+    let state = Rc::new(RefCell::new(ReqState {
+        endpoints,
+        base: 0,
+        edits: ReqEdits::default(),
+    }));
+    let req = Req(state.clone());
+    let ud = lua.create_userdata(req.clone())?;
+    ud.set_user_value(lua.create_userdata(ReqHeaders(state))?)?;
+    Ok((ud, req))
 }
 
 /// Headers as a Lua table keyed by lower-case name (repeated headers joined with ", ").
@@ -339,18 +601,55 @@ pub fn headers_table(lua: &Lua, headers: &HeaderMap) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// The `res` table of `after_response`.
-pub fn response_table(
-    lua: &Lua,
-    status: u16,
-    headers: &HeaderMap,
-    body: &[u8],
-    elapsed: Duration,
-) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 4)?;
-    t.raw_set("status", status)?;
-    t.raw_set("headers", headers_table(lua, headers)?)?;
-    t.raw_set("body", lua.create_string(body)?)?;
-    t.raw_set("elapsed_ms", elapsed.as_secs_f64() * 1000.0)?;
-    Ok(t)
+/// The response behind a user's `res` object, replaced on every call.
+#[derive(Default)]
+pub struct ResState {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub elapsed: Duration,
+    /// `res.headers` as a table, made on first use in a call.
+    headers_table: Option<Table>,
+}
+
+impl ResState {
+    pub fn set(&mut self, status: u16, headers: HeaderMap, body: Bytes, elapsed: Duration) {
+        *self = ResState {
+            status,
+            headers,
+            body,
+            elapsed,
+            headers_table: None,
+        };
+    }
+}
+
+/// A user's `res` object: `status`, `headers`, `body`, `elapsed_ms`.
+#[derive(Clone)]
+pub struct Res(pub Rc<RefCell<ResState>>);
+
+impl UserData for Res {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::Index, |lua, this, key: mlua::LuaString| {
+            let mut st = this.0.borrow_mut();
+            Ok(match &*key.as_bytes() {
+                b"status" => Value::Integer(st.status.into()),
+                b"body" => Value::String(lua.create_string(&st.body)?),
+                b"elapsed_ms" => Value::Number(st.elapsed.as_secs_f64() * 1000.0),
+                b"headers" => {
+                    if st.headers_table.is_none() {
+                        st.headers_table = Some(headers_table(lua, &st.headers)?);
+                    }
+                    Value::Table(st.headers_table.clone().expect("set just above"))
+                }
+                _ => Value::Nil,
+            })
+        });
+    }
+}
+
+/// Creates a user's `res` object (once per user) and the handle to its state.
+pub fn new_res(lua: &Lua) -> mlua::Result<(AnyUserData, Res)> {
+    let res = Res(Rc::new(RefCell::new(ResState::default())));
+    Ok((lua.create_userdata(res.clone())?, res))
 }

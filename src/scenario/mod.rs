@@ -19,7 +19,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use mlua::{Function, Lua, Table, Value};
 
 use crate::config::{Overrides, parse_duration};
-use api::{RequestSpec, Role, TaskLines};
+use api::{RequestSpec, TaskLines};
 use sandbox::{Limits, Sandbox};
 
 /// Which hooks the scenario defines; the user loop skips the work of the absent ones.
@@ -57,7 +57,7 @@ pub struct Scenario {
     pub source: Arc<str>,
     /// The `options` table and `host`, to be merged under the command-line flags.
     pub options: Overrides,
-    pub endpoints: Vec<RequestSpec>,
+    pub endpoints: Arc<[RequestSpec]>,
     pub hooks: Hooks,
     pub limits: Limits,
     /// Things that load but look like mistakes (a misspelt hook), for `check` and `run`.
@@ -159,7 +159,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
             ),
         };
         let line = lines.get(&(t.to_pointer() as usize)).copied().or_else(|| entry_line(i));
-        let spec = api::parse_request(&t, Role::Endpoint).map_err(|e| anyhow!("{}: endpoints[{i}]: {e}", at(line)))?;
+        let spec = api::parse_request(&t).map_err(|e| anyhow!("{}: endpoints[{i}]: {e}", at(line)))?;
         endpoints.push(spec);
     }
     if table.pairs::<Value, Value>().count() != len {
@@ -186,7 +186,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         path: path.to_path_buf(),
         source: Arc::from(source),
         options,
-        endpoints,
+        endpoints: endpoints.into(),
         hooks,
         limits,
         warnings,
@@ -427,7 +427,7 @@ impl Scenario {
         );
         let total: u64 = self.endpoints.iter().map(|e| e.weight as u64).sum();
         let _ = writeln!(s, "  endpoints ({}):", self.endpoints.len());
-        for e in &self.endpoints {
+        for e in self.endpoints.iter() {
             let target = match &e.target {
                 api::Target::Path(p) | api::Target::Url(p) => p.as_str(),
             };
@@ -474,10 +474,14 @@ impl Scenario {
 }
 
 /// One virtual user's own Lua state: the scenario run again in a fresh sandbox, plus the
-/// `user` table that every hook receives.
+/// `user` table and the `req` and `res` objects that every hook call reuses.
 pub struct UserState {
     pub sandbox: Sandbox,
     pub user: Table,
+    pub req_ud: mlua::AnyUserData,
+    pub req: api::Req,
+    pub res_ud: mlua::AnyUserData,
+    pub res: api::Res,
     pub on_start: Option<Function>,
     pub before_request: Option<Function>,
     pub after_response: Option<Function>,
@@ -495,17 +499,20 @@ impl UserState {
             .set_name(format!("@{}", scenario.path.display()))
             .exec()
             .map_err(|e| sandbox::describe(&e, &limits))?;
-        let make = || -> mlua::Result<Table> {
+        let setup = || -> mlua::Result<_> {
             let user = lua.create_table()?;
             user.raw_set("id", id)?;
             user.raw_set("vars", lua.create_table()?)?;
-            Ok(user)
+            let (req_ud, req) = api::new_req(lua, scenario.endpoints.clone())?;
+            let (res_ud, res) = api::new_res(lua)?;
+            // What loading left behind (the parser's garbage) is freed now, not by the first
+            // hook calls: thousands of users would otherwise each carry it.
+            lua.gc_collect()?;
+            Ok((user, req_ud, req, res_ud, res))
         };
-        let user = make().map_err(|e| e.to_string())?;
+        let (user, req_ud, req, res_ud, res) = setup().map_err(|e| e.to_string())?;
         let g = lua.globals();
-        let hook = |name: &str, on: bool| {
-            if on { g.get::<Function>(name).ok() } else { None }
-        };
+        let hook = |name: &str, on: bool| if on { g.get::<Function>(name).ok() } else { None };
         let h = scenario.hooks;
         Ok(Self {
             on_start: hook("on_start", h.on_start),
@@ -513,6 +520,10 @@ impl UserState {
             after_response: hook("after_response", h.after_response),
             on_stop: hook("on_stop", h.on_stop),
             user,
+            req_ud,
+            req,
+            res_ud,
+            res,
             sandbox,
         })
     }
