@@ -335,15 +335,17 @@ impl Client {
         Ok(Conn {
             origin: origin.clone(),
             stream,
-            buf: BytesMut::with_capacity(4096),
+            // Small to start: most response heads fit, and ten thousand idle users keep theirs.
+            buf: BytesMut::with_capacity(1024),
         })
     }
 }
 
 /// Reads more bytes into the connection's buffer; end of stream is an error here.
 async fn fill(conn: &mut Conn) -> Result<(), Reason> {
-    if conn.buf.capacity() - conn.buf.len() < 1024 {
-        conn.buf.reserve(4096);
+    // Never read into zero spare room: that returns 0, which would look like end of stream.
+    if conn.buf.capacity() - conn.buf.len() < 256 {
+        conn.buf.reserve(conn.buf.len().max(1024));
     }
     match conn.stream.read_buf(&mut conn.buf).await {
         Ok(0) => Err(Reason::Closed),

@@ -473,7 +473,8 @@ impl Scenario {
     }
 }
 
-/// One virtual user's own Lua state: the scenario run again in a fresh sandbox, plus the
+/// One virtual user's own Lua state: the scenario run again in a fresh sandbox (its
+/// `endpoints`, `options` and `host` globals then removed), plus the
 /// `user` table and the `req` and `res` objects that every hook call reuses.
 pub struct UserState {
     pub sandbox: Sandbox,
@@ -507,6 +508,11 @@ impl UserState {
             let (res_ud, res) = api::new_res(lua)?;
             // What loading left behind (the parser's garbage) is freed now, not by the first
             // hook calls: thousands of users would otherwise each carry it.
+            // The host holds endpoints, options and host as Rust data: the user's copies are
+            // dead weight in every state.
+            for name in ["endpoints", "options", "host"] {
+                lua.globals().raw_set(name, Value::Nil)?;
+            }
             lua.gc_collect()?;
             Ok((user, req_ud, req, res_ud, res))
         };
