@@ -246,6 +246,7 @@ pub struct Session {
 }
 
 /// What came back, for the verdict and for `after_response`.
+#[derive(Debug)]
 pub struct Response {
     pub status: u16,
     /// Filled only when the body is kept (for `after_response`).
@@ -602,5 +603,116 @@ mod tests {
         let text = String::from_utf8(p.wire.to_vec()).unwrap();
         assert!(text.starts_with("POST /x HTTP/1.1\r\nhost: [::1]\r\n"), "{text}");
         assert!(text.ends_with("content-length: 2\r\n\r\n{}"), "{text}");
+    }
+
+    /// Serves canned responses, one per request read, on a fresh loopback port; returns the
+    /// port and a counter of connections accepted.
+    async fn canned(responses: Vec<&'static [u8]>) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut responses = responses.into_iter();
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = sock.read(&mut buf).await else { break };
+                    if n == 0 {
+                        break;
+                    }
+                    let Some(resp) = responses.next() else { return };
+                    let _ = sock.write_all(resp).await;
+                    if resp.ends_with(b"CLOSE") || std::str::from_utf8(resp).is_ok_and(|r| r.contains("close")) {
+                        break;
+                    }
+                }
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn framings_bodies_and_keep_alive() {
+        let (port, accepted) = canned(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nConnection: close\r\n\r\nnop",
+            b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
+            b"garbage\r\n\r\n",
+        ])
+        .await;
+        let host = Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let req = Prepared::new(Some(&host), &spec(Target::Path("/".into()), &[])).unwrap();
+        let client = Client::new(Duration::from_secs(5));
+        let mut session = Session::default();
+        let mut send = async |keep: bool| client.send(&mut session, &req, keep).await.map_err(|(_, r)| r);
+
+        let r = send(true).await.unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"hello"[..]));
+        let r = send(true).await.unwrap();
+        assert_eq!(
+            (r.status, &r.body[..]),
+            (201, &b"abcde"[..]),
+            "1xx skipped, chunks joined, trailers read"
+        );
+        assert_eq!(r.headers["x-a"], "1");
+        let r = send(false).await.unwrap();
+        assert!(
+            r.body.is_empty() && r.headers.is_empty(),
+            "no body for 204; headers only when asked"
+        );
+        assert_eq!(send(true).await.unwrap().status, 404);
+        // Connection: close was honoured: a new connection for the next request.
+        let r = send(true).await.unwrap();
+        assert_eq!(&r.body[..], b"until close", "HTTP/1.0 without length reads to the end");
+        let r = send(true).await.unwrap();
+        assert_eq!(&r.body[..], b"ok", "bytes past the length are not the body");
+        // ...and the connection carrying them is not reused.
+        assert_eq!(send(false).await.unwrap().status, 200);
+        assert_eq!(send(false).await.unwrap_err(), Reason::Protocol);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn transport_failures_have_their_class() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::new(Duration::from_millis(300));
+        let mut session = Session::default();
+        let at = |port: u16| {
+            let host = Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+            Prepared::new(Some(&host), &spec(Target::Path("/".into()), &[])).unwrap()
+        };
+        let err = |r: Result<Response, (Duration, Reason)>| r.err().map(|(_, reason)| reason);
+        assert_eq!(
+            err(client.send(&mut session, &at(dead), false).await),
+            Some(Reason::Refused)
+        );
+        let (port, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nshort CLOSE"]).await;
+        assert_eq!(
+            err(client.send(&mut session, &at(port), false).await),
+            Some(Reason::Closed)
+        );
+        let (port, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nslow"]).await;
+        assert_eq!(
+            err(client.send(&mut session, &at(port), false).await),
+            Some(Reason::Timeout)
+        );
+        let (port, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n"]).await;
+        assert_eq!(
+            err(client.send(&mut session, &at(port), false).await),
+            Some(Reason::Protocol)
+        );
+        // (No DNS failure here: resolving a name that does not exist would ask a resolver
+        // off this machine.)
     }
 }
