@@ -618,11 +618,9 @@ mod tests {
             while let Ok((mut sock, _)) = listener.accept().await {
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut buf = [0u8; 4096];
-                loop {
-                    let Ok(n) = sock.read(&mut buf).await else { break };
-                    if n == 0 {
-                        break;
-                    }
+                while let Ok(n) = sock.read(&mut buf).await
+                    && n > 0
+                {
                     let Some(resp) = responses.next() else { return };
                     let _ = sock.write_all(resp).await;
                     if resp.ends_with(b"CLOSE") || std::str::from_utf8(resp).is_ok_and(|r| r.contains("close")) {
