@@ -87,7 +87,9 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         .set_name(format!("@{file}"))
         .exec()
         .map_err(|e| anyhow!("{}", script_error(&e, &limits)))?;
-    let _ = lua.globals().set_metatable(None);
+    if let Some(mt) = lua.globals().metatable() {
+        let _ = mt.raw_set("__newindex", Value::Nil);
+    }
     let assigned = assigned.take();
     let line_of = |name: &str| assigned.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
     let at = |line: Option<usize>| match line {
@@ -303,7 +305,11 @@ type AssignedLines = Rc<RefCell<Vec<(&'static str, usize)>>>;
 fn watch_globals(lua: &Lua) -> mlua::Result<AssignedLines> {
     let lines = Rc::new(RefCell::new(Vec::new()));
     let seen = lines.clone();
-    let mt = lua.create_table()?;
+    // Added to the sandbox's own metatable of _G (which opens libraries lazily).
+    let mt = match lua.globals().metatable() {
+        Some(mt) => mt,
+        None => lua.create_table()?,
+    };
     mt.set(
         "__newindex",
         lua.create_function(move |lua, (t, k, v): (Table, Value, Value)| {
@@ -630,7 +636,7 @@ mod tests {
     #[test]
     fn user_state_runs_hooks_in_its_own_sandbox() {
         let s = load_str(
-            "endpoints = { Task('GET', '/') }\n\
+            "endpoints = { Task('GET', '/', { weight = math.max(1, 2) }) }\n\
              counter = 0\n\
              function on_start(user) counter = counter + 1; user.vars.token = 'tok-' .. user.id end",
         )

@@ -1,7 +1,8 @@
 //! The sandbox every scenario runs in: an explicit allow-list of standard libraries, `load` of
 //! text only, no `string.dump`, a memory limit per Lua state and an instruction budget per call.
 //!
-//! mlua's `StdLib::ALL_SAFE` still opens `io` and `os`, so the libraries are listed one by one.
+//! mlua's `StdLib::ALL_SAFE` still opens `io` and `os`, so the libraries are listed one by one;
+//! all but `string` open on first use.
 //! The instruction budget is a *global* hook: Lua 5.4 copies it into every coroutine a script
 //! creates, so a runaway loop inside a coroutine is caught too. Once the budget is spent the hook
 //! keeps raising on every count, and `pcall`, `xpcall` and `coroutine.resume` re-raise the error
@@ -59,16 +60,16 @@ pub struct Sandbox {
 /// base library. `load` keeps text chunks only (binary chunks can break the VM's safety);
 /// passing `env` through `...` keeps `load(s, name, mode)` from setting `_ENV` to nil.
 const PRELUDE: &str = r#"
-local budget_spent = ...
-local raw_pcall, raw_xpcall, raw_resume = pcall, xpcall, coroutine.resume
+local budget_spent, open_lib = ...
+local raw_pcall, raw_xpcall = pcall, xpcall
+local rawset, select, error = rawset, select, error
 local function guard(ok, ...)
   if not ok and budget_spent() then error((...), 0) end
   return ok, ...
 end
 pcall = function(...) return guard(raw_pcall(...)) end
 xpcall = function(...) return guard(raw_xpcall(...)) end
-coroutine.resume = function(...) return guard(raw_resume(...)) end
-local raw_load, select, error = load, select, error
+local raw_load = load
 load = function(chunk, name, _mode, ...)
   if select('#', ...) > 0 then return raw_load(chunk, name, "t", ...) end
   return raw_load(chunk, name, "t")
@@ -80,23 +81,71 @@ collectgarbage = function(opt)
 end
 dofile, loadfile, require, module = nil, nil, nil, nil
 string.dump = nil
-local raw_os = os
-os = { time = raw_os.time, clock = raw_os.clock, date = raw_os.date, difftime = raw_os.difftime }
+-- table, math, utf8, coroutine and os open on first use: a user state whose script never
+-- touches them does not carry them (ten thousand users, ~3 KB each).
+local lazy = { table = true, math = true, utf8 = true, coroutine = true, os = true }
+setmetatable(_G, { __index = function(g, k)
+  if not lazy[k] then return nil end
+  lazy[k] = nil
+  local lib = open_lib(k)
+  if k == "coroutine" then
+    local raw_resume = lib.resume
+    lib.resume = function(...) return guard(raw_resume(...)) end
+  elseif k == "os" then
+    lib = { time = lib.time, clock = lib.clock, date = lib.date, difftime = lib.difftime }
+  end
+  rawset(g, k, lib)
+  return lib
+end })
 "#;
+
+/// The prelude compiled once per process and stripped of debug information: every state
+/// loads these bytes (trusted, from the host) instead of parsing the text again, and its
+/// functions carry no line tables. Scripts never get to load binary chunks.
+fn prelude_bytecode() -> mlua::Result<&'static [u8]> {
+    static CODE: std::sync::OnceLock<Result<Vec<u8>, String>> = std::sync::OnceLock::new();
+    CODE.get_or_init(|| {
+        let lua = Lua::new_with(StdLib::NONE, LuaOptions::default()).map_err(|e| e.to_string())?;
+        let f = lua
+            .load(PRELUDE)
+            .set_name("=stormlight-prelude")
+            .into_function()
+            .map_err(|e| e.to_string())?;
+        Ok(f.dump(true))
+    })
+    .as_deref()
+    .map_err(|e| mlua::Error::runtime(e.clone()))
+}
 
 impl Sandbox {
     pub fn new(limits: Limits) -> mlua::Result<Self> {
-        let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS;
-        let lua = Lua::new_with(libs, LuaOptions::default())?;
+        // Only `string` up front (strings' methods need it); the prelude opens the others lazily.
+        let lua = Lua::new_with(StdLib::STRING, LuaOptions::default())?;
         let budget = Rc::new(Budget {
             used: Cell::new(0),
             limit: limits.instructions.div_ceil(HOOK_EVERY as u64),
         });
         let spent = budget.clone();
         let budget_spent = lua.create_function(move |_, ()| Ok(spent.used.get() > spent.limit))?;
-        lua.load(PRELUDE)
+        let open_lib = lua.create_function(|lua, name: mlua::LuaString| {
+            let lib = match &*name.as_bytes() {
+                b"table" => StdLib::TABLE,
+                b"math" => StdLib::MATH,
+                b"utf8" => StdLib::UTF8,
+                b"coroutine" => StdLib::COROUTINE,
+                b"os" => StdLib::OS,
+                _ => return Err(mlua::Error::runtime("no such library")),
+            };
+            lua.load_std_libs(lib)?;
+            // Opening a library sets its global; the prelude decides what the script sees.
+            let value: mlua::Value = lua.globals().raw_get(name.clone())?;
+            lua.globals().raw_set(name, mlua::Value::Nil)?;
+            Ok(value)
+        })?;
+        lua.load(prelude_bytecode()?)
             .set_name("=stormlight-prelude")
-            .call::<()>(budget_spent)?;
+            .set_mode(mlua::chunk::ChunkMode::Binary)
+            .call::<()>((budget_spent, open_lib))?;
         // print goes to stderr so that it never breaks the tables on stdout.
         let print = lua.create_function(|_, args: Variadic<mlua::Value>| {
             let parts: Vec<String> = args
