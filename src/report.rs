@@ -108,6 +108,15 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         if s.interrupted { " (interrupted)" } else { "" }
     )?;
     writeln!(w, "{}", stats_table(&rows, &(s.total.clone(), None)))?;
+    let due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
+    match s.all_users_started_s {
+        Some(t) => writeln!(
+            w,
+            "all {} users were running after {t:.2}s (the spawn rate had them due by {due:.2}s)",
+            s.config.users
+        )?,
+        None => writeln!(w, "the run ended before all {} users had started", s.config.users)?,
+    }
     if !s.failures.is_empty() {
         let mut b = Builder::default();
         b.push_record(["# occurrences", "Method", "Name", "Reason"]);

@@ -10,7 +10,8 @@
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -27,6 +28,27 @@ use crate::{http, report, user};
 
 /// How often workers hand their counts over and the live table is redrawn.
 pub const TICK: Duration = Duration::from_secs(2);
+
+/// State shared by the control side and every worker.
+pub struct Shared {
+    /// Set when the run ends: users finish their current iteration and stop.
+    pub stopping: AtomicBool,
+    /// Users whose state is ready and whose `on_start` has run.
+    pub started: AtomicU64,
+    /// How long after the start the last user was ready (for "did the spawn keep up").
+    pub all_started_after: OnceLock<Duration>,
+    users: u64,
+    t0: std::time::Instant,
+}
+
+impl Shared {
+    /// Called by each user once it is ready to send.
+    pub fn user_started(&self) {
+        if self.started.fetch_add(1, Ordering::Relaxed) + 1 == self.users {
+            let _ = self.all_started_after.set(self.t0.elapsed());
+        }
+    }
+}
 
 /// An endpoint bound to the host: its request is built once, here.
 pub struct Endpoint {
@@ -114,21 +136,27 @@ pub struct RunResult {
 /// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
 /// `plan` comes from [`Plan::new`] with the same host as `cfg`.
 pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output = ()>) -> Result<RunResult> {
-    let stopping = Arc::new(AtomicBool::new(false));
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        stopping: AtomicBool::new(false),
+        started: AtomicU64::new(0),
+        all_started_after: OnceLock::new(),
+        users: cfg.users as u64,
+        t0: start.into_std(),
+    });
     let mut workers = Vec::with_capacity(cfg.workers);
     for n in 0..cfg.workers {
         let (tx, rx) = mpsc::unbounded_channel();
         let client = http::Client::new(cfg.timeout);
-        let (plan, stopping) = (plan.clone(), stopping.clone());
+        let (plan, shared) = (plan.clone(), shared.clone());
         std::thread::Builder::new()
             .name(format!("stormlight-worker-{n}"))
-            .spawn(move || worker_thread(plan, client, stopping, rx))
+            .spawn(move || worker_thread(plan, client, shared, rx))
             .context("cannot start a worker thread")?;
         workers.push(tx);
     }
 
-    let started_at = SystemTime::now();
-    let start = Instant::now();
     let deadline = cfg.duration.map(|d| start + d);
     let mut agg = Aggregate::with_rows(&plan.rows);
     let mut live = report::Live::new(cfg.live == LiveMode::Auto);
@@ -163,7 +191,7 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
     let measured = start.elapsed();
 
     // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
-    stopping.store(true, Ordering::Relaxed);
+    shared.stopping.store(true, Ordering::Relaxed);
     let finish_by = Instant::now() + cfg.grace;
     let mut finals = Vec::new();
     for w in &workers {
@@ -183,6 +211,7 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
         started_at,
         duration: measured,
         interrupted,
+        all_users_started: shared.all_started_after.get().copied(),
         config: ConfigSummary {
             host: cfg.host.as_ref().map(|h| h.as_str().trim_end_matches('/').to_string()),
             users: cfg.users,
@@ -216,12 +245,7 @@ async fn flush(workers: &[mpsc::UnboundedSender<Cmd>], agg: &mut Aggregate) {
     }
 }
 
-fn worker_thread(
-    plan: Arc<Plan>,
-    client: http::Client,
-    stopping: Arc<AtomicBool>,
-    mut rx: mpsc::UnboundedReceiver<Cmd>,
-) {
+fn worker_thread(plan: Arc<Plan>, client: http::Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -236,7 +260,7 @@ fn worker_thread(
             plan,
             client,
             recorder,
-            stopping,
+            shared,
         });
         let mut users = tokio::task::JoinSet::new();
         while let Some(cmd) = rx.recv().await {

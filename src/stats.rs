@@ -356,6 +356,7 @@ impl Aggregate {
             started_at: humantime::format_rfc3339_seconds(meta.started_at).to_string(),
             duration_s: round3(secs),
             interrupted: meta.interrupted,
+            all_users_started_s: meta.all_users_started.map(|d| round3(d.as_secs_f64())),
             config: meta.config,
             total: RowSummary::new("", "Aggregated", &self.total(), secs).into_total(),
             endpoints,
@@ -369,6 +370,7 @@ pub struct SummaryMeta {
     pub started_at: std::time::SystemTime,
     pub duration: Duration,
     pub interrupted: bool,
+    pub all_users_started: Option<Duration>,
     pub config: ConfigSummary,
 }
 
@@ -383,6 +385,10 @@ pub struct Summary {
     pub started_at: String,
     pub duration_s: f64,
     pub interrupted: bool,
+    /// Seconds from the start until the last user was ready to send (`null` if the run ended
+    /// before every user started). With spawn rate R and N users, N/R means it kept up.
+    #[serde(default)]
+    pub all_users_started_s: Option<f64>,
     pub config: ConfigSummary,
     pub total: RowSummary,
     pub endpoints: Vec<RowSummary>,

@@ -5,14 +5,14 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use mlua::Value;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use crate::http;
-use crate::runner::Plan;
+use crate::runner::{Plan, Shared};
 use crate::scenario::UserState;
 use crate::scenario::api;
 use crate::stats::{Outcome, Reason, Recorder, RowId};
@@ -22,8 +22,7 @@ pub struct Worker {
     pub plan: Arc<Plan>,
     pub client: http::Client,
     pub recorder: RefCell<Recorder>,
-    /// Set when the run ends: users finish their current iteration and stop.
-    pub stopping: Arc<AtomicBool>,
+    pub shared: Arc<Shared>,
 }
 
 /// Runs one user until the run stops.
@@ -32,7 +31,8 @@ pub async fn run(worker: Rc<Worker>, id: u64) {
     let mut session = http::Session::default();
     let plan = worker.plan.clone();
     if !plan.scenario.hooks.any() {
-        while !worker.stopping.load(Ordering::Relaxed) {
+        worker.shared.user_started();
+        while !worker.shared.stopping.load(Ordering::Relaxed) {
             let ep = &plan.endpoints[plan.pick(&mut rng)];
             let outcome = send(&worker, &mut session, ep.row, &ep.request, false).await.1;
             worker.recorder.borrow_mut().finish(ep.row, outcome);
@@ -56,7 +56,8 @@ pub async fn run(worker: Rc<Worker>, id: u64) {
             .borrow_mut()
             .error(&plan.hook_row("on_start"), Reason::Script(format!("on_start: {msg}")));
     }
-    while !worker.stopping.load(Ordering::Relaxed) {
+    worker.shared.user_started();
+    while !worker.shared.stopping.load(Ordering::Relaxed) {
         if !iteration(&worker, &state, &mut session, &mut rng).await {
             // Nothing was sent (skipped, or a hook failed): let the other users run.
             tokio::task::yield_now().await;

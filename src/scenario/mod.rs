@@ -53,8 +53,8 @@ impl Hooks {
 #[derive(Debug)]
 pub struct Scenario {
     pub path: PathBuf,
-    /// The source, run again in each user's own state when the scenario has hooks.
-    pub source: Arc<str>,
+    /// The source compiled once by the host (trusted bytecode; scripts cannot load any).
+    pub bytecode: Arc<[u8]>,
     /// The `options` table and `host`, to be merged under the command-line flags.
     pub options: Overrides,
     pub endpoints: Arc<[RequestSpec]>,
@@ -83,9 +83,16 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
     let assigned = watch_globals(lua).map_err(|e| anyhow!("{e}"))?;
 
     sb.budget.reset();
-    lua.load(source)
+    let chunk = lua
+        .load(source)
         .set_name(format!("@{file}"))
-        .exec()
+        .into_function()
+        .map_err(|e| anyhow!("{}", script_error(&e, &limits)))?;
+    // Users load this compiled form (debug info kept, so errors still say file:line): ten
+    // thousand users spawned in a second must not parse the file ten thousand times.
+    let bytecode: Arc<[u8]> = chunk.dump(false).into();
+    chunk
+        .call::<()>(())
         .map_err(|e| anyhow!("{}", script_error(&e, &limits)))?;
     if let Some(mt) = lua.globals().metatable() {
         let _ = mt.raw_set("__newindex", Value::Nil);
@@ -186,7 +193,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
 
     Ok(Scenario {
         path: path.to_path_buf(),
-        source: Arc::from(source),
+        bytecode,
         options,
         endpoints: endpoints.into(),
         hooks,
@@ -502,8 +509,8 @@ impl UserState {
         let lua = &sandbox.lua;
         api::install(lua).map_err(|e| e.to_string())?;
         sandbox.budget.reset();
-        lua.load(&*scenario.source)
-            .set_name(format!("@{}", scenario.path.display()))
+        lua.load(&*scenario.bytecode)
+            .set_mode(mlua::chunk::ChunkMode::Binary)
             .exec()
             .map_err(|e| sandbox::describe(&e, &limits))?;
         let setup = || -> mlua::Result<_> {
