@@ -21,8 +21,8 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::config::{LiveMode, RunConfig};
-use crate::scenario::Scenario;
 use crate::scenario::api::RequestSpec;
+use crate::scenario::{Scenario, UserState};
 use crate::stats::{Aggregate, ConfigSummary, Recorder, RowId, Snapshot, Summary, SummaryMeta};
 use crate::{http, report, user};
 
@@ -38,14 +38,17 @@ pub struct Shared {
     /// How long after the start the last user was ready (for "did the spawn keep up").
     pub all_started_after: OnceLock<Duration>,
     users: u64,
-    t0: std::time::Instant,
+    /// The start of the test, after the users' Lua states were prepared.
+    t0: OnceLock<std::time::Instant>,
 }
 
 impl Shared {
     /// Called by each user once it is ready to send.
     pub fn user_started(&self) {
-        if self.started.fetch_add(1, Ordering::Relaxed) + 1 == self.users {
-            let _ = self.all_started_after.set(self.t0.elapsed());
+        if self.started.fetch_add(1, Ordering::Relaxed) + 1 == self.users
+            && let Some(t0) = self.t0.get()
+        {
+            let _ = self.all_started_after.set(t0.elapsed());
         }
     }
 }
@@ -120,6 +123,10 @@ impl Plan {
 }
 
 enum Cmd {
+    /// Create the Lua states of these users now, before the test starts (as k6 initializes
+    /// its VUs first): spawning is then only starting their loops, and keeps up with any
+    /// spawn rate. Replies when done.
+    Prepare(Vec<u64>, oneshot::Sender<()>),
     Spawn(u64),
     Flush(oneshot::Sender<Snapshot>),
     /// Wait for the users to finish until the deadline, count what is still in flight as
@@ -136,14 +143,12 @@ pub struct RunResult {
 /// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
 /// `plan` comes from [`Plan::new`] with the same host as `cfg`.
 pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output = ()>) -> Result<RunResult> {
-    let started_at = SystemTime::now();
-    let start = Instant::now();
     let shared = Arc::new(Shared {
         stopping: AtomicBool::new(false),
         started: AtomicU64::new(0),
         all_started_after: OnceLock::new(),
         users: cfg.users as u64,
-        t0: start.into_std(),
+        t0: OnceLock::new(),
     });
     let mut workers = Vec::with_capacity(cfg.workers);
     for n in 0..cfg.workers {
@@ -157,37 +162,68 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
         workers.push(tx);
     }
 
+    // User `u` lives on worker (u - 1) % workers: prepare each worker's users up front.
+    tokio::pin!(shutdown);
+    let preparing = std::time::Instant::now();
+    let mut ready = Vec::with_capacity(workers.len());
+    for (w, tx) in workers.iter().enumerate() {
+        let ids = (w as u64 + 1..=cfg.users as u64).step_by(workers.len()).collect();
+        let (reply, rx) = oneshot::channel();
+        if tx.send(Cmd::Prepare(ids, reply)).is_ok() {
+            ready.push(rx);
+        }
+    }
+    let all_ready = async {
+        for rx in ready {
+            let _ = rx.await;
+        }
+    };
+    let interrupted_early = tokio::select! {
+        () = &mut shutdown => true,
+        () = all_ready => false,
+    };
+    if plan.scenario.hooks.any() && preparing.elapsed() > Duration::from_millis(500) {
+        eprintln!(
+            "prepared {} user states in {:.1}s",
+            cfg.users,
+            preparing.elapsed().as_secs_f64()
+        );
+    }
+
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let _ = shared.t0.set(start.into_std());
     let deadline = cfg.duration.map(|d| start + d);
     let mut agg = Aggregate::with_rows(&plan.rows);
     let mut live = report::Live::new(cfg.live == LiveMode::Auto);
     let mut spawned: u64 = 0;
     let mut ticker = tokio::time::interval_at(start + TICK, TICK);
-    tokio::pin!(shutdown);
 
-    let interrupted = loop {
-        let next_spawn =
-            (spawned < cfg.users as u64).then(|| start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate));
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break true,
-            () = sleep_until_opt(deadline) => break false,
-            _ = ticker.tick() => {
-                flush(&workers, &mut agg).await;
-                agg.end_tick();
-                live.draw(&agg, start.elapsed(), spawned, cfg);
-            }
-            () = sleep_until_opt(next_spawn) => {
-                // Spawn everyone who is due: at high rates several users fall in one timer tick.
-                let now = Instant::now();
-                while spawned < cfg.users as u64
-                    && start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate) <= now
-                {
-                    let _ = workers[(spawned % workers.len() as u64) as usize].send(Cmd::Spawn(spawned + 1));
-                    spawned += 1;
+    let interrupted = interrupted_early
+        || loop {
+            let next_spawn =
+                (spawned < cfg.users as u64).then(|| start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate));
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break true,
+                () = sleep_until_opt(deadline) => break false,
+                _ = ticker.tick() => {
+                    flush(&workers, &mut agg).await;
+                    agg.end_tick();
+                    live.draw(&agg, start.elapsed(), spawned, cfg);
+                }
+                () = sleep_until_opt(next_spawn) => {
+                    // Spawn everyone who is due: at high rates several users fall in one timer tick.
+                    let now = Instant::now();
+                    while spawned < cfg.users as u64
+                        && start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate) <= now
+                    {
+                        let _ = workers[(spawned % workers.len() as u64) as usize].send(Cmd::Spawn(spawned + 1));
+                        spawned += 1;
+                    }
                 }
             }
-        }
-    };
+        };
     let measured = start.elapsed();
 
     // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
@@ -263,10 +299,20 @@ fn worker_thread(plan: Arc<Plan>, client: http::Client, shared: Arc<Shared>, mut
             shared,
         });
         let mut users = tokio::task::JoinSet::new();
+        let mut prepared = std::collections::HashMap::new();
         while let Some(cmd) = rx.recv().await {
             match cmd {
+                Cmd::Prepare(ids, reply) => {
+                    if worker.plan.scenario.hooks.any() {
+                        prepared.reserve(ids.len());
+                        for id in ids {
+                            prepared.insert(id, UserState::new(&worker.plan.scenario, id));
+                        }
+                    }
+                    let _ = reply.send(());
+                }
                 Cmd::Spawn(id) => {
-                    users.spawn_local(user::run(worker.clone(), id));
+                    users.spawn_local(user::run(worker.clone(), id, prepared.remove(&id)));
                 }
                 Cmd::Flush(reply) => {
                     let _ = reply.send(worker.recorder.borrow_mut().take());

@@ -25,8 +25,9 @@ pub struct Worker {
     pub shared: Arc<Shared>,
 }
 
-/// Runs one user until the run stops.
-pub async fn run(worker: Rc<Worker>, id: u64) {
+/// Runs one user until the run stops. `prepared` is its Lua state, made before the test
+/// started (made here if missing) when the scenario has hooks.
+pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState, String>>) {
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let mut session = http::Session::default();
     let plan = worker.plan.clone();
@@ -40,7 +41,7 @@ pub async fn run(worker: Rc<Worker>, id: u64) {
         return;
     }
 
-    let state = match UserState::new(&plan.scenario, id) {
+    let state = match prepared.unwrap_or_else(|| UserState::new(&plan.scenario, id)) {
         Ok(state) => state,
         Err(msg) => {
             let id = Arc::new(RowId::new("HOOK", "user state"));
