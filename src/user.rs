@@ -166,7 +166,10 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
             .0
             .borrow_mut()
             .set(resp.status, resp.headers, resp.body, resp.elapsed);
-        match state.call::<(Value, Option<String>)>(f, (&state.user, &state.req_ud, &state.res_ud)) {
+        let verdict = state.call::<(Value, Option<String>)>(f, (&state.user, &state.req_ud, &state.res_ud));
+        // Ten thousand idle users should not each hold their last response.
+        *state.res.0.borrow_mut() = api::ResState::default();
+        match verdict {
             Ok((Value::Boolean(false), why)) => {
                 outcome.failure = Some(Reason::Rejected(
                     why.unwrap_or_else(|| "rejected by after_response".into()),
