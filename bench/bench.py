@@ -5,7 +5,8 @@ server, in one run, printing medians and the ratios of issue #3.
     python3 bench/bench.py [--rounds 3] [--seconds 8] [--quick]
 
 What it does:
-- installs what it needs (Debian's wrk and nginx-light; oha only if already on PATH),
+- installs what it needs (Debian's wrk and nginx-light; oha from crates.io with
+  `cargo install oha`, skipped with --no-oha or if that fails),
 - builds stormlight in release mode,
 - starts nginx (bench/nginx.conf, one worker) pinned to CPU 0; every generator runs pinned to
   CPU 1, with 50 connections/users, GET /hello and POST /api/upload alternating,
@@ -72,12 +73,17 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=True, check=True, **kw)
 
 
-def install():
+def install(oha):
     missing = [p for p, b in (("wrk", "wrk"), ("nginx-light", "nginx")) if shutil.which(b) is None]
     if missing:
         print(f"installing {' '.join(missing)} ...", flush=True)
         sh("apt-get update -qq >/dev/null && apt-get install -y -qq " + " ".join(missing) + " >/dev/null")
-    sh(f"cd {ROOT} && cargo build --release --quiet")
+    if oha and shutil.which("oha") is None:
+        print("installing oha from crates.io (cargo install oha; several minutes, once) ...", flush=True)
+        if subprocess.run("cargo install oha --locked --quiet", shell=True).returncode != 0:
+            print("  oha did not install: running without it", flush=True)
+        os.environ["PATH"] += os.pathsep + os.path.expanduser("~/.cargo/bin")
+    sh(f"cd {ROOT} && cargo build --release --quiet && cargo build --release --quiet --example runtime_layout")
 
 
 def measure(cmd, cpu=GEN_CPU):
@@ -126,12 +132,13 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--users-high", type=int, default=10000)
     ap.add_argument("--quick", action="store_true", help="1 round of 4 s: a smoke test of the script")
+    ap.add_argument("--no-oha", action="store_true", help="do not install or run oha")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.seconds = 1, 4
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs 2 CPUs: the server and the generator are pinned apart")
-    install()
+    install(not a.no_oha)
     tmp = tempfile.mkdtemp(prefix="stormlight-bench-")
     for name, text in (("mix.lua", WRK_MIX), ("mix_resp.lua", WRK_MIX_RESPONSE), ("sl.lua", SL_MIX), ("sl_hook.lua", SL_MIX_HOOK)):
         with open(os.path.join(tmp, name), "w") as f:
@@ -167,7 +174,7 @@ def main():
         "stormlight, no hooks, live view": lambda: [BIN, "run", os.path.join(tmp, "sl.lua"), "--host", NGINX_URL, "-u", str(CONNS), "-t", f"{d}s",
                                                     "--out", os.path.join(tmp, "out.json")],
     }
-    if shutil.which("oha"):
+    if shutil.which("oha") and not a.no_oha:
         tools["oha (GET only)"] = lambda: ["oha", "--no-tui", "-c", str(CONNS), "-z", f"{d}s", "--output-format", "json", NGINX_URL + "/hello"]
 
     cpu_us = {k: [] for k in tools}
@@ -211,6 +218,10 @@ def main():
             p50["wrk"].append(wrk_p50_ms(out))
             run_child([BIN, "run", slow10, "--host", TARGET_URL, "-u", str(CONNS), "-t", f"{d}s", "-q", "--out", os.path.join(tmp, "p50.json")])
             p50["stormlight"].append(sl_summary(tmp, "p50.json")["total"]["latency_ms"]["p50"])
+
+        # The runner's layout: current-thread runtime + LocalSet against a multi-thread runtime.
+        layout, _, _ = run_child([os.path.join(ROOT, "target", "release", "examples", "runtime_layout"),
+                                  NGINX_URL + "/hello", str(a.seconds), "1"])
     finally:
         for p in (nginx, target):
             p.send_signal(signal.SIGTERM if p is target else signal.SIGQUIT)
@@ -229,6 +240,8 @@ def main():
         print(f"  {k:<36} {v:6.1f} KiB")
     pw, ps = statistics.median(p50["wrk"]), statistics.median(p50["stormlight"])
     print(f"\np50 on /slow?ms=10: wrk {pw:.2f} ms, stormlight {ps:.2f} ms ({ps - pw:+.2f} ms)")
+    print("\nRuntime layout (examples/runtime_layout.rs, one CPU, 50 users, GET /hello):")
+    print("".join("  " + line + "\n" for line in layout.strip().splitlines()), end="")
     sl, slh, live = med["stormlight, no hooks"], med["stormlight, before_request hook"], med["stormlight, no hooks, live view"]
     print("\nTargets (issue #3):")
     rows = [

@@ -162,25 +162,11 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
         workers.push(tx);
     }
 
-    // User `u` lives on worker (u - 1) % workers: prepare each worker's users up front.
     tokio::pin!(shutdown);
     let preparing = std::time::Instant::now();
-    let mut ready = Vec::with_capacity(workers.len());
-    for (w, tx) in workers.iter().enumerate() {
-        let ids = (w as u64 + 1..=cfg.users as u64).step_by(workers.len()).collect();
-        let (reply, rx) = oneshot::channel();
-        if tx.send(Cmd::Prepare(ids, reply)).is_ok() {
-            ready.push(rx);
-        }
-    }
-    let all_ready = async {
-        for rx in ready {
-            let _ = rx.await;
-        }
-    };
     let interrupted_early = tokio::select! {
         () = &mut shutdown => true,
-        () = all_ready => false,
+        () = prepare_users(&workers, cfg.users as u64) => false,
     };
     if plan.scenario.hooks.any() && preparing.elapsed() > Duration::from_millis(500) {
         eprintln!(
@@ -199,10 +185,11 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
     let mut spawned: u64 = 0;
     let mut ticker = tokio::time::interval_at(start + TICK, TICK);
 
+    // When user number `n` (0-based) is due.
+    let due = |n: u64| start + Duration::from_secs_f64(n as f64 / cfg.spawn_rate);
     let interrupted = interrupted_early
         || loop {
-            let next_spawn =
-                (spawned < cfg.users as u64).then(|| start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate));
+            let next_spawn = (spawned < cfg.users as u64).then(|| due(spawned));
             tokio::select! {
                 biased;
                 () = &mut shutdown => break true,
@@ -215,9 +202,7 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
                 () = sleep_until_opt(next_spawn) => {
                     // Spawn everyone who is due: at high rates several users fall in one timer tick.
                     let now = Instant::now();
-                    while spawned < cfg.users as u64
-                        && start + Duration::from_secs_f64(spawned as f64 / cfg.spawn_rate) <= now
-                    {
+                    while spawned < cfg.users as u64 && due(spawned) <= now {
                         let _ = workers[(spawned % workers.len() as u64) as usize].send(Cmd::Spawn(spawned + 1));
                         spawned += 1;
                     }
@@ -228,19 +213,7 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
 
     // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
     shared.stopping.store(true, Ordering::Relaxed);
-    let finish_by = Instant::now() + cfg.grace;
-    let mut finals = Vec::new();
-    for w in &workers {
-        let (tx, rx) = oneshot::channel();
-        if w.send(Cmd::Finish(finish_by, tx)).is_ok() {
-            finals.push(rx);
-        }
-    }
-    for rx in finals {
-        if let Ok(snap) = rx.await {
-            agg.add(snap);
-        }
-    }
+    finish(&workers, Instant::now() + cfg.grace, &mut agg).await;
     live.clear();
 
     let summary = agg.summary(SummaryMeta {
@@ -256,6 +229,38 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
         },
     });
     Ok(RunResult { summary, interrupted })
+}
+
+/// Has every worker create its users' Lua states; user `u` lives on worker (u - 1) % workers.
+async fn prepare_users(workers: &[mpsc::UnboundedSender<Cmd>], users: u64) {
+    let mut ready = Vec::with_capacity(workers.len());
+    for (w, tx) in workers.iter().enumerate() {
+        let ids = (w as u64 + 1..=users).step_by(workers.len()).collect();
+        let (reply, rx) = oneshot::channel();
+        if tx.send(Cmd::Prepare(ids, reply)).is_ok() {
+            ready.push(rx);
+        }
+    }
+    for rx in ready {
+        let _ = rx.await;
+    }
+}
+
+/// Ends every worker: users finish until `by`, then what is in flight counts as aborted; the
+/// last counts are merged into `agg`.
+async fn finish(workers: &[mpsc::UnboundedSender<Cmd>], by: Instant, agg: &mut Aggregate) {
+    let mut finals = Vec::with_capacity(workers.len());
+    for w in workers {
+        let (tx, rx) = oneshot::channel();
+        if w.send(Cmd::Finish(by, tx)).is_ok() {
+            finals.push(rx);
+        }
+    }
+    for rx in finals {
+        if let Ok(snap) = rx.await {
+            agg.add(snap);
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -1,6 +1,6 @@
 //! One virtual user: a loop that picks a weighted endpoint, runs the hooks the scenario has,
 //! sends, and records the outcome in its worker's recorder. A user of a scenario without hooks
-//! never touches Lua: it clones a prebuilt request and sends it.
+//! never touches Lua: it writes its endpoint's prepared request bytes and reads the answer.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -15,7 +15,7 @@ use crate::http;
 use crate::runner::{Plan, Shared};
 use crate::scenario::UserState;
 use crate::scenario::api;
-use crate::stats::{Outcome, Reason, Recorder, RowId};
+use crate::stats::{Outcome, Reason, Recorder};
 
 /// What every user of one worker thread shares.
 pub struct Worker {
@@ -44,8 +44,10 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
     let state = match prepared.unwrap_or_else(|| UserState::new(&plan.scenario, id)) {
         Ok(state) => state,
         Err(msg) => {
-            let id = Arc::new(RowId::new("HOOK", "user state"));
-            worker.recorder.borrow_mut().error(&id, Reason::Script(msg));
+            worker
+                .recorder
+                .borrow_mut()
+                .error(&plan.hook_row("user state"), Reason::Script(msg));
             return;
         }
     };
