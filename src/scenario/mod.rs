@@ -662,4 +662,89 @@ mod tests {
             "states are separate"
         );
     }
+
+    #[test]
+    fn req_and_res_objects_read_the_endpoint_and_record_edits() {
+        let s = load_str(
+            r#"
+            endpoints = { Task("POST", "/items", { headers = { Accept = "text/plain" }, query = { a = 1 }, json = { x = 1 } }) }
+            function before_request(user, req)
+              seen = { req.method, req.path, req.name, req.headers.accept, req.headers["ACCEPT"], req.query.a, req.body, req.url }
+              listed = {}
+              for k, v in pairs(req.headers) do listed[#listed + 1] = k .. "=" .. v end
+              table.sort(listed)
+              req.query.a = 2            -- a copy: no effect
+              req.headers["X-User"] = user.id
+              req.headers.accept = nil
+              req.json = { y = 2 }
+              req.name = "renamed"
+            end
+            function after_response(user, req, res)
+              got = { res.status, res.body, res.headers["content-type"], req.name, res.elapsed_ms > 0 }
+            end
+            "#,
+        )
+        .unwrap();
+        let u = UserState::new(&s, 7).unwrap();
+        let g = u.sandbox.lua.globals();
+        u.call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud))
+            .unwrap();
+        let seen: Vec<Value> = g
+            .get::<Table>("seen")
+            .unwrap()
+            .sequence_values()
+            .map(|v| v.unwrap())
+            .collect();
+        let text: Vec<String> = seen.iter().map(|v| v.to_string().unwrap_or_default()).collect();
+        assert_eq!(
+            text,
+            ["POST", "/items", "/items", "text/plain", "text/plain", "1", "{\"x\":1}"],
+            "{text:?}"
+        );
+        let listed: Vec<String> = g
+            .get::<Table>("listed")
+            .unwrap()
+            .sequence_values()
+            .map(|v| v.unwrap())
+            .collect();
+        assert_eq!(listed, ["accept=text/plain", "content-type=application/json"]);
+
+        let spec = {
+            let req = u.req.0.borrow();
+            assert!(req.edits.changes_wire());
+            assert!(req.edits.query.is_none(), "req.query is a copy");
+            req.edits.apply(&s.endpoints[0])
+        };
+        assert_eq!(spec.name, "renamed");
+        assert_eq!(spec.headers["x-user"], "7");
+        assert!(!spec.headers.contains_key("accept"));
+        assert_eq!(spec.body.as_deref(), Some(&b"{\"y\":2}"[..]));
+        assert_eq!(spec.query, vec![("a".to_string(), "1".to_string())]);
+
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("content-type", "text/plain".parse().unwrap());
+        u.res.0.borrow_mut().set(
+            201,
+            headers,
+            bytes::Bytes::from_static(b"ok"),
+            std::time::Duration::from_millis(3),
+        );
+        u.call::<()>(u.after_response.as_ref().unwrap(), (&u.user, &u.req_ud, &u.res_ud))
+            .unwrap();
+        let got: Vec<String> = g
+            .get::<Table>("got")
+            .unwrap()
+            .sequence_values::<Value>()
+            .map(|v| v.unwrap().to_string().unwrap())
+            .collect();
+        assert_eq!(got, ["201", "ok", "text/plain", "renamed", "true"]);
+
+        let bad = load_str("endpoints = { Task('GET', '/') }\nfunction before_request(user, req) req.header = {} end")
+            .unwrap();
+        let u = UserState::new(&bad, 1).unwrap();
+        let err = u
+            .call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud))
+            .unwrap_err();
+        assert!(err.contains("req: no field `header`"), "{err}");
+    }
 }
