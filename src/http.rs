@@ -695,21 +695,17 @@ mod tests {
             err(client.send(&mut session, &at(dead), false).await),
             Some(Reason::Refused)
         );
-        let (port, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nshort CLOSE"]).await;
-        assert_eq!(
-            err(client.send(&mut session, &at(port), false).await),
-            Some(Reason::Closed)
-        );
-        let (port, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nslow"]).await;
-        assert_eq!(
-            err(client.send(&mut session, &at(port), false).await),
-            Some(Reason::Timeout)
-        );
-        let (port, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n"]).await;
-        assert_eq!(
-            err(client.send(&mut session, &at(port), false).await),
-            Some(Reason::Protocol)
-        );
+        for (response, reason) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nshort CLOSE"[..],
+                Reason::Closed,
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nslow", Reason::Timeout),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n", Reason::Protocol),
+        ] {
+            let (port, _) = canned(vec![response]).await;
+            assert_eq!(err(client.send(&mut session, &at(port), false).await), Some(reason));
+        }
         // (No DNS failure here: resolving a name that does not exist would ask a resolver
         // off this machine.)
     }

@@ -300,6 +300,18 @@ const BAD_CASES: &[BadCase] = &[
     },
 ];
 
+/// `stormlight run SCRIPT --host HOST` followed by `rest`.
+fn run_args(script: &Path, host: &str, rest: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        script.display().to_string(),
+        "--host".into(),
+        host.to_string(),
+    ];
+    args.extend(rest.iter().map(|s| s.to_string()));
+    args
+}
+
 #[test]
 fn bad_input_exits_2_with_a_message_and_sends_nothing() {
     let mut failed = Vec::new();
@@ -440,19 +452,11 @@ fn sigint_prints_summary_writes_json_and_exits_130() {
     let dir = TempDir::new("sigint");
     let script = dir.write("scenario.lua", GOOD_SCENARIO);
     let out = dir.path().join("out.json");
-    let args: Vec<String> = vec![
-        "run".into(),
-        script.display().to_string(),
-        "--host".into(),
-        target.url(),
-        "-u".into(),
-        "5".into(),
-        "-t".into(),
-        "60s".into(),
-        "--out".into(),
-        out.display().to_string(),
-        "-q".into(),
-    ];
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "5", "-t", "60s", "--out", &out.display().to_string(), "-q"],
+    );
     let proc = Proc::spawn(&args);
 
     // Traffic first (so the run is really under way), then ~2 s of it.
@@ -511,19 +515,11 @@ fn short_run_exits_0_and_json_matches_target_and_schema() {
     let dir = TempDir::new("run");
     let script = dir.write("scenario.lua", GOOD_SCENARIO);
     let out = dir.path().join("out.json");
-    let args: Vec<String> = vec![
-        "run".into(),
-        script.display().to_string(),
-        "--host".into(),
-        target.url(),
-        "-u".into(),
-        "3".into(),
-        "-t".into(),
-        "2s".into(),
-        "--out".into(),
-        out.display().to_string(),
-        "-q".into(),
-    ];
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "3", "-t", "2s", "--out", &out.display().to_string(), "-q"],
+    );
     let f = run(&args, Duration::from_secs(20));
     assert_eq!(f.code(), Some(0), "{}", f.show());
     assert!(f.stdout.contains("Aggregated"), "{}", f.show());
@@ -626,21 +622,21 @@ fn sigint_with_requests_in_flight_counts_each_once_after_the_grace() {
     let dir = TempDir::new("sigint-inflight");
     let script = dir.write("scenario.lua", SLOW_SCENARIO);
     let out = dir.path().join("out.json");
-    let args: Vec<String> = vec![
-        "run".into(),
-        script.display().to_string(),
-        "--host".into(),
-        target.url(),
-        "-u".into(),
-        "4".into(),
-        "-t".into(),
-        "60s".into(),
-        "--grace".into(),
-        "300ms".into(),
-        "--out".into(),
-        out.display().to_string(),
-        "-q".into(),
-    ];
+    let args = run_args(
+        &script,
+        &target.url(),
+        &[
+            "-u",
+            "4",
+            "-t",
+            "60s",
+            "--grace",
+            "300ms",
+            "--out",
+            &out.display().to_string(),
+            "-q",
+        ],
+    );
     let proc = Proc::spawn(&args);
     wait_for_requests(&target, 4);
     std::thread::sleep(Duration::from_millis(300));
@@ -679,19 +675,11 @@ fn second_sigint_exits_at_once() {
     let target = target();
     let dir = TempDir::new("sigint-twice");
     let script = dir.write("scenario.lua", SLOW_SCENARIO);
-    let args: Vec<String> = vec![
-        "run".into(),
-        script.display().to_string(),
-        "--host".into(),
-        target.url(),
-        "-u".into(),
-        "2".into(),
-        "-t".into(),
-        "60s".into(),
-        "--grace".into(),
-        "30s".into(),
-        "-q".into(),
-    ];
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "2", "-t", "60s", "--grace", "30s", "-q"],
+    );
     let proc = Proc::spawn(&args);
     wait_for_requests(&target, 2);
     send_sigint(proc.id());
@@ -724,19 +712,11 @@ fn dead_host_is_counted_not_rejected() {
     let dir = TempDir::new("dead-host");
     let script = dir.write("scenario.lua", GOOD_SCENARIO);
     let out = dir.path().join("out.json");
-    let args: Vec<String> = vec![
-        "run".into(),
-        script.display().to_string(),
-        "--host".into(),
-        format!("http://127.0.0.1:{port}"),
-        "-u".into(),
-        "2".into(),
-        "-t".into(),
-        "1s".into(),
-        "--out".into(),
-        out.display().to_string(),
-        "-q".into(),
-    ];
+    let args = run_args(
+        &script,
+        &format!("http://127.0.0.1:{port}"),
+        &["-u", "2", "-t", "1s", "--out", &out.display().to_string(), "-q"],
+    );
     let f = run(&args, Duration::from_secs(20));
     assert_eq!(f.code(), Some(0), "{}", f.show());
     let json = read_json(&out);

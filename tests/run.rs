@@ -125,26 +125,18 @@ fn faults_are_counted_with_distinct_reasons_and_the_run_finishes() {
         Limits::default(),
     );
     let r = reasons(&s);
-    assert_eq!(
-        r.get("GET /status/500: HTTP 500"),
-        Some(&row(&s, "/status/500").requests),
-        "{r:?}"
-    );
-    assert_eq!(
-        r.get("GET /reset: connection reset"),
-        Some(&row(&s, "/reset").requests),
-        "{r:?}"
-    );
-    assert_eq!(
-        r.get("GET /stall: request timeout"),
-        Some(&row(&s, "/stall").requests),
-        "{r:?}"
-    );
-    assert_eq!(
-        r.get("GET refused: connection refused"),
-        Some(&row(&s, "refused").requests),
-        "{r:?}"
-    );
+    for (name, reason) in [
+        ("/status/500", "HTTP 500"),
+        ("/reset", "connection reset"),
+        ("/stall", "request timeout"),
+        ("refused", "connection refused"),
+    ] {
+        assert_eq!(
+            r.get(&format!("GET {name}: {reason}")),
+            Some(&row(&s, name).requests),
+            "{r:?}"
+        );
+    }
     assert_eq!(row(&s, "/hello").failures, 0);
     // Everything but the refused requests reached the target, and was counted once.
     assert_eq!(s.total.requests - row(&s, "refused").requests, t.counts.requests());
