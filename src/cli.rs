@@ -42,7 +42,7 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the built-in target alone, for trying scenarios by hand.
     #[command(
-        after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received)."
+        after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received), /__down?ms=N (refuse connections for N ms),\n/fault/... (resets, trickles, hangs, huge or endless bodies, a bad status line,\nredirect chains; see the README)."
     )]
     Target {
         /// Port to listen on (0: any free port).
@@ -51,6 +51,9 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
         bind: IpAddr,
+        /// Close keep-alive connections idle for longer than this (like many real servers).
+        #[arg(long, value_name = "D", value_parser = duration)]
+        idle_close: Option<Duration>,
     },
 }
 
@@ -89,12 +92,25 @@ pub struct LoadArgs {
     /// How long requests in flight at the end may finish before they count as aborted.
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub grace: Option<Duration>,
+    /// Connect timeout (capped by --timeout) [default: 10s].
+    #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
+    pub connect_timeout: Option<Duration>,
+    /// Largest response body read; a longer one fails as "body too large" [default: 64MiB].
+    #[arg(long, value_name = "BYTES", value_parser = bytes_size)]
+    pub max_body: Option<u64>,
+    /// Redirects followed within one request (0: none; a 3xx then counts as it is) [default: 10].
+    #[arg(long, value_name = "N")]
+    pub max_redirects: Option<u32>,
     /// Write the final summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// No live table (the final summary still goes to stdout).
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+fn bytes_size(s: &str) -> Result<u64, String> {
+    crate::config::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -110,6 +126,9 @@ impl LoadArgs {
             duration: self.duration,
             timeout: self.timeout,
             grace: self.grace,
+            connect_timeout: self.connect_timeout,
+            max_body: self.max_body,
+            max_redirects: self.max_redirects,
         }
     }
 

@@ -22,6 +22,9 @@ pub struct Overrides {
     pub duration: Option<Duration>,
     pub timeout: Option<Duration>,
     pub grace: Option<Duration>,
+    pub connect_timeout: Option<Duration>,
+    pub max_body: Option<u64>,
+    pub max_redirects: Option<u32>,
 }
 
 /// Everything a run needs, validated.
@@ -43,6 +46,8 @@ pub struct RunConfig {
     pub live: LiveMode,
     /// Worker threads (each a current-thread runtime); defaults to the number of cores.
     pub workers: usize,
+    /// Connect timeout, body cap, redirects.
+    pub http: crate::http::Limits,
 }
 
 /// How the live table is shown while the run goes.
@@ -85,6 +90,15 @@ impl RunConfig {
             bail!("timeout must be more than 0");
         }
         let grace = cli.grace.or(scenario.grace).unwrap_or(DEFAULT_GRACE);
+        let defaults = crate::http::Limits::default();
+        let http = crate::http::Limits {
+            connect_timeout: cli.connect_timeout.unwrap_or(defaults.connect_timeout).min(timeout),
+            max_body: cli.max_body.unwrap_or(defaults.max_body),
+            max_redirects: cli.max_redirects.unwrap_or(defaults.max_redirects),
+        };
+        if http.connect_timeout.is_zero() {
+            bail!("connect timeout must be more than 0");
+        }
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Ok(Self {
             script,
@@ -97,6 +111,7 @@ impl RunConfig {
             out,
             live,
             workers: cores.min(users as usize).max(1),
+            http,
         })
     }
 }
@@ -161,6 +176,27 @@ fn secs_to_duration(secs: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(secs).context("duration out of range")
 }
 
+/// Parses a size: `1048576`, `512KiB`, `10MB`, `1MiB`, `2GB` (KB/MB/GB are powers of 1000).
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("bad size {s:?}: use e.g. 1048576, 512KiB or 10MB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        _ => bail!("bad size {s:?}: use e.g. 1048576, 512KiB or 10MB"),
+    };
+    n.checked_mul(scale).context("size too large")
+}
+
 /// A duration for people: `500ms`, `1.5s`, `30s`, `2m 30s`.
 pub fn format_duration(d: Duration) -> String {
     if d < Duration::from_secs(1) {
@@ -187,6 +223,10 @@ mod tests {
         assert_eq!(d("1.5s"), Duration::from_millis(1500));
         assert_eq!(d("1m30s"), Duration::from_secs(90));
         assert_eq!(format_duration(d("1.5s")), "1.5s");
+        assert_eq!(parse_bytes("512KiB").unwrap(), 512 * 1024);
+        assert_eq!(parse_bytes("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_bytes("42").unwrap(), 42);
+        assert!(parse_bytes("10 parsecs").is_err() && parse_bytes("").is_err());
         assert_eq!(format_duration(d("500ms")), "500ms");
         assert_eq!(format_duration(d("1m30s")), "1m 30s");
         for bad in ["", "abc", "10x", "-5", "5 s", "s", "1.2.3s"] {

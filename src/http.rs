@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::{Buf, Bytes, BytesMut};
-use hyper::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use hyper::{Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -52,6 +52,9 @@ pub struct Prepared {
     /// `Content-Length` included) and body.
     pub wire: Bytes,
     pub timeout: Option<Duration>,
+    /// The scenario's own headers and body, for following a redirect.
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 /// The URL a request goes to: `host` + path (+ query), or its absolute `url` (+ query).
@@ -113,6 +116,40 @@ impl Prepared {
         Self::assemble(self.origin.clone(), self.target.clone(), self.host_header.clone(), spec)
     }
 
+    /// The request a redirect to `location` asks for: GET without a body after 303, and after
+    /// 301/302 to a POST (as browsers do); the same method and body otherwise.
+    fn redirected(&self, status: u16, location: &str) -> Option<Self> {
+        let scheme = if self.origin.https { "https" } else { "http" };
+        let here = Url::parse(&format!(
+            "{scheme}://{}{}",
+            self.host_header.to_str().ok()?,
+            self.target
+        ))
+        .ok()?;
+        let there = here.join(location).ok()?;
+        let to_get = status == 303 || (matches!(status, 301 | 302) && self.method == Method::POST);
+        let mut headers = self.headers.clone();
+        headers.remove(HOST);
+        if to_get {
+            headers.remove(CONTENT_TYPE);
+        }
+        let spec = RequestSpec {
+            method: if to_get { Method::GET } else { self.method.clone() },
+            target: Target::Url(there.to_string()),
+            headers,
+            query: Vec::new(),
+            body: if to_get || self.body.is_empty() {
+                None
+            } else {
+                Some(self.body.clone())
+            },
+            name: String::new(),
+            weight: 1,
+            timeout: self.timeout,
+        };
+        Prepared::new(None, &spec).ok()
+    }
+
     fn assemble(origin: Arc<Origin>, target: Arc<str>, host_header: HeaderValue, spec: &RequestSpec) -> Self {
         let body = spec.body.clone().unwrap_or_default();
         let mut wire = Vec::with_capacity(64 + target.len() + body.len() + spec.headers.len() * 32);
@@ -150,6 +187,8 @@ impl Prepared {
             host_header,
             wire: Bytes::from(wire),
             timeout: spec.timeout,
+            headers: spec.headers.clone(),
+            body,
         }
     }
 }
@@ -158,15 +197,36 @@ impl Prepared {
 #[derive(Clone)]
 pub struct Client {
     timeout: Duration,
-    connect_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// Limits of every exchange, overridable from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connect_timeout: Duration,
+    /// Body bytes read before a response fails with "body too large".
+    pub max_body: u64,
+    /// Redirects followed (one request, counted once); past this, "redirect limit".
+    pub max_redirects: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            max_body: 64 << 20,
+            max_redirects: 10,
+        }
+    }
 }
 
 impl Client {
     pub fn new(timeout: Duration) -> Self {
-        Self {
-            timeout,
-            connect_timeout: timeout.min(Duration::from_secs(10)),
-        }
+        Self::with_limits(timeout, Limits::default())
+    }
+
+    pub fn with_limits(timeout: Duration, limits: Limits) -> Self {
+        Self { timeout, limits }
     }
 }
 
@@ -256,6 +316,10 @@ pub struct Response {
     pub elapsed: Duration,
 }
 
+fn is_redirect(status: u16) -> bool {
+    matches!(status, 301 | 302 | 303 | 307 | 308)
+}
+
 /// How the body of a response is delimited.
 enum Framing {
     None,
@@ -275,6 +339,42 @@ impl Client {
     ) -> Result<Response, (Duration, Reason)> {
         let start = Instant::now();
         let timeout = req.timeout.unwrap_or(self.timeout);
+        let mut hop = None;
+        for _ in 0..=self.limits.max_redirects {
+            let current = hop.as_ref().unwrap_or(req);
+            let left = timeout.saturating_sub(start.elapsed());
+            let (resp, location) = self
+                .send_once(session, current, keep_body, left)
+                .await
+                .map_err(|r| (start.elapsed(), r))?;
+            let next = match location {
+                Some(location) if self.limits.max_redirects > 0 && is_redirect(resp.status) => {
+                    current.redirected(resp.status, &location)
+                }
+                _ => None,
+            };
+            match next {
+                Some(next) => hop = Some(next),
+                None => {
+                    return Ok(Response {
+                        elapsed: start.elapsed(),
+                        ..resp
+                    });
+                }
+            }
+        }
+        Err((start.elapsed(), Reason::RedirectLimit))
+    }
+
+    /// One exchange on the user's connection to the request's origin (opened if needed).
+    async fn send_once(
+        &self,
+        session: &mut Session,
+        req: &Prepared,
+        keep_body: bool,
+        timeout: Duration,
+    ) -> Result<(Response, Option<String>), Reason> {
+        let start = Instant::now();
         let idx = match session.conns.iter().position(|c| c.origin == req.origin) {
             Some(i) => i,
             None => match tokio::time::timeout(timeout, self.connect(&req.origin)).await {
@@ -282,38 +382,39 @@ impl Client {
                     session.conns.push(conn);
                     session.conns.len() - 1
                 }
-                Ok(Err(reason)) => return Err((start.elapsed(), reason)),
-                Err(_) => return Err((start.elapsed(), Reason::ConnectTimeout)),
+                Ok(Err(reason)) => return Err(reason),
+                Err(_) => return Err(Reason::ConnectTimeout),
             },
         };
         let conn = &mut session.conns[idx];
-        let result =
-            tokio::time::timeout(timeout.saturating_sub(start.elapsed()), exchange(conn, req, keep_body)).await;
+        let max_body = self.limits.max_body;
+        let result = tokio::time::timeout(
+            timeout.saturating_sub(start.elapsed()),
+            exchange(conn, req, keep_body, max_body),
+        )
+        .await;
         match result {
-            Ok(Ok((resp, reusable))) => {
+            Ok(Ok((resp, location, reusable))) => {
                 if !reusable {
                     session.conns.swap_remove(idx);
                 }
-                Ok(Response {
-                    elapsed: start.elapsed(),
-                    ..resp
-                })
+                Ok((resp, location))
             }
             Ok(Err(reason)) => {
                 session.conns.swap_remove(idx);
-                Err((start.elapsed(), reason))
+                Err(reason)
             }
             Err(_) => {
                 // The connection may be mid-response: never reuse it.
                 session.conns.swap_remove(idx);
-                Err((start.elapsed(), Reason::Timeout))
+                Err(Reason::Timeout)
             }
         }
     }
 
     async fn connect(&self, origin: &Arc<Origin>) -> Result<Conn, Reason> {
         let addr = resolve(origin).await?;
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+        let tcp = match tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(Reason::ConnectTimeout),
             Ok(Err(e)) => return Err(io_reason(&e).unwrap_or(Reason::Connect)),
             Ok(Ok(tcp)) => tcp,
@@ -323,7 +424,7 @@ impl Client {
             let config = tls_config().map_err(|_| Reason::Tls)?;
             let name = rustls::pki_types::ServerName::try_from(origin.host.clone()).map_err(|_| Reason::Tls)?;
             let tls = tokio::time::timeout(
-                self.connect_timeout,
+                self.limits.connect_timeout,
                 tokio_rustls::TlsConnector::from(config).connect(name, tcp),
             )
             .await
@@ -357,7 +458,12 @@ async fn fill(conn: &mut Conn) -> Result<(), Reason> {
 
 /// One request and its response on an open connection. Returns the response and whether the
 /// connection can carry another request.
-async fn exchange(conn: &mut Conn, req: &Prepared, keep_body: bool) -> Result<(Response, bool), Reason> {
+async fn exchange(
+    conn: &mut Conn,
+    req: &Prepared,
+    keep_body: bool,
+    max_body: u64,
+) -> Result<(Response, Option<String>, bool), Reason> {
     conn.buf.clear();
     let written = async {
         conn.stream.write_all(&req.wire).await?;
@@ -366,7 +472,14 @@ async fn exchange(conn: &mut Conn, req: &Prepared, keep_body: bool) -> Result<(R
     written.await.map_err(|e| io_reason(&e).unwrap_or(Reason::Closed))?;
 
     // The head: parsed in place; 1xx interim responses are skipped.
-    let (status, framing, mut reusable, headers) = loop {
+    let Head {
+        status,
+        framing,
+        keep_alive: mut reusable,
+        headers,
+        location,
+        ..
+    } = loop {
         let parsed = {
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut head = httparse::Response::new(&mut slots);
@@ -378,21 +491,28 @@ async fn exchange(conn: &mut Conn, req: &Prepared, keep_body: bool) -> Result<(R
             }
         };
         match parsed {
-            Some((len, status, ..)) if (100..200).contains(&status) && status != 101 => conn.buf.advance(len),
-            Some((len, status, framing, reusable, headers)) => {
-                conn.buf.advance(len);
-                break (status, framing, reusable, headers);
+            Some(head) if (100..200).contains(&head.status) && head.status != 101 => conn.buf.advance(head.len),
+            Some(head) => {
+                conn.buf.advance(head.len);
+                break head;
             }
             None => fill(conn).await?,
         }
     };
 
     let mut body = BytesMut::new();
+    let mut read: u64 = 0;
+    // Body bytes are counted against the cap whether they are kept or dropped.
     let mut take = |conn: &mut Conn, n: usize| {
+        read += n as u64;
+        if read > max_body {
+            return Err(Reason::BodyTooLarge);
+        }
         let chunk = conn.buf.split_to(n);
         if keep_body {
             body.extend_from_slice(&chunk);
         }
+        Ok(())
     };
     match framing {
         Framing::None => {}
@@ -402,7 +522,7 @@ async fn exchange(conn: &mut Conn, req: &Prepared, keep_body: bool) -> Result<(R
                     fill(conn).await?;
                 }
                 let n = (conn.buf.len() as u64).min(left) as usize;
-                take(conn, n);
+                take(conn, n)?;
                 left -= n as u64;
             }
         }
@@ -410,7 +530,7 @@ async fn exchange(conn: &mut Conn, req: &Prepared, keep_body: bool) -> Result<(R
             reusable = false;
             loop {
                 let n = conn.buf.len();
-                take(conn, n);
+                take(conn, n)?;
                 match fill(conn).await {
                     Ok(()) => {}
                     Err(Reason::Closed) => break,
@@ -448,7 +568,7 @@ async fn exchange(conn: &mut Conn, req: &Prepared, keep_body: bool) -> Result<(R
                     fill(conn).await?;
                 }
                 let n = (conn.buf.len() as u64).min(left) as usize;
-                take(conn, n);
+                take(conn, n)?;
                 left -= n as u64;
             }
             while conn.buf.len() < 2 {
@@ -462,29 +582,39 @@ async fn exchange(conn: &mut Conn, req: &Prepared, keep_body: bool) -> Result<(R
     }
     // Bytes beyond the response mean the framing was off: do not reuse.
     let reusable = reusable && conn.buf.is_empty();
-    Ok((
-        Response {
-            status,
-            headers,
-            body: body.freeze(),
-            elapsed: Duration::ZERO,
-        },
-        reusable,
-    ))
+    let resp = Response {
+        status,
+        headers,
+        body: body.freeze(),
+        elapsed: Duration::ZERO,
+    };
+    Ok((resp, location, reusable))
 }
 
-/// The parts of a response head the engine needs: its length, status, framing, whether the
-/// connection stays open, and (only if asked) the headers.
+/// The parts of a response head the engine needs.
+struct Head {
+    len: usize,
+    status: u16,
+    framing: Framing,
+    keep_alive: bool,
+    /// Filled only when asked for (for `after_response`).
+    headers: HeaderMap,
+    location: Option<String>,
+}
+
+/// Reads a parsed head: its status, framing, whether the connection stays open, where it
+/// redirects to, and (only if asked) the headers.
 fn read_head(
     head: &httparse::Response<'_, '_>,
     len: usize,
     method: &Method,
     want_headers: bool,
-) -> Result<(usize, u16, Framing, bool, HeaderMap), Reason> {
+) -> Result<Head, Reason> {
     let status = head.code.ok_or(Reason::Protocol)?;
     let mut keep_alive = head.version == Some(1);
     let mut length = None;
     let mut chunked = false;
+    let mut location = None;
     let mut headers = HeaderMap::new();
     for h in head.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -500,6 +630,8 @@ fn read_head(
             } else if h.value.windows(10).any(|w| w.eq_ignore_ascii_case(b"keep-alive")) {
                 keep_alive = true;
             }
+        } else if h.name.eq_ignore_ascii_case("location") {
+            location = std::str::from_utf8(h.value).ok().map(str::to_string);
         }
         if want_headers
             && let (Ok(name), Ok(value)) = (
@@ -519,7 +651,14 @@ fn read_head(
     } else {
         Framing::UntilClose
     };
-    Ok((len, status, framing, keep_alive, headers))
+    Ok(Head {
+        len,
+        status,
+        framing,
+        keep_alive,
+        headers,
+        location,
+    })
 }
 
 async fn resolve(origin: &Origin) -> Result<SocketAddr, Reason> {

@@ -52,8 +52,9 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             )
             .await
         }
-        Command::Target { port, bind } => {
-            let target = stormlight::target::Target::start(SocketAddr::new(bind, port)).await?;
+        Command::Target { port, bind, idle_close } => {
+            let options = stormlight::target::Options { idle_close };
+            let target = stormlight::target::Target::start_with(SocketAddr::new(bind, port), options).await?;
             println!("stormlight target listening on {} (Ctrl-C to stop)", target.url());
             let _ = tokio::signal::ctrl_c().await;
             println!("received {} requests", target.counts.requests());

@@ -55,6 +55,10 @@ pub enum Reason {
     Body,
     /// The response was not valid HTTP.
     Protocol,
+    /// The body was longer than `--max-body`.
+    BodyTooLarge,
+    /// More redirects than `--max-redirects`.
+    RedirectLimit,
     /// A hook raised an error (or hit the sandbox's limits). The text says which hook and why.
     Script(String),
     /// `after_response` returned `false, "why"`.
@@ -79,6 +83,8 @@ impl fmt::Display for Reason {
             Reason::Connect => f.write_str("connect error"),
             Reason::Body => f.write_str("error reading body"),
             Reason::Protocol => f.write_str("protocol error"),
+            Reason::BodyTooLarge => f.write_str("body too large"),
+            Reason::RedirectLimit => f.write_str("redirect limit"),
             Reason::Script(why) => write!(f, "script error: {why}"),
             Reason::Rejected(why) => f.write_str(why),
             Reason::Aborted => f.write_str("aborted: run ended before the response"),

@@ -1,6 +1,7 @@
 //! The built-in target: a small HTTP server on loopback for `stormlight demo`, for trying
 //! scenarios by hand (`stormlight target`) and for the tests. It counts every request it
-//! receives, so a run's totals can be checked against what actually arrived.
+//! receives, so a run's totals can be checked against what actually arrived, and it can
+//! misbehave on request, so that every fault a real server shows can be tried.
 //!
 //! | route | answer |
 //! |---|---|
@@ -11,31 +12,50 @@
 //! | `/status/N` | answers with status N |
 //! | `/stall?ms=N` | sends the headers at once, the body after N ms |
 //! | `/reset` | drops the connection with a TCP reset, no response |
+//! | `/fault/reset-after-headers` | sends the head (Content-Length 1000), then a TCP reset |
+//! | `/fault/reset-after?bytes=N` | sends the head and N body bytes of 2N, then a TCP reset |
+//! | `/fault/trickle?bytes=N&ms=M` | sends N body bytes, one every M ms |
+//! | `/fault/hang` | never answers |
+//! | `/fault/huge?bytes=N` | a chunked body of N bytes |
+//! | `/fault/endless` | a chunked body that never ends |
+//! | `/fault/bad-status` | an invalid status line (must be the first request on its connection) |
+//! | `/fault/wrong-length` | promises 100 bytes, sends 10, closes |
+//! | `/fault/redirect?n=N` | redirects N+1 times (n=N, N-1, .., 0), ending at `/hello` |
+//! | `/fault/redirect-loop` | redirects to itself |
 //! | `GET /__stats` | `{"requests":N,"paths":{..}}`: what was received (not counted itself) |
+//! | `/__down?ms=N` | closes the listener and every connection for N ms (not counted) |
 //! | anything else | 404 |
+//!
+//! `stormlight target --idle-close 1s` closes connections idle for longer than that.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use std::future::Future;
-
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
-type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type BoxError = Box<dyn StdError + Send + Sync>;
+type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// Path of the statistics endpoint; requests to it are not counted.
 pub const STATS_PATH: &str = "/__stats";
+/// Path of the "go down for a while" control; requests to it are not counted.
+pub const DOWN_PATH: &str = "/__down";
 
 /// What the target has received.
 #[derive(Default)]
@@ -62,6 +82,23 @@ impl Counts {
     }
 }
 
+/// How the target behaves as a whole.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Close a keep-alive connection that waits longer than this for its next request.
+    pub idle_close: Option<Duration>,
+}
+
+/// Shared by the accept loop and every connection.
+struct State {
+    counts: Arc<Counts>,
+    options: Options,
+    /// Asks the accept loop to go down for the given time.
+    down: watch::Sender<Option<Duration>>,
+    /// Bumped when the target goes down: every open connection is dropped.
+    generation: watch::Sender<u64>,
+}
+
 /// A running target. It serves until the runtime it was started on shuts down.
 pub struct Target {
     pub addr: SocketAddr,
@@ -71,28 +108,54 @@ pub struct Target {
 impl Target {
     /// Binds `addr` (use port 0 for an ephemeral port) and serves on the current runtime.
     pub async fn start(addr: SocketAddr) -> Result<Target> {
+        Self::start_with(addr, Options::default()).await
+    }
+
+    pub async fn start_with(addr: SocketAddr, options: Options) -> Result<Target> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(Counts::default());
-        let served = counts.clone();
+        let (down, mut down_rx) = watch::channel(None);
+        let (generation, _) = watch::channel(0u64);
+        let state = Arc::new(State {
+            counts: counts.clone(),
+            options,
+            down,
+            generation,
+        });
         tokio::spawn(async move {
+            let mut listener = Some(listener);
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let accepted = match &listener {
+                    Some(l) => tokio::select! {
+                        a = l.accept() => Some(a),
+                        _ = down_rx.changed() => None,
+                    },
+                    None => None,
                 };
-                // Linger 0: closing a connection (as /reset does) sends a TCP reset.
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-                let _ = stream.set_nodelay(true);
-                let counts = served.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, counts.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                match accepted {
+                    Some(Ok((stream, _))) => {
+                        tokio::spawn(serve(stream, state.clone()));
+                    }
+                    Some(Err(_)) => continue,
+                    None => {
+                        // Down: no listener (connections are refused), every connection dropped.
+                        let Some(pause) = *down_rx.borrow_and_update() else {
+                            continue;
+                        };
+                        listener = None;
+                        state.generation.send_modify(|g| *g += 1);
+                        tokio::time::sleep(pause).await;
+                        while listener.is_none() {
+                            match TcpListener::bind(addr).await {
+                                Ok(l) => listener = Some(l),
+                                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                            }
+                        }
+                    }
+                }
             }
         });
         Ok(Target { addr, counts })
@@ -106,6 +169,10 @@ impl Target {
     /// Starts a target on a thread of its own (with its own runtime), for `demo` and for tests
     /// that want the target off the runner's threads.
     pub fn spawn_thread(addr: SocketAddr) -> Result<Target> {
+        Self::spawn_thread_with(addr, Options::default())
+    }
+
+    pub fn spawn_thread_with(addr: SocketAddr, options: Options) -> Result<Target> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("stormlight-target".into())
@@ -118,7 +185,7 @@ impl Target {
                     }
                 };
                 rt.block_on(async move {
-                    let started = Target::start(addr).await;
+                    let started = Target::start_with(addr, options).await;
                     let ok = started.is_ok();
                     let _ = tx.send(started);
                     if ok {
@@ -127,6 +194,93 @@ impl Target {
                 });
             })?;
         rx.recv().context("the target thread ended before it started")?
+    }
+}
+
+/// One connection: a raw look at its first request (for the faults hyper cannot produce), then
+/// hyper, until the peer closes or the target goes down.
+async fn serve(mut stream: TcpStream, state: Arc<State>) {
+    let _ = stream.set_nodelay(true);
+    // A second handle on the socket outlives hyper's: when a route asked for a reset, linger 0
+    // on it before the last close turns the close into a TCP reset; otherwise a plain FIN.
+    let last_handle = socket2::SockRef::from(&stream).try_clone().ok();
+    let reset = Arc::new(AtomicBool::new(false));
+    let mut generation = state.generation.subscribe();
+    let work = async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        // Read until the first request line is complete (or the peer goes away).
+        while !head.contains(&b'\n') && head.len() < 8192 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+        if line.windows(17).any(|w| w == b"/fault/bad-status") {
+            state.counts.count("/fault/bad-status");
+            let _ = stream
+                .write_all(b"HTTP/1.1 2x0 NOT-A-STATUS\r\nno colon here\r\n\r\n")
+                .await;
+            return;
+        }
+        let io = Rewind {
+            prefix: Bytes::from(head),
+            stream,
+        };
+        let (handler, reset) = (state.clone(), reset.clone());
+        let service = service_fn(move |req| handle(req, handler.clone(), reset.clone()));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.keep_alive(true);
+        if let Some(idle) = state.options.idle_close {
+            http.timer(TokioTimer::new()).header_read_timeout(idle);
+        }
+        let _ = http.serve_connection(TokioIo::new(io), service).await;
+    };
+    let went_down = tokio::select! {
+        () = work => false,
+        _ = generation.changed() => true,
+    };
+    if let Some(socket) = last_handle
+        && (went_down || reset.load(Ordering::SeqCst))
+    {
+        let _ = socket.set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// A stream whose first bytes were already read: they are handed out again first.
+struct Rewind {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -139,10 +293,10 @@ impl std::fmt::Display for Reset {
     }
 }
 
-impl std::error::Error for Reset {}
+impl StdError for Reset {}
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body.into()).boxed());
+    let mut resp = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
     if let Ok(ct) = content_type.parse() {
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, ct);
@@ -154,18 +308,37 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     full(status, "application/json", value.to_string())
 }
 
-fn query_ms(req: &Request<Incoming>) -> u64 {
+/// A numeric query parameter, or `default`.
+fn query_num(req: &Request<Incoming>, key: &str, default: u64) -> u64 {
     req.uri()
         .query()
         .and_then(|q| {
             url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "ms")
+                .find(|(k, _)| k == key)
                 .and_then(|(_, v)| v.parse().ok())
         })
-        .unwrap_or(0)
+        .unwrap_or(default)
 }
 
-async fn handle(req: Request<Incoming>, counts: Arc<Counts>) -> Result<Response<Body>, Reset> {
+/// A response whose body is `body`, with `length` announced (or chunked when `None`).
+fn streamed(length: Option<u64>, body: FaultBody) -> Response<Body> {
+    let mut resp = Response::new(body.boxed());
+    if let Some(n) = length {
+        resp.headers_mut().insert(hyper::header::CONTENT_LENGTH, n.into());
+    }
+    resp
+}
+
+fn redirect(to: &str) -> Response<Body> {
+    let mut resp = full(StatusCode::FOUND, "text/plain", "");
+    if let Ok(location) = to.parse() {
+        resp.headers_mut().insert(hyper::header::LOCATION, location);
+    }
+    resp
+}
+
+async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool>) -> Result<Response<Body>, Reset> {
+    let counts = &state.counts;
     let path = req.uri().path().to_string();
     if path == STATS_PATH {
         let paths = counts.paths();
@@ -173,6 +346,16 @@ async fn handle(req: Request<Incoming>, counts: Arc<Counts>) -> Result<Response<
             StatusCode::OK,
             serde_json::json!({ "requests": counts.requests(), "paths": paths }),
         ));
+    }
+    if path == DOWN_PATH {
+        let pause = Duration::from_millis(query_num(&req, "ms", 1000));
+        let down = state.down.clone();
+        tokio::spawn(async move {
+            // Let this answer go out first.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = down.send(Some(pause));
+        });
+        return Ok(full(StatusCode::OK, "text/plain", "going down\n"));
     }
     counts.count(&path);
     let method = req.method().clone();
@@ -191,27 +374,66 @@ async fn handle(req: Request<Incoming>, counts: Arc<Counts>) -> Result<Response<
             }
         }
         (_, "/slow") => {
-            tokio::time::sleep(Duration::from_millis(query_ms(&req))).await;
+            tokio::time::sleep(Duration::from_millis(query_num(&req, "ms", 0))).await;
             full(StatusCode::OK, "text/plain", "slow\n")
         }
         (_, "/stall") => {
-            let sleep = Box::pin(tokio::time::sleep(Duration::from_millis(query_ms(&req))));
-            let mut resp = Response::new(StallBody { sleep, done: false }.boxed());
-            resp.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain"),
-            );
-            resp
+            let ms = query_num(&req, "ms", 0);
+            streamed(None, FaultBody::new(8, 8, Some(Duration::from_millis(ms)), false))
         }
-        (_, "/reset") => return Err(Reset),
-        (_, p) if p.starts_with("/status/") => match p["/status/".len()..]
-            .parse::<u16>()
-            .ok()
-            .and_then(|c| StatusCode::from_u16(c).ok())
-        {
-            Some(code) => full(code, "text/plain", format!("status {}\n", code.as_u16())),
-            None => full(StatusCode::BAD_REQUEST, "text/plain", "bad status code\n"),
+        (_, "/reset") => {
+            reset.store(true, Ordering::SeqCst);
+            return Err(Reset);
+        }
+        (_, "/fault/reset-after-headers") => {
+            reset.store(true, Ordering::SeqCst);
+            streamed(Some(1000), FaultBody::new(0, 0, None, true))
+        }
+        (_, "/fault/reset-after") => {
+            reset.store(true, Ordering::SeqCst);
+            let n = query_num(&req, "bytes", 100);
+            streamed(Some(2 * n.max(1)), FaultBody::new(n, 16 * 1024, None, true))
+        }
+        (_, "/fault/trickle") => {
+            let n = query_num(&req, "bytes", 10);
+            streamed(
+                Some(n),
+                FaultBody::new(n, 1, Some(Duration::from_millis(query_num(&req, "ms", 100))), false),
+            )
+        }
+        (_, "/fault/hang") => {
+            std::future::pending::<()>().await;
+            unreachable!("pending never resolves")
+        }
+        (_, "/fault/huge") => streamed(
+            None,
+            FaultBody::new(query_num(&req, "bytes", 1 << 20), 16 * 1024, None, false),
+        ),
+        (_, "/fault/endless") => streamed(None, FaultBody::new(u64::MAX, 16 * 1024, None, false)),
+        (_, "/fault/wrong-length") => streamed(Some(100), FaultBody::new(10, 10, None, false)),
+        (_, "/fault/redirect") => match query_num(&req, "n", 3) {
+            0 => redirect("/hello"),
+            n => redirect(&format!("/fault/redirect?n={}", n - 1)),
         },
+        (_, "/fault/redirect-loop") => redirect("/fault/redirect-loop"),
+        (_, "/fault/bad-status") => {
+            // Only reachable when it was not the first request on its connection.
+            full(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "bad-status must open a connection\n",
+            )
+        }
+        (_, p) if p.starts_with("/status/") => {
+            match p["/status/".len()..]
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+            {
+                Some(code) => full(code, "text/plain", format!("status {}\n", code.as_u16())),
+                None => full(StatusCode::BAD_REQUEST, "text/plain", "bad status code\n"),
+            }
+        }
         ("GET", p) if p.starts_with("/items/") => {
             let id = &p["/items/".len()..];
             json(
@@ -224,29 +446,47 @@ async fn handle(req: Request<Incoming>, counts: Arc<Counts>) -> Result<Response<
     Ok(resp)
 }
 
-/// A body that arrives when `sleep` ends, after the headers went out.
-struct StallBody {
-    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
-    done: bool,
+/// A body of `left` bytes of `x`, in chunks of `chunk` bytes, with an optional pause before
+/// each chunk, that fails at the end (aborting the connection: a reset) when `fail` is set.
+struct FaultBody {
+    left: u64,
+    chunk: usize,
+    pause: Option<Duration>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    fail: bool,
 }
 
-impl hyper::body::Body for StallBody {
-    type Data = Bytes;
-    type Error = Infallible;
+impl FaultBody {
+    fn new(left: u64, chunk: usize, pause: Option<Duration>, fail: bool) -> Self {
+        Self {
+            left,
+            chunk: chunk.max(1),
+            pause,
+            sleep: None,
+            fail,
+        }
+    }
+}
 
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.done {
-            return std::task::Poll::Ready(None);
+static FILL: [u8; 16 * 1024] = [b'x'; 16 * 1024];
+
+impl hyper::body::Body for FaultBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.left == 0 {
+            return Poll::Ready(if self.fail { Some(Err(Box::new(Reset))) } else { None });
         }
-        match self.sleep.as_mut().poll(cx) {
-            std::task::Poll::Ready(()) => {
-                self.done = true;
-                std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"stalled\n")))))
+        if let Some(pause) = self.pause {
+            let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(pause)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
-            std::task::Poll::Pending => std::task::Poll::Pending,
+            self.sleep = None;
         }
+        let n = (self.left.min(self.chunk as u64) as usize).min(FILL.len());
+        self.left -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&FILL[..n])))))
     }
 }
