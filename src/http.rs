@@ -292,6 +292,29 @@ struct Conn {
     origin: Arc<Origin>,
     stream: Stream,
     buf: BytesMut,
+    /// When the last exchange ended: a connection idle for a while is checked before reuse.
+    idle_since: Instant,
+}
+
+/// A connection idle for longer than this is checked for a close from the server before it
+/// carries a request (one non-blocking read). Back-to-back requests skip the check.
+const CHECK_AFTER_IDLE: Duration = Duration::from_millis(50);
+
+impl Conn {
+    /// Whether the server has closed (or broken) this idle connection: a request written to it
+    /// would fail without reaching the server, an error the tool itself would have caused.
+    fn closed_while_idle(&self) -> bool {
+        if self.idle_since.elapsed() < CHECK_AFTER_IDLE {
+            return false;
+        }
+        let tcp = match &self.stream {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        };
+        let mut probe = [0u8; 1];
+        // WouldBlock: open and quiet. 0 bytes: closed. Data or an error: unusable either way.
+        !matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
 }
 
 /// Response heads larger than this are a protocol error.
@@ -375,7 +398,15 @@ impl Client {
         timeout: Duration,
     ) -> Result<(Response, Option<String>), Reason> {
         let start = Instant::now();
-        let idx = match session.conns.iter().position(|c| c.origin == req.origin) {
+        let found = session.conns.iter().position(|c| c.origin == req.origin);
+        let found = match found {
+            Some(i) if session.conns[i].closed_while_idle() => {
+                session.conns.swap_remove(i);
+                None
+            }
+            other => other,
+        };
+        let idx = match found {
             Some(i) => i,
             None => match tokio::time::timeout(timeout, self.connect(&req.origin)).await {
                 Ok(Ok(conn)) => {
@@ -395,7 +426,9 @@ impl Client {
         .await;
         match result {
             Ok(Ok((resp, location, reusable))) => {
-                if !reusable {
+                if reusable {
+                    session.conns[idx].idle_since = Instant::now();
+                } else {
                     session.conns.swap_remove(idx);
                 }
                 Ok((resp, location))
@@ -439,6 +472,7 @@ impl Client {
             stream,
             // Small to start: most response heads fit, and ten thousand idle users keep theirs.
             buf: BytesMut::with_capacity(1024),
+            idle_since: Instant::now(),
         })
     }
 }

@@ -216,3 +216,37 @@ fn a_target_down_for_a_while_gives_failures_then_recovers() {
         s.total.requests
     );
 }
+
+#[test]
+fn idle_connections_the_server_closed_are_not_reused() {
+    // The first target closes connections idle for 200 ms; while a user waits 300 ms on the
+    // second, its connection to the first goes idle long enough to be closed under it.
+    let closing = stormlight::target::Options {
+        idle_close: Some(Duration::from_millis(200)),
+    };
+    let a = Target::spawn_thread_with(SocketAddr::from(([127, 0, 0, 1], 0)), closing).expect("target");
+    let b = target();
+    let s = run(
+        &format!(
+            r#"endpoints = {{
+                {{ method = "GET", url = "{}/hello", name = "closing" }},
+                {{ method = "GET", url = "{}/slow?ms=300", name = "slow" }},
+            }}"#,
+            a.url(),
+            b.url()
+        ),
+        &a.url(),
+        Overrides {
+            users: Some(3),
+            duration: Some(Duration::from_secs(3)),
+            ..Default::default()
+        },
+    );
+    assert!(row(&s, "closing").requests > 10 && row(&s, "slow").requests > 10);
+    assert_eq!(
+        s.total.failures, 0,
+        "the tool made no errors of its own: {:?}",
+        s.failures
+    );
+    assert_eq!(s.total.requests, a.counts.requests() + b.counts.requests());
+}
