@@ -54,6 +54,10 @@ pub enum Command {
         /// Close keep-alive connections idle for longer than this (like many real servers).
         #[arg(long, value_name = "D", value_parser = duration)]
         idle_close: Option<Duration>,
+        /// Serve HTTPS with a self-signed certificate made now (its PEM file is printed: pass
+        /// it to `run --ca-cert`, or use `run --insecure`).
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -101,6 +105,12 @@ pub struct LoadArgs {
     /// Redirects followed within one request (0: none; a 3xx then counts as it is) [default: 10].
     #[arg(long, value_name = "N")]
     pub max_redirects: Option<u32>,
+    /// Do not verify TLS certificates (self-signed test servers). Printed in the run header.
+    #[arg(long, short = 'k')]
+    pub insecure: bool,
+    /// Trust the certificates in this PEM file instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Write the final summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -129,6 +139,10 @@ impl LoadArgs {
             connect_timeout: self.connect_timeout,
             max_body: self.max_body,
             max_redirects: self.max_redirects,
+            tls: crate::http::TlsOptions {
+                insecure: self.insecure,
+                ca_cert: self.ca_cert.clone(),
+            },
         }
     }
 

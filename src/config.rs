@@ -25,6 +25,7 @@ pub struct Overrides {
     pub connect_timeout: Option<Duration>,
     pub max_body: Option<u64>,
     pub max_redirects: Option<u32>,
+    pub tls: crate::http::TlsOptions,
 }
 
 /// Everything a run needs, validated.
@@ -48,6 +49,10 @@ pub struct RunConfig {
     pub workers: usize,
     /// Connect timeout, body cap, redirects.
     pub http: crate::http::Limits,
+    /// How certificates are checked (`--insecure`, `--ca-cert`), for the run header.
+    pub tls_options: crate::http::TlsOptions,
+    /// The TLS configuration every connection shares, built once.
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 /// How the live table is shown while the run goes.
@@ -99,6 +104,10 @@ impl RunConfig {
         if http.connect_timeout.is_zero() {
             bail!("connect timeout must be more than 0");
         }
+        if cli.tls.insecure && cli.tls.ca_cert.is_some() {
+            bail!("give --insecure or --ca-cert, not both");
+        }
+        let tls = crate::http::tls_config(&cli.tls)?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Ok(Self {
             script,
@@ -112,6 +121,8 @@ impl RunConfig {
             live,
             workers: cores.min(users as usize).max(1),
             http,
+            tls_options: cli.tls.clone(),
+            tls,
         })
     }
 }

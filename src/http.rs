@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -198,6 +198,8 @@ impl Prepared {
 pub struct Client {
     timeout: Duration,
     pub limits: Limits,
+    /// Shared by every connection; `None` only where no https URL can occur (tests).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Limits of every exchange, overridable from the command line.
@@ -222,31 +224,114 @@ impl Default for Limits {
 
 impl Client {
     pub fn new(timeout: Duration) -> Self {
-        Self::with_limits(timeout, Limits::default())
+        Self::with_limits(timeout, Limits::default(), None)
     }
 
-    pub fn with_limits(timeout: Duration, limits: Limits) -> Self {
-        Self { timeout, limits }
+    pub fn with_limits(timeout: Duration, limits: Limits, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Self { timeout, limits, tls }
     }
 }
 
-/// One TLS configuration for the whole process: rustls with ring and the system's roots.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
-    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let verifier = rustls_platform_verifier::Verifier::new(provider.clone()).map_err(|e| e.to_string())?;
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(verifier))
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Ok(Arc::new(config))
-        })
-        .clone()
+/// How the server's certificate is checked.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// Accept any certificate (the handshake's signatures are still checked).
+    pub insecure: bool,
+    /// Trust only the certificates in this PEM file (instead of the system's roots).
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+/// The TLS configuration of a run, built once and shared by every connection of every user:
+/// rustls with ring; the system's roots unless `--ca-cert` or `--insecure` say otherwise.
+pub fn tls_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS setup")?;
+    let mut config = if options.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    } else if let Some(path) = &options.ca_cert {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+        for cert in certs {
+            let cert = cert.with_context(|| format!("--ca-cert {}: not a PEM certificate", path.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("--ca-cert {}: unusable certificate", path.display()))?;
+        }
+        if roots.is_empty() {
+            bail!("--ca-cert {}: no certificate in the file", path.display());
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        let verifier = rustls_platform_verifier::Verifier::new(provider).context("loading the system's TLS roots")?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `--insecure`: any certificate for any name is accepted; the handshake signatures are still
+/// verified, so the session is encrypted with whoever answered.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The class of a failed TLS handshake.
+fn tls_reason(e: &std::io::Error) -> Reason {
+    use rustls::CertificateError::*;
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+        return io_reason(e).unwrap_or(Reason::Tls("handshake failed"));
+    };
+    Reason::Tls(match tls {
+        rustls::Error::InvalidCertificate(UnknownIssuer) => "unknown issuer",
+        rustls::Error::InvalidCertificate(Expired | ExpiredContext { .. }) => "certificate expired",
+        rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. }) => "name mismatch",
+        rustls::Error::InvalidCertificate(_) => "invalid certificate",
+        _ => "handshake failed",
+    })
 }
 
 /// A connection's byte stream: plain TCP or TLS over it.
@@ -454,15 +539,16 @@ impl Client {
         };
         let _ = tcp.set_nodelay(true);
         let stream = if origin.https {
-            let config = tls_config().map_err(|_| Reason::Tls)?;
-            let name = rustls::pki_types::ServerName::try_from(origin.host.clone()).map_err(|_| Reason::Tls)?;
+            let config = self.tls.clone().ok_or(Reason::Tls("no TLS configuration"))?;
+            let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
+                .map_err(|_| Reason::Tls("bad server name"))?;
             let tls = tokio::time::timeout(
                 self.limits.connect_timeout,
                 tokio_rustls::TlsConnector::from(config).connect(name, tcp),
             )
             .await
             .map_err(|_| Reason::ConnectTimeout)?
-            .map_err(|e| io_reason(&e).unwrap_or(Reason::Tls))?;
+            .map_err(|e| tls_reason(&e))?;
             Stream::Tls(Box::new(tls))
         } else {
             Stream::Plain(tcp)

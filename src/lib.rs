@@ -110,6 +110,9 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, shutdown: impl Future<Outpu
         cfg.script.display(),
         plural(cfg.workers, "worker thread"),
     );
+    if cfg.tls_options.insecure {
+        eprintln!("--insecure: TLS certificates are NOT verified");
+    }
     let result = runner::run(&cfg, Arc::new(plan), shutdown).await?;
     let mut stdout = std::io::stdout().lock();
     let _ = report::write_summary(&mut stdout, &result.summary);

@@ -52,9 +52,23 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             )
             .await
         }
-        Command::Target { port, bind, idle_close } => {
-            let options = stormlight::target::Options { idle_close };
+        Command::Target {
+            port,
+            bind,
+            idle_close,
+            tls,
+        } => {
+            let tls = tls.then_some(stormlight::target::LOCAL_NAMES);
+            let options = stormlight::target::Options { idle_close, tls };
             let target = stormlight::target::Target::start_with(SocketAddr::new(bind, port), options).await?;
+            if let Some(pem) = &target.cert_pem {
+                let path = std::env::temp_dir().join(format!("stormlight-target-{}.pem", target.addr.port()));
+                std::fs::write(&path, pem)?;
+                println!(
+                    "self-signed certificate: {} (run --ca-cert {0}, or --insecure)",
+                    path.display()
+                );
+            }
             println!("stormlight target listening on {} (Ctrl-C to stop)", target.url());
             let _ = tokio::signal::ctrl_c().await;
             println!("received {} requests", target.counts.requests());

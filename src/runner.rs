@@ -153,7 +153,7 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
     let mut workers = Vec::with_capacity(cfg.workers);
     for n in 0..cfg.workers {
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = http::Client::with_limits(cfg.timeout, cfg.http);
+        let client = http::Client::with_limits(cfg.timeout, cfg.http, Some(cfg.tls.clone()));
         let (plan, shared) = (plan.clone(), shared.clone());
         std::thread::Builder::new()
             .name(format!("stormlight-worker-{n}"))

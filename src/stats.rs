@@ -47,8 +47,8 @@ pub enum Reason {
     Timeout,
     /// The host name did not resolve.
     Dns,
-    /// TLS handshake or certificate failure.
-    Tls,
+    /// TLS handshake or certificate failure, and which.
+    Tls(&'static str),
     /// Any other connect error.
     Connect,
     /// The response body could not be read.
@@ -79,7 +79,7 @@ impl fmt::Display for Reason {
             Reason::ConnectTimeout => f.write_str("connect timeout"),
             Reason::Timeout => f.write_str("request timeout"),
             Reason::Dns => f.write_str("dns error"),
-            Reason::Tls => f.write_str("tls error"),
+            Reason::Tls(what) => write!(f, "tls error: {what}"),
             Reason::Connect => f.write_str("connect error"),
             Reason::Body => f.write_str("error reading body"),
             Reason::Protocol => f.write_str("protocol error"),

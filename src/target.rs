@@ -26,7 +26,9 @@
 //! | `/__down?ms=N` | closes the listener and every connection for N ms (not counted) |
 //! | anything else | 404 |
 //!
-//! `stormlight target --idle-close 1s` closes connections idle for longer than that.
+//! `stormlight target --idle-close 1s` closes connections idle for longer than that;
+//! `--tls` serves HTTPS with a self-signed certificate made at start (its PEM is written to a
+//! file, to try `--ca-cert`).
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -87,7 +89,12 @@ impl Counts {
 pub struct Options {
     /// Close a keep-alive connection that waits longer than this for its next request.
     pub idle_close: Option<Duration>,
+    /// Serve HTTPS with a self-signed certificate generated at start for these names.
+    pub tls: Option<&'static [&'static str]>,
 }
+
+/// The names `stormlight target --tls` puts in its certificate.
+pub const LOCAL_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
 /// Shared by the accept loop and every connection.
 struct State {
@@ -97,12 +104,15 @@ struct State {
     down: watch::Sender<Option<Duration>>,
     /// Bumped when the target goes down: every open connection is dropped.
     generation: watch::Sender<u64>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// A running target. It serves until the runtime it was started on shuts down.
 pub struct Target {
     pub addr: SocketAddr,
     pub counts: Arc<Counts>,
+    /// With TLS: the self-signed certificate (PEM), to trust with `--ca-cert`.
+    pub cert_pem: Option<String>,
 }
 
 impl Target {
@@ -119,11 +129,19 @@ impl Target {
         let counts = Arc::new(Counts::default());
         let (down, mut down_rx) = watch::channel(None);
         let (generation, _) = watch::channel(0u64);
+        let (tls, cert_pem) = match options.tls {
+            Some(names) => {
+                let (acceptor, pem) = self_signed(names)?;
+                (Some(acceptor), Some(pem))
+            }
+            None => (None, None),
+        };
         let state = Arc::new(State {
             counts: counts.clone(),
             options,
             down,
             generation,
+            tls,
         });
         tokio::spawn(async move {
             let mut listener = Some(listener);
@@ -158,12 +176,13 @@ impl Target {
                 }
             }
         });
-        Ok(Target { addr, counts })
+        Ok(Target { addr, counts, cert_pem })
     }
 
-    /// The base URL, e.g. `http://127.0.0.1:41234`.
+    /// The base URL, e.g. `http://127.0.0.1:41234` (https with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.cert_pem.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Starts a target on a thread of its own (with its own runtime), for `demo` and for tests
@@ -197,9 +216,9 @@ impl Target {
     }
 }
 
-/// One connection: a raw look at its first request (for the faults hyper cannot produce), then
-/// hyper, until the peer closes or the target goes down.
-async fn serve(mut stream: TcpStream, state: Arc<State>) {
+/// One connection: TLS if the target has it, a raw look at the first request (for the faults
+/// hyper cannot produce), then hyper, until the peer closes or the target goes down.
+async fn serve(stream: TcpStream, state: Arc<State>) {
     let _ = stream.set_nodelay(true);
     // A second handle on the socket outlives hyper's: when a route asked for a reset, linger 0
     // on it before the last close turns the close into a TCP reset; otherwise a plain FIN.
@@ -207,35 +226,14 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
     let reset = Arc::new(AtomicBool::new(false));
     let mut generation = state.generation.subscribe();
     let work = async {
-        let mut head = Vec::with_capacity(1024);
-        let mut buf = [0u8; 1024];
-        // Read until the first request line is complete (or the peer goes away).
-        while !head.contains(&b'\n') && head.len() < 8192 {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
+        match &state.tls {
+            Some(acceptor) => {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    serve_http(tls, &state, &reset).await;
+                }
             }
+            None => serve_http(stream, &state, &reset).await,
         }
-        let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-        if line.windows(17).any(|w| w == b"/fault/bad-status") {
-            state.counts.count("/fault/bad-status");
-            let _ = stream
-                .write_all(b"HTTP/1.1 2x0 NOT-A-STATUS\r\nno colon here\r\n\r\n")
-                .await;
-            return;
-        }
-        let io = Rewind {
-            prefix: Bytes::from(head),
-            stream,
-        };
-        let (handler, reset) = (state.clone(), reset.clone());
-        let service = service_fn(move |req| handle(req, handler.clone(), reset.clone()));
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.keep_alive(true);
-        if let Some(idle) = state.options.idle_close {
-            http.timer(TokioTimer::new()).header_read_timeout(idle);
-        }
-        let _ = http.serve_connection(TokioIo::new(io), service).await;
     };
     let went_down = tokio::select! {
         () = work => false,
@@ -248,13 +246,66 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
     }
 }
 
-/// A stream whose first bytes were already read: they are handed out again first.
-struct Rewind {
-    prefix: Bytes,
-    stream: TcpStream,
+async fn serve_http<S>(mut stream: S, state: &Arc<State>, reset: &Arc<AtomicBool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // Read until the first request line is complete (or the peer goes away).
+    while !head.contains(&b'\n') && head.len() < 8192 {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    if line.windows(17).any(|w| w == b"/fault/bad-status") {
+        state.counts.count("/fault/bad-status");
+        let _ = stream
+            .write_all(b"HTTP/1.1 2x0 NOT-A-STATUS\r\nno colon here\r\n\r\n")
+            .await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let io = Rewind {
+        prefix: Bytes::from(head),
+        stream,
+    };
+    let (handler, reset) = (state.clone(), reset.clone());
+    let service = service_fn(move |req| handle(req, handler.clone(), reset.clone()));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true);
+    if let Some(idle) = state.options.idle_close {
+        http.timer(TokioTimer::new()).header_read_timeout(idle);
+    }
+    let _ = http.serve_connection(TokioIo::new(io), service).await;
 }
 
-impl AsyncRead for Rewind {
+/// A TLS acceptor with a certificate made now for `names`, and that certificate as PEM.
+fn self_signed(names: &[&str]) -> Result<(tokio_rustls::TlsAcceptor, String)> {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let certified = rcgen::generate_simple_self_signed(names).context("generating the target's certificate")?;
+    let pem = certified.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS setup")?
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .context("TLS certificate")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), pem))
+}
+
+/// A stream whose first bytes were already read: they are handed out again first.
+struct Rewind<S> {
+    prefix: Bytes,
+    stream: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -270,7 +321,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
