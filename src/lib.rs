@@ -91,7 +91,12 @@ fn check_writable(path: &Path) -> Result<()> {
 }
 
 /// `stormlight run` (and `demo`): runs, prints the summary to stdout, writes `--out`.
-pub async fn run(cfg: RunConfig, plan: runner::Plan, shutdown: impl Future<Output = ()>) -> Result<Exit> {
+pub async fn run(
+    cfg: RunConfig,
+    plan: runner::Plan,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> Result<Exit> {
     let host = cfg
         .host
         .as_ref()
@@ -113,7 +118,7 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, shutdown: impl Future<Outpu
     if cfg.tls_options.insecure {
         eprintln!("--insecure: TLS certificates are NOT verified");
     }
-    let result = runner::run(&cfg, Arc::new(plan), shutdown).await?;
+    let result = runner::run_with(&cfg, Arc::new(plan), shutdown, hurry).await?;
     let mut stdout = std::io::stdout().lock();
     let _ = report::write_summary(&mut stdout, &result.summary);
     let _ = stdout.flush();
@@ -140,6 +145,7 @@ pub async fn demo(
     out: Option<PathBuf>,
     live: LiveMode,
     shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
 ) -> Result<Exit> {
     let target = target::Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     eprintln!("built-in target listening on {}", target.url());
@@ -154,7 +160,7 @@ pub async fn demo(
         live,
     };
     let (cfg, plan) = prepare(&req, Some(DEMO_SCENARIO))?;
-    let exit = run(cfg, plan, shutdown).await?;
+    let exit = run(cfg, plan, shutdown, hurry).await?;
     eprintln!("the target received {} requests", target.counts.requests());
     Ok(exit)
 }

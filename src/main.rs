@@ -41,14 +41,17 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 live: args.load.live(),
             };
             let (cfg, plan) = stormlight::prepare(&req, None)?;
-            stormlight::run(cfg, plan, interrupted()).await
+            let (stop, hurry) = interrupts();
+            stormlight::run(cfg, plan, stop, hurry).await
         }
         Command::Demo(args) => {
+            let (stop, hurry) = interrupts();
             stormlight::demo(
                 args.load.overrides(None),
                 args.load.out.clone(),
                 args.load.live(),
-                interrupted(),
+                stop,
+                hurry,
             )
             .await
         }
@@ -77,20 +80,36 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
     }
 }
 
-/// Resolves at the first Ctrl-C or SIGTERM; a second one exits the process at once.
-fn interrupted() -> impl std::future::Future<Output = ()> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+/// The interrupts, as two futures: the first Ctrl-C or SIGTERM stops the run (summary and
+/// outputs after the grace period), a second one cuts the grace period short (summary and
+/// outputs at once), a third exits without them.
+fn interrupts() -> (
+    impl std::future::Future<Output = ()>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         signal().await;
-        let _ = tx.send(());
+        let _ = first_tx.send(());
         signal().await;
-        eprintln!("\nsecond interrupt: exiting now");
+        let _ = second_tx.send(());
+        signal().await;
+        eprintln!("\nthird interrupt: exiting without a summary");
         std::process::exit(130);
     });
-    async move {
-        let _ = rx.await;
-        eprintln!("\ninterrupted: stopping users, finishing requests in flight...");
-    }
+    let first = async move {
+        let _ = first_rx.await;
+        eprintln!("\ninterrupted: stopping users, finishing requests in flight (Ctrl-C again to skip)...");
+    };
+    let second = async move {
+        if second_rx.await.is_ok() {
+            eprintln!("\nsecond interrupt: counting what is in flight as aborted, writing the summary now");
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    (first, second)
 }
 
 async fn signal() {

@@ -40,6 +40,8 @@ pub struct Shared {
     users: u64,
     /// The start of the test, after the users' Lua states were prepared.
     t0: OnceLock<std::time::Instant>,
+    /// Set by a second interrupt: cut the grace period short.
+    hurry: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -143,12 +145,24 @@ pub struct RunResult {
 /// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
 /// `plan` comes from [`Plan::new`] with the same host as `cfg`.
 pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output = ()>) -> Result<RunResult> {
+    run_with(cfg, plan, shutdown, std::future::pending()).await
+}
+
+/// [`run`], where `hurry` resolving (a second Ctrl-C) during the final grace period ends it at
+/// once: what is still in flight counts as aborted, and the summary is made as usual.
+pub async fn run_with(
+    cfg: &RunConfig,
+    plan: Arc<Plan>,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> Result<RunResult> {
     let shared = Arc::new(Shared {
         stopping: AtomicBool::new(false),
         started: AtomicU64::new(0),
         all_started_after: OnceLock::new(),
         users: cfg.users as u64,
         t0: OnceLock::new(),
+        hurry: tokio::sync::watch::channel(false).0,
     });
     let mut workers = Vec::with_capacity(cfg.workers);
     for n in 0..cfg.workers {
@@ -213,7 +227,18 @@ pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output 
 
     // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
     shared.stopping.store(true, Ordering::Relaxed);
-    finish(&workers, Instant::now() + cfg.grace, &mut agg).await;
+    {
+        let finishing = finish(&workers, Instant::now() + cfg.grace, &mut agg);
+        tokio::pin!(finishing);
+        tokio::select! {
+            () = &mut finishing => {}
+            () = hurry => {
+                // The workers stop waiting and still hand over their counts.
+                shared.hurry.send_replace(true);
+                finishing.await;
+            }
+        }
+    }
     live.clear();
 
     let summary = agg.summary(SummaryMeta {
@@ -323,8 +348,12 @@ fn worker_thread(plan: Arc<Plan>, client: http::Client, shared: Arc<Shared>, mut
                     let _ = reply.send(worker.recorder.borrow_mut().take());
                 }
                 Cmd::Finish(deadline, reply) => {
-                    let _ =
-                        tokio::time::timeout_at(deadline, async { while users.join_next().await.is_some() {} }).await;
+                    let mut hurry = worker.shared.hurry.subscribe();
+                    let drain = tokio::time::timeout_at(deadline, async { while users.join_next().await.is_some() {} });
+                    tokio::select! {
+                        _ = drain => {}
+                        _ = hurry.wait_for(|h| *h) => {}
+                    }
                     // No await between here and the reply: no user can record in between.
                     users.abort_all();
                     let mut rec = worker.recorder.borrow_mut();

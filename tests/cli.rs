@@ -671,14 +671,25 @@ fn sigint_with_requests_in_flight_counts_each_once_after_the_grace() {
 }
 
 #[test]
-fn second_sigint_exits_at_once() {
+fn second_sigint_exits_at_once_and_still_writes_the_summary() {
     let target = target();
     let dir = TempDir::new("sigint-twice");
     let script = dir.write("scenario.lua", SLOW_SCENARIO);
+    let out = dir.path().join("out.json");
     let args = run_args(
         &script,
         &target.url(),
-        &["-u", "2", "-t", "60s", "--grace", "30s", "-q"],
+        &[
+            "-u",
+            "2",
+            "-t",
+            "60s",
+            "--grace",
+            "30s",
+            "-q",
+            "--out",
+            &out.display().to_string(),
+        ],
     );
     let proc = Proc::spawn(&args);
     wait_for_requests(&target, 2);
@@ -695,6 +706,21 @@ fn second_sigint_exits_at_once() {
         "second Ctrl-C: exit took {took:?}\n{}",
         f.show()
     );
+    // Nothing measured is lost: the requests in flight count as aborted, in the summary and the file.
+    assert!(f.stdout.contains("Aggregated"), "{}", f.show());
+    let json = read_json(&out);
+    assert_eq!(json["interrupted"], serde_json::Value::Bool(true));
+    assert_eq!(
+        json["total"]["requests"].as_u64(),
+        Some(target.counts.requests()),
+        "{json:#}"
+    );
+    let aborted = json["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["reason"].as_str().unwrap().starts_with("aborted"));
+    assert!(aborted, "{json:#}");
 }
 
 // ---------------------------------------------------------------------------------------------
