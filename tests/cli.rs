@@ -751,3 +751,97 @@ fn dead_host_is_counted_not_rejected() {
     assert_eq!(json["total"]["failures"].as_u64(), Some(requests), "{json:#}");
     assert!(!json["failures"].as_array().expect("failures").is_empty(), "{json:#}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 8: endless and trickled bodies end at their limits with flat memory
+// ---------------------------------------------------------------------------------------------
+
+/// The process's resident memory in KiB, from /proc.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs `args` and returns its exit and the highest RSS seen (sampled every 50 ms).
+fn run_sampling_rss(args: &[String], limit: Duration) -> (Finished, u64) {
+    let proc = Proc::spawn(args);
+    let pid = proc.id();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        while let Some(kib) = rss_kib(pid) {
+            peak = peak.max(kib);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    });
+    let f = proc.wait(limit);
+    (f, sampler.join().unwrap())
+}
+
+#[test]
+fn endless_and_trickled_bodies_end_at_their_limits_with_flat_memory() {
+    let target = target();
+    let dir = TempDir::new("endless");
+    let out = dir.path().join("out.json");
+    let out_arg = out.display().to_string();
+
+    // Dropped bodies: an endless one read for as long as the cap lets it, 4 at a time.
+    let script = dir.write("endless.lua", r#"endpoints = { Task("GET", "/fault/endless") }"#);
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "4", "-t", "2s", "-q", "--max-body", "200MB", "--out", &out_arg],
+    );
+    let (f, peak) = run_sampling_rss(&args, Duration::from_secs(20));
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    let json = read_json(&out);
+    let failures = json["failures"].as_array().unwrap();
+    assert!(failures.iter().any(|x| x["reason"] == "body too large"), "{json:#}");
+    assert!(peak < 64 * 1024, "dropped bodies keep memory flat: peak {peak} KiB");
+
+    // Kept bodies (after_response reads them): bounded by users x the cap.
+    let script = dir.write(
+        "kept.lua",
+        r#"endpoints = { Task("GET", "/fault/endless") }
+           function after_response(user, req, res) end"#,
+    );
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "4", "-t", "2s", "-q", "--max-body", "8MiB", "--out", &out_arg],
+    );
+    let (f, peak) = run_sampling_rss(&args, Duration::from_secs(20));
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    assert!(
+        peak < 4 * 16 * 1024 + 64 * 1024,
+        "kept bodies stay under users x cap: peak {peak} KiB"
+    );
+
+    // A trickled body ends at the request timeout, not later.
+    let script = dir.write(
+        "trickle.lua",
+        r#"endpoints = { Task("GET", "/fault/trickle?bytes=100&ms=200") }"#,
+    );
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "2", "-t", "1s", "--timeout", "500ms", "-q", "--out", &out_arg],
+    );
+    let started = Instant::now();
+    let (f, _) = run_sampling_rss(&args, Duration::from_secs(20));
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "ended on time: {:?}",
+        started.elapsed()
+    );
+    let json = read_json(&out);
+    assert_eq!(json["failures"][0]["reason"], "request timeout", "{json:#}");
+    assert_eq!(json["total"]["failures"], json["total"]["requests"]);
+}
