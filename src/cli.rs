@@ -111,6 +111,12 @@ pub struct LoadArgs {
     /// Trust the certificates in this PEM file instead of the system's roots.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for servers that ask for one (mutual TLS); needs --key.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
     /// Write the final summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -142,6 +148,7 @@ impl LoadArgs {
             tls: crate::http::TlsOptions {
                 insecure: self.insecure,
                 ca_cert: self.ca_cert.clone(),
+                client_cert: self.cert.clone().zip(self.key.clone()),
             },
         }
     }

@@ -239,44 +239,60 @@ pub struct TlsOptions {
     pub insecure: bool,
     /// Trust only the certificates in this PEM file (instead of the system's roots).
     pub ca_cert: Option<std::path::PathBuf>,
+    /// A client certificate (PEM chain) and its key (PEM), for servers that ask for one.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// The TLS configuration of a run, built once and shared by every connection of every user:
 /// rustls with ring; the system's roots unless `--ca-cert` or `--insecure` say otherwise.
 pub fn tls_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS setup")?;
-    let mut config = if options.insecure {
+    let builder = if options.insecure {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth()
     } else if let Some(path) = &options.ca_cert {
-        use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-            .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
-        for cert in certs {
-            let cert = cert.with_context(|| format!("--ca-cert {}: not a PEM certificate", path.display()))?;
+        for cert in read_certs(path, "--ca-cert")? {
             roots
                 .add(cert)
                 .with_context(|| format!("--ca-cert {}: unusable certificate", path.display()))?;
         }
-        if roots.is_empty() {
-            bail!("--ca-cert {}: no certificate in the file", path.display());
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(roots)
     } else {
         let verifier = rustls_platform_verifier::Verifier::new(provider).context("loading the system's TLS roots")?;
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth()
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
+    };
+    let mut config = match &options.client_cert {
+        Some((cert, key)) => {
+            let chain = read_certs(cert, "--cert")?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("--key {}: no PEM private key read", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("--cert and --key do not make a usable pair")?
+        }
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The certificates of a PEM file (at least one).
+fn read_certs(path: &std::path::Path, flag: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read {flag} {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{flag} {}: not a PEM certificate", path.display()))?;
+    if certs.is_empty() {
+        bail!("{flag} {}: no certificate in the file", path.display());
+    }
+    Ok(certs)
 }
 
 /// `--insecure`: any certificate for any name is accepted; the handshake signatures are still
@@ -330,6 +346,8 @@ fn tls_reason(e: &std::io::Error) -> Reason {
         rustls::Error::InvalidCertificate(Expired | ExpiredContext { .. }) => "certificate expired",
         rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. }) => "name mismatch",
         rustls::Error::InvalidCertificate(_) => "invalid certificate",
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired) => "certificate required",
+        rustls::Error::AlertReceived(_) => "alert from the server",
         _ => "handshake failed",
     })
 }
@@ -572,8 +590,17 @@ async fn fill(conn: &mut Conn) -> Result<(), Reason> {
     match conn.stream.read_buf(&mut conn.buf).await {
         Ok(0) => Err(Reason::Closed),
         Ok(_) => Ok(()),
-        Err(e) => Err(io_reason(&e).unwrap_or(Reason::Body)),
+        Err(e) => Err(io_failure(&e, Reason::Body)),
     }
+}
+
+/// An I/O error's class: TLS errors (which can surface on the first read: a TLS 1.3 server
+/// that refuses the client's certificate says so after the handshake), then the socket's.
+fn io_failure(e: &std::io::Error, otherwise: Reason) -> Reason {
+    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+        return tls_reason(e);
+    }
+    io_reason(e).unwrap_or(otherwise)
 }
 
 /// One request and its response on an open connection. Returns the response and whether the
@@ -589,7 +616,7 @@ async fn exchange(
         conn.stream.write_all(&req.wire).await?;
         conn.stream.flush().await
     };
-    written.await.map_err(|e| io_reason(&e).unwrap_or(Reason::Closed))?;
+    written.await.map_err(|e| io_failure(&e, Reason::Closed))?;
 
     // The head: parsed in place; 1xx interim responses are skipped.
     let Head {

@@ -62,7 +62,11 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             tls,
         } => {
             let tls = tls.then_some(stormlight::target::LOCAL_NAMES);
-            let options = stormlight::target::Options { idle_close, tls };
+            let options = stormlight::target::Options {
+                idle_close,
+                tls,
+                client_ca: None,
+            };
             let target = stormlight::target::Target::start_with(SocketAddr::new(bind, port), options).await?;
             if let Some(pem) = &target.cert_pem {
                 let path = std::env::temp_dir().join(format!("stormlight-target-{}.pem", target.addr.port()));

@@ -85,12 +85,14 @@ impl Counts {
 }
 
 /// How the target behaves as a whole.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Close a keep-alive connection that waits longer than this for its next request.
     pub idle_close: Option<Duration>,
     /// Serve HTTPS with a self-signed certificate generated at start for these names.
     pub tls: Option<&'static [&'static str]>,
+    /// With TLS: require a client certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// The names `stormlight target --tls` puts in its certificate.
@@ -131,7 +133,7 @@ impl Target {
         let (generation, _) = watch::channel(0u64);
         let (tls, cert_pem) = match options.tls {
             Some(names) => {
-                let (acceptor, pem) = self_signed(names)?;
+                let (acceptor, pem) = self_signed(names, options.client_ca.clone())?;
                 (Some(acceptor), Some(pem))
             }
             None => (None, None),
@@ -283,16 +285,30 @@ where
 }
 
 /// A TLS acceptor with a certificate made now for `names`, and that certificate as PEM.
-fn self_signed(names: &[&str]) -> Result<(tokio_rustls::TlsAcceptor, String)> {
+fn self_signed(
+    names: &[&str],
+    client_ca: Option<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<(tokio_rustls::TlsAcceptor, String)> {
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let certified = rcgen::generate_simple_self_signed(names).context("generating the target's certificate")?;
     let pem = certified.cert.pem();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS setup")?
-        .with_no_client_auth()
+        .context("TLS setup")?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca).context("client CA")?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .context("client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(vec![certified.cert.der().clone()], key)
         .context("TLS certificate")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -327,3 +327,58 @@ fn insecure() -> stormlight::http::TlsOptions {
         ..Default::default()
     }
 }
+
+#[test]
+fn mutual_tls_needs_the_client_certificate() {
+    // A CA, and a client certificate it signs.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["stormlight-client".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &ca)
+        .unwrap();
+
+    let names: &'static [&'static str] = &["127.0.0.1"];
+    let options = stormlight::target::Options {
+        tls: Some(names),
+        client_ca: Some(ca.der().clone()),
+        ..Default::default()
+    };
+    let t = Target::spawn_thread_with(SocketAddr::from(([127, 0, 0, 1], 0)), options).expect("mtls target");
+    let dir = std::env::temp_dir().join(format!("stormlight-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let server_ca = write("server.pem", t.cert_pem.clone().unwrap());
+    let cert = write("client.pem", client.pem());
+    let key = write("client.key", client_key.serialize_pem());
+    let scenario = r#"endpoints = { Task("GET", "/hello") }"#;
+    let tls = |client_cert| stormlight::http::TlsOptions {
+        ca_cert: Some(server_ca.clone()),
+        client_cert,
+        insecure: false,
+    };
+    let short = |tls| Overrides {
+        users: Some(2),
+        duration: Some(Duration::from_millis(500)),
+        tls,
+        ..Default::default()
+    };
+
+    let s = run(scenario, &t.url(), short(tls(None)));
+    assert!(s.total.requests > 0 && s.total.failures == s.total.requests);
+    let why = &reasons(&s)["/hello"][0].0;
+    assert!(why.starts_with("tls error"), "{why}");
+    assert_eq!(t.counts.requests(), 0, "nothing got past the server's check");
+
+    let s = run(scenario, &t.url(), short(tls(Some((cert, key)))));
+    assert!(s.total.requests > 0 && s.total.failures == 0, "{:?}", s.failures);
+    assert_eq!(t.counts.requests(), s.total.requests);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
