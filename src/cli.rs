@@ -111,6 +111,13 @@ pub struct LoadArgs {
     /// Trust the certificates in this PEM file instead of the system's roots.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<std::path::PathBuf>,
+    /// HTTP/1.1 only (no HTTP/2, even where TLS would negotiate it).
+    #[arg(long, conflicts_with = "http2")]
+    pub http1: bool,
+    /// HTTP/2 on plain http too, by prior knowledge (h2c). On https, HTTP/2 is used whenever
+    /// the server offers it.
+    #[arg(long)]
+    pub http2: bool,
     /// Client certificate (PEM) for servers that ask for one (mutual TLS); needs --key.
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<std::path::PathBuf>,
@@ -145,6 +152,13 @@ impl LoadArgs {
             connect_timeout: self.connect_timeout,
             max_body: self.max_body,
             max_redirects: self.max_redirects,
+            protocol: if self.http1 {
+                Some(crate::http::Protocol::Http1)
+            } else if self.http2 {
+                Some(crate::http::Protocol::Http2)
+            } else {
+                None
+            },
             tls: crate::http::TlsOptions {
                 insecure: self.insecure,
                 ca_cert: self.ca_cert.clone(),

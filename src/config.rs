@@ -26,6 +26,7 @@ pub struct Overrides {
     pub max_body: Option<u64>,
     pub max_redirects: Option<u32>,
     pub tls: crate::http::TlsOptions,
+    pub protocol: Option<crate::http::Protocol>,
 }
 
 /// Everything a run needs, validated.
@@ -53,6 +54,7 @@ pub struct RunConfig {
     pub tls_options: crate::http::TlsOptions,
     /// The TLS configuration every connection shares, built once.
     pub tls: std::sync::Arc<rustls::ClientConfig>,
+    pub protocol: crate::http::Protocol,
 }
 
 /// How the live table is shown while the run goes.
@@ -107,7 +109,8 @@ impl RunConfig {
         if cli.tls.insecure && cli.tls.ca_cert.is_some() {
             bail!("give --insecure or --ca-cert, not both");
         }
-        let tls = crate::http::tls_config(&cli.tls)?;
+        let protocol = cli.protocol.unwrap_or_default();
+        let tls = crate::http::tls_config(&cli.tls, protocol)?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Ok(Self {
             script,
@@ -123,6 +126,7 @@ impl RunConfig {
             http,
             tls_options: cli.tls.clone(),
             tls,
+            protocol,
         })
     }
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::Full;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use hyper::{Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -52,9 +53,11 @@ pub struct Prepared {
     /// `Content-Length` included) and body.
     pub wire: Bytes,
     pub timeout: Option<Duration>,
-    /// The scenario's own headers and body, for following a redirect.
+    /// The scenario's own headers and body, for following a redirect and for HTTP/2.
     headers: HeaderMap,
     body: Bytes,
+    /// The absolute URI HTTP/2 needs (`:scheme`, `:authority`, `:path`).
+    h2_uri: Uri,
 }
 
 /// The URL a request goes to: `host` + path (+ query), or its absolute `url` (+ query).
@@ -180,6 +183,10 @@ impl Prepared {
         }
         wire.extend_from_slice(b"\r\n");
         wire.extend_from_slice(&body);
+        let scheme = if origin.https { "https" } else { "http" };
+        let h2_uri = format!("{scheme}://{}{target}", host_header.to_str().unwrap_or_default())
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/"));
         Self {
             method: spec.method.clone(),
             origin,
@@ -189,6 +196,7 @@ impl Prepared {
             timeout: spec.timeout,
             headers: spec.headers.clone(),
             body,
+            h2_uri,
         }
     }
 }
@@ -200,6 +208,7 @@ pub struct Client {
     pub limits: Limits,
     /// Shared by every connection; `None` only where no https URL can occur (tests).
     tls: Option<Arc<rustls::ClientConfig>>,
+    pub protocol: Protocol,
 }
 
 /// Limits of every exchange, overridable from the command line.
@@ -228,7 +237,12 @@ impl Client {
     }
 
     pub fn with_limits(timeout: Duration, limits: Limits, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
-        Self { timeout, limits, tls }
+        Self {
+            timeout,
+            limits,
+            tls,
+            protocol: Protocol::Auto,
+        }
     }
 }
 
@@ -245,7 +259,7 @@ pub struct TlsOptions {
 
 /// The TLS configuration of a run, built once and shared by every connection of every user:
 /// rustls with ring; the system's roots unless `--ca-cert` or `--insecure` say otherwise.
-pub fn tls_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>> {
+pub fn tls_config(options: &TlsOptions, protocol: Protocol) -> Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -278,7 +292,10 @@ pub fn tls_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>> {
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = match protocol {
+        Protocol::Http1 => vec![b"http/1.1".to_vec()],
+        Protocol::Auto | Protocol::Http2 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     Ok(Arc::new(config))
 }
 
@@ -390,13 +407,44 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// One keep-alive connection and its read buffer.
-struct Conn {
-    origin: Arc<Origin>,
+/// An HTTP/1.1 connection: the byte stream and its read buffer.
+struct H1 {
     stream: Stream,
     buf: BytesMut,
+}
+
+/// What a connection speaks.
+enum Link {
+    H1(H1),
+    /// HTTP/2 through hyper's client connection (ALPN `h2`, or prior knowledge with `--http2`).
+    H2(H2),
+}
+
+/// One keep-alive connection of a user.
+struct Conn {
+    origin: Arc<Origin>,
+    link: Link,
     /// When the last exchange ended: a connection idle for a while is checked before reuse.
     idle_since: Instant,
+}
+
+/// An HTTP/2 connection: the request handle, and why the connection's task ended (the handle
+/// itself only learns that it is closed).
+struct H2 {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    ended: Arc<std::sync::Mutex<Option<Reason>>>,
+}
+
+/// Which HTTP versions a run may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// HTTP/2 where TLS negotiates it (ALPN), HTTP/1.1 otherwise.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only (`--http1`).
+    Http1,
+    /// HTTP/2 also on plain http, by prior knowledge (`--http2`, h2c).
+    Http2,
 }
 
 /// A connection idle for longer than this is checked for a close from the server before it
@@ -410,9 +458,16 @@ impl Conn {
         if self.idle_since.elapsed() < CHECK_AFTER_IDLE {
             return false;
         }
-        let tcp = match &self.stream {
-            Stream::Plain(tcp) => tcp,
-            Stream::Tls(tls) => tls.get_ref().0,
+        let tcp = match &self.link {
+            Link::H2(h2) => return h2.sender.is_closed(),
+            Link::H1(H1 {
+                stream: Stream::Plain(tcp),
+                ..
+            }) => tcp,
+            Link::H1(H1 {
+                stream: Stream::Tls(tls),
+                ..
+            }) => tls.get_ref().0,
         };
         let mut probe = [0u8; 1];
         // WouldBlock: open and quiet. 0 bytes: closed. Data or an error: unusable either way.
@@ -435,6 +490,8 @@ pub struct Session {
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
+    /// Whether it came over HTTP/2.
+    pub h2: bool,
     /// Filled only when the body is kept (for `after_response`).
     pub headers: HeaderMap,
     /// The body, kept only when asked for; otherwise counted and dropped.
@@ -520,13 +577,12 @@ impl Client {
                 Err(_) => return Err(Reason::ConnectTimeout),
             },
         };
-        let conn = &mut session.conns[idx];
         let max_body = self.limits.max_body;
-        let result = tokio::time::timeout(
-            timeout.saturating_sub(start.elapsed()),
-            exchange(conn, req, keep_body, max_body),
-        )
-        .await;
+        let left = timeout.saturating_sub(start.elapsed());
+        let result = match &mut session.conns[idx].link {
+            Link::H1(conn) => tokio::time::timeout(left, exchange(conn, req, keep_body, max_body)).await,
+            Link::H2(h2) => tokio::time::timeout(left, exchange_h2(h2, req, keep_body, max_body)).await,
+        };
         match result {
             Ok(Ok((resp, location, reusable))) => {
                 if reusable {
@@ -556,7 +612,7 @@ impl Client {
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
-        let stream = if origin.https {
+        let link = if origin.https {
             let config = self.tls.clone().ok_or(Reason::Tls("no TLS configuration"))?;
             let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
                 .map_err(|_| Reason::Tls("bad server name"))?;
@@ -567,22 +623,151 @@ impl Client {
             .await
             .map_err(|_| Reason::ConnectTimeout)?
             .map_err(|e| tls_reason(&e))?;
-            Stream::Tls(Box::new(tls))
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Link::H2(h2_handshake(tls).await?)
+            } else {
+                Link::H1(H1 {
+                    stream: Stream::Tls(Box::new(tls)),
+                    buf: BytesMut::with_capacity(1024),
+                })
+            }
+        } else if self.protocol == Protocol::Http2 {
+            Link::H2(h2_handshake(tcp).await?)
         } else {
-            Stream::Plain(tcp)
+            Link::H1(H1 {
+                stream: Stream::Plain(tcp),
+                buf: BytesMut::with_capacity(1024),
+            })
         };
+        // (An HTTP/1.1 read buffer starts small: most response heads fit, and ten thousand idle
+        // users keep theirs.)
         Ok(Conn {
             origin: origin.clone(),
-            stream,
-            // Small to start: most response heads fit, and ten thousand idle users keep theirs.
-            buf: BytesMut::with_capacity(1024),
+            link,
             idle_since: Instant::now(),
         })
     }
 }
 
+/// Opens HTTP/2 on a connected stream; the connection's task runs on this worker's runtime.
+async fn h2_handshake<T>(io: T) -> Result<H2, Reason>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| h2_reason(&e))?;
+    let ended = Arc::new(std::sync::Mutex::new(None));
+    let record = ended.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await
+            && let Ok(mut slot) = record.lock()
+        {
+            *slot = Some(h2_reason(&e));
+        }
+    });
+    Ok(H2 { sender, ended })
+}
+
+/// One request and its response over HTTP/2.
+async fn exchange_h2(
+    h2: &mut H2,
+    req: &Prepared,
+    keep_body: bool,
+    max_body: u64,
+) -> Result<(Response, Option<String>, bool), Reason> {
+    let ended = h2.ended.clone();
+    exchange_h2_inner(&mut h2.sender, req, keep_body, max_body)
+        .await
+        .map_err(|reason| match reason {
+            // The connection's own task knows better why it closed (a TLS alert, a reset).
+            Reason::Closed => ended
+                .lock()
+                .ok()
+                .and_then(|slot| slot.clone())
+                .unwrap_or(Reason::Closed),
+            other => other,
+        })
+}
+
+async fn exchange_h2_inner(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    req: &Prepared,
+    keep_body: bool,
+    max_body: u64,
+) -> Result<(Response, Option<String>, bool), Reason> {
+    use http_body_util::BodyExt;
+    sender.ready().await.map_err(|e| h2_reason(&e))?;
+    let mut request = hyper::Request::new(Full::new(req.body.clone()));
+    *request.method_mut() = req.method.clone();
+    *request.uri_mut() = req.h2_uri.clone();
+    let headers = request.headers_mut();
+    *headers = req.headers.clone();
+    headers.remove(HOST);
+    if !headers.contains_key(USER_AGENT) {
+        headers.insert(USER_AGENT, USER_AGENT_VALUE.clone());
+    }
+    let resp = sender.send_request(request).await.map_err(|e| h2_reason(&e))?;
+    let status = resp.status().as_u16();
+    let location = resp
+        .headers()
+        .get(hyper::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (parts, mut body) = resp.into_parts();
+    let mut kept = BytesMut::new();
+    let mut read: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| h2_reason(&e))?;
+        if let Some(data) = frame.data_ref() {
+            read += data.len() as u64;
+            if read > max_body {
+                return Err(Reason::BodyTooLarge);
+            }
+            if keep_body {
+                kept.extend_from_slice(data);
+            }
+        }
+    }
+    let headers = if keep_body { parts.headers } else { HeaderMap::new() };
+    Ok((
+        Response {
+            status,
+            h2: true,
+            headers,
+            body: kept.freeze(),
+            elapsed: Duration::ZERO,
+        },
+        location,
+        true,
+    ))
+}
+
+fn h2_reason(e: &hyper::Error) -> Reason {
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        // h2 passes I/O errors on as text (a TLS alert becomes "received fatal alert: ...").
+        let text = inner.to_string();
+        if text.contains("CertificateRequired") {
+            return Reason::Tls("certificate required");
+        } else if text.contains("received fatal alert") {
+            return Reason::Tls("alert from the server");
+        }
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            return io_failure(io, Reason::Closed);
+        }
+        source = inner.source();
+    }
+    if e.is_closed() || e.is_canceled() || e.is_incomplete_message() {
+        Reason::Closed
+    } else {
+        Reason::Protocol
+    }
+}
+
 /// Reads more bytes into the connection's buffer; end of stream is an error here.
-async fn fill(conn: &mut Conn) -> Result<(), Reason> {
+async fn fill(conn: &mut H1) -> Result<(), Reason> {
     // Never read into zero spare room: that returns 0, which would look like end of stream.
     if conn.buf.capacity() - conn.buf.len() < 256 {
         conn.buf.reserve(conn.buf.len().max(1024));
@@ -606,7 +791,7 @@ fn io_failure(e: &std::io::Error, otherwise: Reason) -> Reason {
 /// One request and its response on an open connection. Returns the response and whether the
 /// connection can carry another request.
 async fn exchange(
-    conn: &mut Conn,
+    conn: &mut H1,
     req: &Prepared,
     keep_body: bool,
     max_body: u64,
@@ -650,7 +835,7 @@ async fn exchange(
     let mut body = BytesMut::new();
     let mut read: u64 = 0;
     // Body bytes are counted against the cap whether they are kept or dropped.
-    let mut take = |conn: &mut Conn, n: usize| {
+    let mut take = |conn: &mut H1, n: usize| {
         read += n as u64;
         if read > max_body {
             return Err(Reason::BodyTooLarge);
@@ -731,6 +916,7 @@ async fn exchange(
     let reusable = reusable && conn.buf.is_empty();
     let resp = Response {
         status,
+        h2: false,
         headers,
         body: body.freeze(),
         elapsed: Duration::ZERO,

@@ -108,6 +108,10 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         if s.interrupted { " (interrupted)" } else { "" }
     )?;
     writeln!(w, "{}", stats_table(&rows, &(s.total.clone(), None)))?;
+    if !s.protocols.is_empty() {
+        let list: Vec<String> = s.protocols.iter().map(|(p, n)| format!("{p}: {n}")).collect();
+        writeln!(w, "responses by protocol: {}", list.join(", "))?;
+    }
     let due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
     match s.all_users_started_s {
         Some(t) => writeln!(

@@ -167,7 +167,8 @@ pub async fn run_with(
     let mut workers = Vec::with_capacity(cfg.workers);
     for n in 0..cfg.workers {
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = http::Client::with_limits(cfg.timeout, cfg.http, Some(cfg.tls.clone()));
+        let mut client = http::Client::with_limits(cfg.timeout, cfg.http, Some(cfg.tls.clone()));
+        client.protocol = cfg.protocol;
         let (plan, shared) = (plan.clone(), shared.clone());
         std::thread::Builder::new()
             .name(format!("stormlight-worker-{n}"))

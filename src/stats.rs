@@ -152,6 +152,8 @@ pub struct Recorder {
     /// Keyed by row id rather than index so that errors outside any request (a failing
     /// `on_start`) can be listed without adding a request row.
     failures: HashMap<(Arc<RowId>, Reason), u64>,
+    /// Responses received over HTTP/1.1 and over HTTP/2.
+    protocols: [u64; 2],
 }
 
 /// What a recorder hands to the aggregator on each tick: the counts since the previous tick.
@@ -159,6 +161,7 @@ pub struct Recorder {
 pub struct Snapshot {
     pub rows: Vec<(Arc<RowId>, RowStats)>,
     pub failures: Vec<(Arc<RowId>, Reason, u64)>,
+    pub protocols: [u64; 2],
 }
 
 impl Recorder {
@@ -169,6 +172,7 @@ impl Recorder {
             index: HashMap::new(),
             inflight: Vec::new(),
             failures: HashMap::new(),
+            protocols: [0; 2],
         };
         for row in rows {
             rec.row(row);
@@ -223,6 +227,11 @@ impl Recorder {
         *self.failures.entry((id.clone(), reason)).or_insert(0) += 1;
     }
 
+    /// Counts a response by the HTTP version it came over.
+    pub fn protocol(&mut self, h2: bool) {
+        self.protocols[usize::from(h2)] += 1;
+    }
+
     /// Counts every request still in flight as aborted: called when the run is cut off.
     pub fn abort_inflight(&mut self) {
         for row in 0..self.rows.len() {
@@ -255,7 +264,11 @@ impl Recorder {
             })
             .collect();
         let failures = self.failures.drain().map(|((id, reason), n)| (id, reason, n)).collect();
-        Snapshot { rows, failures }
+        Snapshot {
+            rows,
+            failures,
+            protocols: std::mem::take(&mut self.protocols),
+        }
     }
 }
 
@@ -269,6 +282,7 @@ pub struct Aggregate {
     /// Requests per row in the current tick (reset by [`Aggregate::end_tick`]).
     tick: HashMap<RowId, u64>,
     last_tick: HashMap<RowId, u64>,
+    protocols: [u64; 2],
 }
 
 impl Aggregate {
@@ -301,6 +315,8 @@ impl Aggregate {
         for (id, reason, n) in snap.failures {
             *self.failures.entry(((*id).clone(), reason)).or_insert(0) += n;
         }
+        self.protocols[0] += snap.protocols[0];
+        self.protocols[1] += snap.protocols[1];
     }
 
     /// Closes the current tick: its counts become the "current" ones.
@@ -363,6 +379,11 @@ impl Aggregate {
             duration_s: round3(secs),
             interrupted: meta.interrupted,
             all_users_started_s: meta.all_users_started.map(|d| round3(d.as_secs_f64())),
+            protocols: [("HTTP/1.1", self.protocols[0]), ("HTTP/2", self.protocols[1])]
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(p, n)| (p.to_string(), n))
+                .collect(),
             config: meta.config,
             total: RowSummary::new("", "Aggregated", &self.total(), secs).into_total(),
             endpoints,
@@ -395,6 +416,9 @@ pub struct Summary {
     /// before every user started). With spawn rate R and N users, N/R means it kept up.
     #[serde(default)]
     pub all_users_started_s: Option<f64>,
+    /// Responses received per HTTP version.
+    #[serde(default)]
+    pub protocols: std::collections::BTreeMap<String, u64>,
     pub config: ConfigSummary,
     pub total: RowSummary,
     pub endpoints: Vec<RowSummary>,

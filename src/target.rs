@@ -64,6 +64,8 @@ pub const DOWN_PATH: &str = "/__down";
 pub struct Counts {
     requests: AtomicU64,
     paths: Mutex<HashMap<String, u64>>,
+    /// Requests received over HTTP/1.x and over HTTP/2.
+    protocols: [AtomicU64; 2],
 }
 
 impl Counts {
@@ -74,6 +76,11 @@ impl Counts {
     /// Requests received per path.
     pub fn paths(&self) -> HashMap<String, u64> {
         self.paths.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Requests received over HTTP/2.
+    pub fn http2(&self) -> u64 {
+        self.protocols[1].load(Ordering::SeqCst)
     }
 
     fn count(&self, path: &str) {
@@ -276,10 +283,11 @@ where
     };
     let (handler, reset) = (state.clone(), reset.clone());
     let service = service_fn(move |req| handle(req, handler.clone(), reset.clone()));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(true);
+    // HTTP/1.1, or HTTP/2 (by ALPN over TLS, or by its preface on plain connections).
+    let mut http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    http.http1().keep_alive(true);
     if let Some(idle) = state.options.idle_close {
-        http.timer(TokioTimer::new()).header_read_timeout(idle);
+        http.http1().timer(TokioTimer::new()).header_read_timeout(idle);
     }
     let _ = http.serve_connection(TokioIo::new(io), service).await;
 }
@@ -311,7 +319,7 @@ fn self_signed(
     let mut config = builder
         .with_single_cert(vec![certified.cert.der().clone()], key)
         .context("TLS certificate")?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), pem))
 }
 
@@ -409,10 +417,9 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
     let path = req.uri().path().to_string();
     if path == STATS_PATH {
         let paths = counts.paths();
-        return Ok(json(
-            StatusCode::OK,
-            serde_json::json!({ "requests": counts.requests(), "paths": paths }),
-        ));
+        let protocols = serde_json::json!({ "HTTP/1.1": counts.requests() - counts.http2(), "HTTP/2": counts.http2() });
+        let stats = serde_json::json!({ "requests": counts.requests(), "paths": paths, "protocols": protocols });
+        return Ok(json(StatusCode::OK, stats));
     }
     if path == DOWN_PATH {
         let pause = Duration::from_millis(query_num(&req, "ms", 1000));
@@ -425,6 +432,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
         return Ok(full(StatusCode::OK, "text/plain", "going down\n"));
     }
     counts.count(&path);
+    counts.protocols[usize::from(req.version() == hyper::Version::HTTP_2)].fetch_add(1, Ordering::SeqCst);
     let method = req.method().clone();
     let resp = match (method.as_str(), path.as_str()) {
         ("GET", "/hello") => json(StatusCode::OK, serde_json::json!({ "message": "Hello, World!" })),

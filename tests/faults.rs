@@ -382,3 +382,55 @@ fn mutual_tls_needs_the_client_certificate() {
     assert_eq!(t.counts.requests(), s.total.requests);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn http2_by_alpn_on_https_by_prior_knowledge_on_http_and_http1_on_request() {
+    let names: &'static [&'static str] = &["127.0.0.1"];
+    let tls = Target::spawn_thread_with(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        stormlight::target::Options {
+            tls: Some(names),
+            ..Default::default()
+        },
+    )
+    .expect("tls target");
+    let scenario = r#"endpoints = { Task("GET", "/hello"), Task("POST", "/api/upload", { json = { a = 1 } }) }"#;
+    let short = |protocol| Overrides {
+        users: Some(2),
+        duration: Some(Duration::from_millis(500)),
+        tls: insecure(),
+        protocol,
+        ..Default::default()
+    };
+    let s = run(scenario, &tls.url(), short(None));
+    assert!(s.total.requests > 0 && s.total.failures == 0, "{:?}", s.failures);
+    assert_eq!(
+        s.protocols.get("HTTP/2"),
+        Some(&s.total.requests),
+        "negotiated by ALPN: {:?}",
+        s.protocols
+    );
+    assert_eq!(tls.counts.http2(), s.total.requests, "the target saw HTTP/2 too");
+
+    let before = tls.counts.requests();
+    let s = run(scenario, &tls.url(), short(Some(stormlight::http::Protocol::Http1)));
+    assert!(s.total.failures == 0, "{:?}", s.failures);
+    assert_eq!(
+        s.protocols.get("HTTP/1.1"),
+        Some(&s.total.requests),
+        "{:?}",
+        s.protocols
+    );
+    assert_eq!(tls.counts.requests() - before, s.total.requests);
+
+    let plain = target();
+    let s = run(scenario, &plain.url(), short(Some(stormlight::http::Protocol::Http2)));
+    assert!(s.total.requests > 0 && s.total.failures == 0, "{:?}", s.failures);
+    assert_eq!(
+        s.protocols.get("HTTP/2"),
+        Some(&s.total.requests),
+        "h2c: {:?}",
+        s.protocols
+    );
+    assert_eq!(plain.counts.http2(), s.total.requests);
+}
