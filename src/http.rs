@@ -524,7 +524,7 @@ impl Client {
         let timeout = req.timeout.unwrap_or(self.timeout);
         let mut hop = None;
         for _ in 0..=self.limits.max_redirects {
-            let current = hop.as_ref().unwrap_or(req);
+            let current = hop.as_deref().unwrap_or(req);
             let left = timeout.saturating_sub(start.elapsed());
             let (resp, location) = self
                 .send_once(session, current, keep_body, left)
@@ -537,7 +537,8 @@ impl Client {
                 _ => None,
             };
             match next {
-                Some(next) => hop = Some(next),
+                // Boxed: the pending future of every user carries this slot.
+                Some(next) => hop = Some(Box::new(next)),
                 None => {
                     return Ok(Response {
                         elapsed: start.elapsed(),
@@ -568,7 +569,10 @@ impl Client {
         };
         let idx = match found {
             Some(i) => i,
-            None => match tokio::time::timeout(timeout, self.connect(&req.origin)).await {
+            // Boxed, like the HTTP/2 exchange below: every user's task holds its pending future,
+            // and inline these rare paths (TLS and HTTP/2 handshakes) would make each user's
+            // task several KiB larger for the whole run.
+            None => match tokio::time::timeout(timeout, Box::pin(self.connect(&req.origin))).await {
                 Ok(Ok(conn)) => {
                     session.conns.push(conn);
                     session.conns.len() - 1
@@ -581,7 +585,7 @@ impl Client {
         let left = timeout.saturating_sub(start.elapsed());
         let result = match &mut session.conns[idx].link {
             Link::H1(conn) => tokio::time::timeout(left, exchange(conn, req, keep_body, max_body)).await,
-            Link::H2(h2) => tokio::time::timeout(left, exchange_h2(h2, req, keep_body, max_body)).await,
+            Link::H2(h2) => tokio::time::timeout(left, Box::pin(exchange_h2(h2, req, keep_body, max_body))).await,
         };
         match result {
             Ok(Ok((resp, location, reusable))) => {
