@@ -110,13 +110,29 @@ impl Prepared {
             host: host_str,
             port,
         });
-        Ok(Self::assemble(origin, Arc::from(target), host_header, spec))
+        let scheme = if origin.https { "https" } else { "http" };
+        let h2_uri = format!("{scheme}://{authority}{target}")
+            .parse()
+            .context("bad URL for HTTP/2")?;
+        Ok(Self::assemble(
+            origin,
+            Arc::from(target),
+            host_header,
+            h2_uri,
+            spec.clone(),
+        ))
     }
 
     /// The same destination with another method, headers, body or timeout: what a hook that
     /// changed neither the path nor the query sends, without parsing a URL again.
-    pub fn with_spec(&self, spec: &RequestSpec) -> Self {
-        Self::assemble(self.origin.clone(), self.target.clone(), self.host_header.clone(), spec)
+    pub fn with_spec(&self, spec: RequestSpec) -> Self {
+        Self::assemble(
+            self.origin.clone(),
+            self.target.clone(),
+            self.host_header.clone(),
+            self.h2_uri.clone(),
+            spec,
+        )
     }
 
     /// The request a redirect to `location` asks for: GET without a body after 303, and after
@@ -153,8 +169,15 @@ impl Prepared {
         Prepared::new(None, &spec).ok()
     }
 
-    fn assemble(origin: Arc<Origin>, target: Arc<str>, host_header: HeaderValue, spec: &RequestSpec) -> Self {
-        let body = spec.body.clone().unwrap_or_default();
+    fn assemble(
+        origin: Arc<Origin>,
+        target: Arc<str>,
+        host_header: HeaderValue,
+        h2_uri: Uri,
+        spec: RequestSpec,
+    ) -> Self {
+        use std::io::Write as _;
+        let body = spec.body.unwrap_or_default();
         let mut wire = Vec::with_capacity(64 + target.len() + body.len() + spec.headers.len() * 32);
         wire.extend_from_slice(spec.method.as_str().as_bytes());
         wire.push(b' ');
@@ -173,28 +196,24 @@ impl Prepared {
             line(USER_AGENT.as_str(), USER_AGENT_VALUE.as_bytes());
         }
         // A body, or a method that usually has one, says how long it is.
-        if !body.is_empty() || matches!(spec.method, Method::POST | Method::PUT | Method::PATCH) {
-            line(CONTENT_LENGTH.as_str(), body.len().to_string().as_bytes());
-        }
         for (name, value) in &spec.headers {
             if name != CONTENT_LENGTH {
                 line(name.as_str(), value.as_bytes());
             }
         }
+        if !body.is_empty() || matches!(spec.method, Method::POST | Method::PUT | Method::PATCH) {
+            let _ = write!(wire, "content-length: {}\r\n", body.len());
+        }
         wire.extend_from_slice(b"\r\n");
         wire.extend_from_slice(&body);
-        let scheme = if origin.https { "https" } else { "http" };
-        let h2_uri = format!("{scheme}://{}{target}", host_header.to_str().unwrap_or_default())
-            .parse()
-            .unwrap_or_else(|_| Uri::from_static("/"));
         Self {
-            method: spec.method.clone(),
+            method: spec.method,
             origin,
             target,
             host_header,
             wire: Bytes::from(wire),
             timeout: spec.timeout,
-            headers: spec.headers.clone(),
+            headers: spec.headers,
             body,
             h2_uri,
         }

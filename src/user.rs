@@ -146,7 +146,7 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
         if edits.changes_wire() {
             let spec = edits.apply(&ep.spec);
             if edits.target.is_none() && edits.query.is_none() {
-                edited = Some(ep.request.with_spec(&spec));
+                edited = Some(ep.request.with_spec(spec));
             } else {
                 match http::Prepared::new(plan.host.as_ref(), &spec) {
                     Ok(p) => edited = Some(p),
