@@ -511,6 +511,8 @@ pub struct Response {
     pub status: u16,
     /// Whether it came over HTTP/2.
     pub h2: bool,
+    /// Body bytes read (kept or not).
+    pub bytes: u64,
     /// Filled only when the body is kept (for `after_response`).
     pub headers: HeaderMap,
     /// The body, kept only when asked for; otherwise counted and dropped.
@@ -758,6 +760,7 @@ async fn exchange_h2_inner(
         Response {
             status,
             h2: true,
+            bytes: read,
             headers,
             body: kept.freeze(),
             elapsed: Duration::ZERO,
@@ -940,6 +943,7 @@ async fn exchange(
     let resp = Response {
         status,
         h2: false,
+        bytes: read,
         headers,
         body: body.freeze(),
         elapsed: Duration::ZERO,

@@ -65,8 +65,6 @@ pub enum Reason {
     Rejected(String),
     /// The request was still in flight when the run ended and the grace period ran out.
     Aborted,
-    /// Anything the classes above do not cover.
-    Other(String),
 }
 
 impl fmt::Display for Reason {
@@ -88,7 +86,6 @@ impl fmt::Display for Reason {
             Reason::Script(why) => write!(f, "script error: {why}"),
             Reason::Rejected(why) => f.write_str(why),
             Reason::Aborted => f.write_str("aborted: run ended before the response"),
-            Reason::Other(why) => f.write_str(why),
         }
     }
 }
@@ -104,6 +101,8 @@ pub fn new_histogram() -> Histogram<u64> {
 pub struct RowStats {
     pub requests: u64,
     pub failures: u64,
+    /// Response body bytes read.
+    pub bytes: u64,
     pub latency_us: Histogram<u64>,
 }
 
@@ -112,6 +111,7 @@ impl Default for RowStats {
         Self {
             requests: 0,
             failures: 0,
+            bytes: 0,
             latency_us: new_histogram(),
         }
     }
@@ -130,6 +130,7 @@ impl RowStats {
     pub fn merge(&mut self, other: &RowStats) {
         self.requests += other.requests;
         self.failures += other.failures;
+        self.bytes += other.bytes;
         // Both histograms auto-resize, so `add` cannot fail on range.
         let _ = self.latency_us.add(&other.latency_us);
     }
@@ -227,9 +228,10 @@ impl Recorder {
         *self.failures.entry((id.clone(), reason)).or_insert(0) += 1;
     }
 
-    /// Counts a response by the HTTP version it came over.
-    pub fn protocol(&mut self, h2: bool) {
+    /// Counts a response received for `row`: its HTTP version and its body bytes.
+    pub fn response(&mut self, row: usize, h2: bool, bytes: u64) {
         self.protocols[usize::from(h2)] += 1;
+        self.rows[row].1.bytes += bytes;
     }
 
     /// Counts every request still in flight as aborted: called when the run is cut off.
@@ -258,6 +260,7 @@ impl Recorder {
                 let fresh = RowStats {
                     requests: 0,
                     failures: 0,
+                    bytes: 0,
                     latency_us: Histogram::new_from(&s.latency_us),
                 };
                 (id.clone(), std::mem::replace(s, fresh))
@@ -442,6 +445,9 @@ pub struct RowSummary {
     pub requests: u64,
     pub failures: u64,
     pub rps: f64,
+    /// Response body bytes read for this row.
+    #[serde(default)]
+    pub bytes_received: u64,
     /// `None` (JSON `null`) when the row has no latency: every request failed before sending
     /// or was aborted.
     pub latency_ms: Option<Latency>,
@@ -459,6 +465,7 @@ impl RowSummary {
             } else {
                 0.0
             },
+            bytes_received: s.bytes,
             latency_ms: Latency::of(&s.latency_us),
         }
     }

@@ -87,7 +87,7 @@ async fn send(
     worker.recorder.borrow_mut().begin(row);
     match worker.client.send(session, req, keep_body).await {
         Ok(resp) => {
-            worker.recorder.borrow_mut().protocol(resp.h2);
+            worker.recorder.borrow_mut().response(row, resp.h2, resp.bytes);
             let failure = (resp.status >= 400).then_some(Reason::Status(resp.status));
             let outcome = Outcome {
                 elapsed: Some(resp.elapsed),

@@ -97,6 +97,14 @@ fn totals_equal_what_the_target_received_and_weights_hold() {
             weight / 8.0
         );
     }
+    // Body bytes read are counted per row: /hello always answers the same 27 bytes.
+    let hello = row(&s, "/hello");
+    assert_eq!(
+        hello.bytes_received,
+        hello.requests * r#"{"message":"Hello, World!"}"#.len() as u64
+    );
+    let bytes: u64 = s.endpoints.iter().map(|r| r.bytes_received).sum();
+    assert_eq!(s.total.bytes_received, bytes);
     let lat = s.total.latency_ms.expect("latencies recorded");
     assert!(lat.p50 > 0.0 && lat.p50 <= lat.p99);
     assert!(s.total.rps > 0.0);
