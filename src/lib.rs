@@ -63,6 +63,9 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
         Some(src) => scenario::load_source(&req.script, src, Default::default())?,
         None => scenario::load(&req.script)?,
     };
+    for warning in &scenario.warnings {
+        eprintln!("warning: {warning}");
+    }
     let cfg = RunConfig::resolve(
         req.script.clone(),
         &req.flags,

@@ -42,6 +42,8 @@ pub struct Shared {
     t0: OnceLock<std::time::Instant>,
     /// Set by a second interrupt: cut the grace period short.
     hurry: tokio::sync::watch::Sender<bool>,
+    /// Set with `stopping`, for users asleep in their think time to wake at once.
+    pub stopped: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -163,6 +165,7 @@ pub async fn run_with(
         users: cfg.users as u64,
         t0: OnceLock::new(),
         hurry: tokio::sync::watch::channel(false).0,
+        stopped: tokio::sync::watch::channel(false).0,
     });
     let mut workers = Vec::with_capacity(cfg.workers);
     for n in 0..cfg.workers {
@@ -228,6 +231,7 @@ pub async fn run_with(
 
     // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
     shared.stopping.store(true, Ordering::Relaxed);
+    shared.stopped.send_replace(true);
     {
         let finishing = finish(&workers, Instant::now() + cfg.grace, &mut agg);
         tokio::pin!(finishing);

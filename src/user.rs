@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use mlua::Value;
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 
 use crate::http;
 use crate::runner::{Plan, Shared};
@@ -31,12 +31,14 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let mut session = http::Session::default();
     let plan = worker.plan.clone();
+    let mut think = Think::new(&worker);
     if !plan.scenario.hooks.any() {
         worker.shared.user_started();
         while !worker.shared.stopping.load(Ordering::Relaxed) {
             let ep = &plan.endpoints[plan.pick(&mut rng)];
             let outcome = send(&worker, &mut session, ep.row, &ep.request, false).await.1;
             worker.recorder.borrow_mut().finish(ep.row, outcome);
+            think.pause(&mut rng).await;
         }
         return;
     }
@@ -61,10 +63,11 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
     }
     worker.shared.user_started();
     while !worker.shared.stopping.load(Ordering::Relaxed) {
-        if !iteration(&worker, &state, &mut session, &mut rng).await {
+        if !iteration(&worker, &state, &mut session, &mut rng).await && think.wait.is_none() {
             // Nothing was sent (skipped, or a hook failed): let the other users run.
             tokio::task::yield_now().await;
         }
+        think.pause(&mut rng).await;
     }
     if let Some(f) = &state.on_stop
         && let Err(msg) = state.call::<()>(f, state.user.clone())
@@ -73,6 +76,36 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
             .recorder
             .borrow_mut()
             .error(&plan.hook_row("on_stop"), Reason::Script(format!("on_stop: {msg}")));
+    }
+}
+
+/// A user's think time between iterations (`wait_time`), cut short when the run stops.
+struct Think {
+    wait: Option<api::Wait>,
+    started: std::time::Instant,
+    stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Think {
+    fn new(worker: &Worker) -> Self {
+        Self {
+            wait: worker.plan.scenario.wait,
+            started: std::time::Instant::now(),
+            stopped: worker.shared.stopped.subscribe(),
+        }
+    }
+
+    /// Waits as `wait_time` says after the iteration that began at the last call.
+    async fn pause(&mut self, rng: &mut SmallRng) {
+        let Some(wait) = self.wait else { return };
+        let pause = wait.pause(self.started.elapsed(), rng.random::<f64>());
+        if !pause.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = self.stopped.wait_for(|s| *s) => {}
+            }
+        }
+        self.started = std::time::Instant::now();
     }
 }
 

@@ -845,3 +845,15 @@ fn endless_and_trickled_bodies_end_at_their_limits_with_flat_memory() {
     assert_eq!(json["failures"][0]["reason"], "request timeout", "{json:#}");
     assert_eq!(json["total"]["failures"], json["total"]["requests"]);
 }
+
+#[test]
+fn check_warns_about_a_misspelt_hook() {
+    let dir = TempDir::new("typo");
+    let script = dir.write(
+        "typo.lua",
+        "endpoints = { Task('GET', '/') }\nfunction before_requets(user, req) end\n",
+    );
+    let f = run(&["check".to_string(), script.display().to_string()], QUICK);
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    assert!(f.stdout.contains("did you mean `before_request`"), "{}", f.show());
+}

@@ -283,3 +283,38 @@ fn r2_scenario_host_is_used_without_a_flag() {
     assert!(result.summary.total.requests > 0);
     assert_eq!(result.summary.total.requests, t.counts.requests());
 }
+
+/// Issue 4 (first step): think time. Four users with `constant(0.25)` for 2 s make about
+/// 4 x 2 / 0.25 = 32 requests; `constant_pacing` starts iterations on a fixed beat.
+#[test]
+fn think_time_paces_each_user() {
+    let t = target();
+    let s = run(
+        "endpoints = { Task('GET', '/hello') }\nwait_time = constant(0.25)\n",
+        &t.url(),
+        4,
+        2.0,
+        Limits::default(),
+    );
+    let n = s.total.requests as f64;
+    assert!(
+        (n - 32.0).abs() <= 32.0 * 0.15,
+        "constant(0.25): {n} requests, expected ~32"
+    );
+    assert_eq!(s.total.requests, t.counts.requests());
+
+    let t = target();
+    let s = run(
+        "endpoints = { Task('GET', '/slow?ms=100', { name = 'slow' }) }\nwait_time = constant_pacing(0.25)\n",
+        &t.url(),
+        2,
+        2.0,
+        Limits::default(),
+    );
+    // A 100 ms request and a 150 ms pause: one iteration per 0.25 s, not per 0.35 s.
+    let n = s.total.requests as f64;
+    assert!(
+        (n - 16.0).abs() <= 16.0 * 0.15,
+        "constant_pacing(0.25): {n} requests, expected ~16"
+    );
+}

@@ -307,8 +307,75 @@ pub fn show(v: &Value) -> String {
 #[derive(Default)]
 pub struct TaskLines(pub RefCell<HashMap<usize, usize>>);
 
-/// Installs the scenario globals that every state has: `Task(method, path, opts)`.
+/// Think time between a user's iterations (`wait_time = between(1, 3)`), with Locust's names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Wait {
+    /// A uniformly random pause in [min, max] seconds.
+    Between(f64, f64),
+    /// The same pause every time.
+    Constant(f64),
+    /// Iterations start every N seconds (the pause fills what the iteration left).
+    Pacing(f64),
+}
+
+impl Wait {
+    /// The pause after an iteration that took `took`; `draw` is uniform in [0, 1).
+    pub fn pause(&self, took: Duration, draw: f64) -> Duration {
+        let secs = match *self {
+            Wait::Between(min, max) => min + (max - min) * draw,
+            Wait::Constant(s) => s,
+            Wait::Pacing(every) => (every - took.as_secs_f64()).max(0.0),
+        };
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+/// Reads the `wait_time` global, made by `between`, `constant`, `constant_pacing` or
+/// `constant_throughput`.
+pub fn wait_value(v: &Value) -> FieldResult<Option<Wait>> {
+    let t = match v {
+        Value::Nil => return Ok(None),
+        Value::Table(t) => t,
+        other => {
+            return Err(format!(
+                "`wait_time` must be made by between(a, b), constant(s), constant_pacing(s) or constant_throughput(n), got {}",
+                show(other)
+            ));
+        }
+    };
+    let kind: String = t
+        .raw_get("__wait")
+        .map_err(|_| "`wait_time`: use between(a, b), constant(s), ...".to_string())?;
+    let a: f64 = t.raw_get("a").map_err(|e| e.to_string())?;
+    let b: f64 = t.raw_get("b").map_err(|e| e.to_string())?;
+    let bad = |what: &str| Err(format!("`wait_time`: {what}"));
+    if !a.is_finite() || !b.is_finite() || a < 0.0 || b < 0.0 {
+        return bad("times must be non-negative numbers");
+    }
+    Ok(Some(match kind.as_str() {
+        "between" if a <= b => Wait::Between(a, b),
+        "between" => return bad("between(a, b) needs a <= b"),
+        "constant" => Wait::Constant(a),
+        "constant_pacing" => Wait::Pacing(a),
+        "constant_throughput" if a > 0.0 => Wait::Pacing(1.0 / a),
+        "constant_throughput" => return bad("constant_throughput(n) needs n > 0"),
+        other => return bad(&format!("unknown kind {other:?}")),
+    }))
+}
+
+/// Installs the scenario globals that every state has: `Task(method, path, opts)` and the
+/// think-time makers `between`, `constant`, `constant_pacing`, `constant_throughput`.
 pub fn install(lua: &Lua) -> mlua::Result<()> {
+    for kind in ["between", "constant", "constant_pacing", "constant_throughput"] {
+        let maker = lua.create_function(move |lua, (a, b): (f64, Option<f64>)| {
+            let t = lua.create_table()?;
+            t.raw_set("__wait", kind)?;
+            t.raw_set("a", a)?;
+            t.raw_set("b", b.unwrap_or(a))?;
+            Ok(t)
+        })?;
+        lua.globals().set(kind, maker)?;
+    }
     let task = lua.create_function(|lua, (method, path, opts): (Value, Value, Option<Table>)| {
         let t = match opts {
             // Copy so that one opts table can serve several Tasks.

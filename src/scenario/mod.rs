@@ -59,6 +59,8 @@ pub struct Scenario {
     pub options: Overrides,
     pub endpoints: Arc<[RequestSpec]>,
     pub hooks: Hooks,
+    /// Think time between a user's iterations (`wait_time`); none: back to back.
+    pub wait: Option<api::Wait>,
     pub limits: Limits,
     /// Things that load but look like mistakes (a misspelt hook), for `check` and `run`.
     pub warnings: Vec<String>,
@@ -178,6 +180,8 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         );
     }
 
+    let wait = api::wait_value(&globals.get::<Value>("wait_time").map_err(|e| anyhow!("{e}"))?)
+        .map_err(|e| anyhow!("{file}: {e}"))?;
     let hooks = Hooks {
         on_start: hook_defined(&globals, "on_start", &file)?,
         before_request: hook_defined(&globals, "before_request", &file)?,
@@ -197,6 +201,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         options,
         endpoints: endpoints.into(),
         hooks,
+        wait,
         limits,
         warnings,
     })
@@ -482,6 +487,12 @@ impl Scenario {
                 names.join(", ")
             }
         );
+        if let Some(w) = self.wait {
+            let _ = writeln!(s, "  wait_time: {w:?} (seconds)");
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "  warning: {w}");
+        }
         s
     }
 }
@@ -628,6 +639,9 @@ mod tests {
         assert!(err("endpoints = { Task('GET', '/') }\non_start = 5").contains("on_start"));
         assert!(err("endpoints = { Task('GET', '/', { json = {}, body = 'x' }) }").contains("at most one"));
         assert!(err("error('boom')").contains("t.lua:1: boom"));
+        assert!(err("endpoints = { Task('GET', '/') }\nwait_time = between(3, 1)").contains("a <= b"));
+        assert!(err("endpoints = { Task('GET', '/') }\nwait_time = 5").contains("wait_time"));
+        assert!(err("endpoints = { Task('GET', '/') }\nwait_time = constant_throughput(0)").contains("n > 0"));
         // A plain table's error points at the entry, not at the end of `endpoints`.
         let e = err(
             "endpoints = {\n  Task('GET', '/a'),\n  -- a comment, with a comma\n  { method = 'GET', path = \"/b,{\" },\n  { method = 'GET', path = '/c', wieght = 2 },\n}",
