@@ -866,10 +866,12 @@ async fn exchange(
         if read > max_body {
             return Err(Reason::BodyTooLarge);
         }
-        let chunk = conn.buf.split_to(n);
+        // Copy or drop in place: `split_to` would turn the buffer into a shared one for a chunk
+        // that is gone a moment later.
         if keep_body {
-            body.extend_from_slice(&chunk);
+            body.extend_from_slice(&conn.buf[..n]);
         }
+        conn.buf.advance(n);
         Ok(())
     };
     match framing {

@@ -126,10 +126,6 @@ pub struct Target {
 
 impl Target {
     /// Binds `addr` (use port 0 for an ephemeral port) and serves on the current runtime.
-    pub async fn start(addr: SocketAddr) -> Result<Target> {
-        Self::start_with(addr, Options::default()).await
-    }
-
     pub async fn start_with(addr: SocketAddr, options: Options) -> Result<Target> {
         let listener = TcpListener::bind(addr)
             .await
