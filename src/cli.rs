@@ -105,6 +105,10 @@ pub struct LoadArgs {
     /// Redirects followed within one request (0: none; a 3xx then counts as it is) [default: 10].
     #[arg(long, value_name = "N")]
     pub max_redirects: Option<u32>,
+    /// A kept-alive connection idle this long is closed, not reused (below the 5 s of Node,
+    /// Apache and uvicorn); 0: a new connection per request [default: 4s].
+    #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
+    pub keepalive_idle: Option<Duration>,
     /// Do not verify TLS certificates (self-signed test servers). Printed in the run header.
     #[arg(long, short = 'k')]
     pub insecure: bool,
@@ -152,6 +156,7 @@ impl LoadArgs {
             connect_timeout: self.connect_timeout,
             max_body: self.max_body,
             max_redirects: self.max_redirects,
+            keepalive_idle: self.keepalive_idle,
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

@@ -25,6 +25,7 @@ pub struct Overrides {
     pub connect_timeout: Option<Duration>,
     pub max_body: Option<u64>,
     pub max_redirects: Option<u32>,
+    pub keepalive_idle: Option<Duration>,
     pub tls: crate::http::TlsOptions,
     pub protocol: Option<crate::http::Protocol>,
 }
@@ -102,6 +103,7 @@ impl RunConfig {
             connect_timeout: cli.connect_timeout.unwrap_or(defaults.connect_timeout).min(timeout),
             max_body: cli.max_body.unwrap_or(defaults.max_body),
             max_redirects: cli.max_redirects.unwrap_or(defaults.max_redirects),
+            keepalive_idle: cli.keepalive_idle.unwrap_or(defaults.keepalive_idle),
         };
         if http.connect_timeout.is_zero() {
             bail!("connect timeout must be more than 0");

@@ -238,6 +238,8 @@ pub struct Limits {
     pub max_body: u64,
     /// Redirects followed (one request, counted once); past this, "redirect limit".
     pub max_redirects: u32,
+    /// A kept-alive connection idle this long is closed instead of reused.
+    pub keepalive_idle: Duration,
 }
 
 impl Default for Limits {
@@ -246,6 +248,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             max_body: 64 << 20,
             max_redirects: 10,
+            keepalive_idle: Duration::from_secs(4),
         }
     }
 }
@@ -430,6 +433,8 @@ impl AsyncWrite for Stream {
 struct H1 {
     stream: Stream,
     buf: BytesMut,
+    /// Whether any byte of a response has arrived since the current request was written.
+    answered: bool,
 }
 
 /// What a connection speaks.
@@ -471,11 +476,16 @@ pub enum Protocol {
 const CHECK_AFTER_IDLE: Duration = Duration::from_millis(50);
 
 impl Conn {
-    /// Whether the server has closed (or broken) this idle connection: a request written to it
-    /// would fail without reaching the server, an error the tool itself would have caused.
-    fn closed_while_idle(&self) -> bool {
-        if self.idle_since.elapsed() < CHECK_AFTER_IDLE {
+    /// Whether this connection must not carry another request: idle past `--keepalive-idle`,
+    /// or closed (or broken) by the server while idle. A request written to it could fail
+    /// without reaching the server, an error the tool itself would have caused.
+    fn stale(&self, keepalive_idle: Duration) -> bool {
+        let idle = self.idle_since.elapsed();
+        if idle < CHECK_AFTER_IDLE {
             return false;
+        }
+        if idle >= keepalive_idle {
+            return true;
         }
         let tcp = match &self.link {
             Link::H2(h2) => return h2.sender.is_closed(),
@@ -503,6 +513,23 @@ const MAX_HEADERS: usize = 100;
 #[derive(Default)]
 pub struct Session {
     conns: Vec<Conn>,
+    /// Requests sent a second time (see [`Client::send`]); the caller takes and counts them.
+    pub resent: u32,
+}
+
+/// How an attempt failed: after nothing came back on a connection that had been idle (which
+/// the server may have closed as the request went out), or otherwise.
+enum Attempt {
+    Unanswered(Reason),
+    Failed(Reason),
+}
+
+/// Methods a client may send again after a connection failure (RFC 9110, 9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// What came back, for the verdict and for `after_response`.
@@ -572,6 +599,12 @@ impl Client {
     }
 
     /// One exchange on the user's connection to the request's origin (opened if needed).
+    ///
+    /// A server may close an idle connection just as a request is written to it (its keep-alive
+    /// timeout and the user's think time ending together). When a connection that sat idle fails
+    /// that way, before a single byte of response, an idempotent request is sent once more on a
+    /// new connection, as browsers and Go's client do; `session.resent` counts it, since a
+    /// server that did read the first copy (and then closed without answering) saw it twice.
     async fn send_once(
         &self,
         session: &mut Session,
@@ -580,14 +613,36 @@ impl Client {
         timeout: Duration,
     ) -> Result<(Response, Option<String>), Reason> {
         let start = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            match self.attempt(session, req, keep_body, left).await {
+                Err(Attempt::Unanswered(_)) if idempotent(&req.method) => session.resent += 1,
+                Err(Attempt::Unanswered(reason) | Attempt::Failed(reason)) => return Err(reason),
+                Ok(done) => return Ok(done),
+            }
+        }
+    }
+
+    /// One try of [`Client::send_once`].
+    async fn attempt(
+        &self,
+        session: &mut Session,
+        req: &Prepared,
+        keep_body: bool,
+        timeout: Duration,
+    ) -> Result<(Response, Option<String>), Attempt> {
+        let start = Instant::now();
         let found = session.conns.iter().position(|c| c.origin == req.origin);
+        let keepalive_idle = self.limits.keepalive_idle;
         let found = match found {
-            Some(i) if session.conns[i].closed_while_idle() => {
+            Some(i) if session.conns[i].stale(keepalive_idle) => {
                 session.conns.swap_remove(i);
                 None
             }
             other => other,
         };
+        // Only a connection that sat idle may have been closed under the request.
+        let was_idle = found.is_some_and(|i| session.conns[i].idle_since.elapsed() >= CHECK_AFTER_IDLE);
         let idx = match found {
             Some(i) => i,
             // Boxed, like the HTTP/2 exchange below: every user's task holds its pending future,
@@ -598,8 +653,8 @@ impl Client {
                     session.conns.push(conn);
                     session.conns.len() - 1
                 }
-                Ok(Err(reason)) => return Err(reason),
-                Err(_) => return Err(Reason::ConnectTimeout),
+                Ok(Err(reason)) => return Err(Attempt::Failed(reason)),
+                Err(_) => return Err(Attempt::Failed(Reason::ConnectTimeout)),
             },
         };
         let max_body = self.limits.max_body;
@@ -618,19 +673,24 @@ impl Client {
                 Ok((resp, location))
             }
             Ok(Err(reason)) => {
-                session.conns.swap_remove(idx);
-                Err(reason)
+                let conn = session.conns.swap_remove(idx);
+                let unanswered = matches!(conn.link, Link::H1(H1 { answered: false, .. }));
+                if was_idle && unanswered && matches!(reason, Reason::Closed | Reason::Reset) {
+                    Err(Attempt::Unanswered(reason))
+                } else {
+                    Err(Attempt::Failed(reason))
+                }
             }
             Err(_) => {
                 // The connection may be mid-response: never reuse it.
                 session.conns.swap_remove(idx);
-                Err(Reason::Timeout)
+                Err(Attempt::Failed(Reason::Timeout))
             }
         }
     }
 
     async fn connect(&self, origin: &Arc<Origin>) -> Result<Conn, Reason> {
-        let addr = resolve(origin).await?;
+        let addr = resolve(origin, self.limits.connect_timeout).await?;
         let tcp = match tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(Reason::ConnectTimeout),
             Ok(Err(e)) => return Err(io_reason(&e).unwrap_or(Reason::Connect)),
@@ -654,6 +714,7 @@ impl Client {
                 Link::H1(H1 {
                     stream: Stream::Tls(Box::new(tls)),
                     buf: BytesMut::with_capacity(1024),
+                    answered: false,
                 })
             }
         } else if self.protocol == Protocol::Http2 {
@@ -662,6 +723,7 @@ impl Client {
             Link::H1(H1 {
                 stream: Stream::Plain(tcp),
                 buf: BytesMut::with_capacity(1024),
+                answered: false,
             })
         };
         // (An HTTP/1.1 read buffer starts small: most response heads fit, and ten thousand idle
@@ -783,6 +845,14 @@ fn h2_reason(e: &hyper::Error) -> Reason {
         if let Some(io) = inner.downcast_ref::<std::io::Error>() {
             return io_failure(io, Reason::Closed);
         }
+        // RST_STREAM from the server: HTTP/2's reset of one request. (One it sends when the
+        // client resets a stream, for a malformed response, is a protocol error.)
+        if let Some(h2) = inner.downcast_ref::<h2::Error>()
+            && h2.is_reset()
+            && h2.is_remote()
+        {
+            return Reason::StreamReset;
+        }
         source = inner.source();
     }
     if e.is_closed() || e.is_canceled() || e.is_incomplete_message() {
@@ -800,7 +870,10 @@ async fn fill(conn: &mut H1) -> Result<(), Reason> {
     }
     match conn.stream.read_buf(&mut conn.buf).await {
         Ok(0) => Err(Reason::Closed),
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            conn.answered = true;
+            Ok(())
+        }
         Err(e) => Err(io_failure(&e, Reason::Body)),
     }
 }
@@ -823,6 +896,7 @@ async fn exchange(
     max_body: u64,
 ) -> Result<(Response, Option<String>, bool), Reason> {
     conn.buf.clear();
+    conn.answered = false;
     let written = async {
         conn.stream.write_all(&req.wire).await?;
         conn.stream.flush().await
@@ -1023,13 +1097,25 @@ fn read_head(
     })
 }
 
-async fn resolve(origin: &Origin) -> Result<SocketAddr, Reason> {
+async fn resolve(origin: &Origin, within: Duration) -> Result<SocketAddr, Reason> {
     if let Ok(ip) = origin.host.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, origin.port));
     }
-    match tokio::net::lookup_host((origin.host.as_str(), origin.port)).await {
-        Ok(mut addrs) => addrs.next().ok_or(Reason::Dns),
-        Err(_) => Err(Reason::Dns),
+    first_address(tokio::net::lookup_host((origin.host.as_str(), origin.port)), within).await
+}
+
+/// The first address a lookup gives. "dns timeout" when it takes longer than `within`, or when
+/// the system's resolver gave up waiting for its name servers (EAI_AGAIN, "Temporary failure
+/// in name resolution"); "dns error" when the name does not resolve.
+async fn first_address<I: Iterator<Item = SocketAddr>>(
+    lookup: impl Future<Output = std::io::Result<I>>,
+    within: Duration,
+) -> Result<SocketAddr, Reason> {
+    match tokio::time::timeout(within, lookup).await {
+        Err(_) => Err(Reason::DnsTimeout),
+        Ok(Ok(mut addrs)) => addrs.next().ok_or(Reason::Dns),
+        Ok(Err(e)) if e.to_string().contains("Temporary failure in name resolution") => Err(Reason::DnsTimeout),
+        Ok(Err(_)) => Err(Reason::Dns),
     }
 }
 
@@ -1060,6 +1146,32 @@ mod tests {
             weight: 1,
             timeout: None,
         }
+    }
+
+    #[test]
+    fn name_lookups_fail_as_dns_error_or_dns_timeout() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let within = Duration::from_millis(50);
+        let addr: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let found = async { Ok(vec![addr].into_iter()) };
+        assert_eq!(rt.block_on(first_address(found, within)), Ok(addr));
+        let none = async { Ok(Vec::new().into_iter()) };
+        assert_eq!(rt.block_on(first_address(none, within)), Err(Reason::Dns));
+        let unknown =
+            async { Err::<std::vec::IntoIter<SocketAddr>, _>(std::io::Error::other("Name or service not known")) };
+        assert_eq!(rt.block_on(first_address(unknown, within)), Err(Reason::Dns));
+        let again = async {
+            Err::<std::vec::IntoIter<SocketAddr>, _>(std::io::Error::other(
+                "failed to lookup address information: Temporary failure in name resolution",
+            ))
+        };
+        assert_eq!(rt.block_on(first_address(again, within)), Err(Reason::DnsTimeout));
+        let stalled = std::future::pending::<std::io::Result<std::vec::IntoIter<SocketAddr>>>();
+        assert_eq!(rt.block_on(first_address(stalled, within)), Err(Reason::DnsTimeout));
+        assert_eq!(Reason::DnsTimeout.to_string(), "dns timeout");
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub enum Exit {
     Success,
     /// Stopped by Ctrl-C or SIGTERM after writing everything (exit 130).
     Interrupted,
+    /// Finished or stopped, the summary printed, but an output file could not be written
+    /// (exit 3).
+    OutputFailed,
 }
 
 /// The scenario bundled with `demo` (also `scripts/stormlight_file.lua`).
@@ -126,8 +129,14 @@ pub async fn run(
     let _ = report::write_summary(&mut stdout, &result.summary);
     let _ = stdout.flush();
     if let Some(out) = &cfg.out {
-        report::write_json(out, &result.summary)?;
-        eprintln!("summary written to {}", out.display());
+        // The summary is on stdout already: a failure here loses nothing measured.
+        match report::write_json(out, &result.summary) {
+            Ok(()) => eprintln!("summary written to {}", out.display()),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return Ok(Exit::OutputFailed);
+            }
+        }
     }
     Ok(if result.interrupted {
         Exit::Interrupted

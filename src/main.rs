@@ -1,5 +1,6 @@
 //! The binary: parse the command line, run the command, map the outcome to an exit code
-//! (SPEC: 0 finished, 1 threshold failed, 2 bad input, 130 interrupted).
+//! (SPEC: 0 finished, 1 threshold failed, 2 bad input, 130 interrupted; and 3: an output
+//! file could not be written at the end, after the summary was printed).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
     match rt.block_on(execute(cli)) {
         Ok(Exit::Success) => ExitCode::SUCCESS,
         Ok(Exit::Interrupted) => ExitCode::from(130),
+        Ok(Exit::OutputFailed) => ExitCode::from(3),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -112,6 +112,13 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         let list: Vec<String> = s.protocols.iter().map(|(p, n)| format!("{p}: {n}")).collect();
         writeln!(w, "responses by protocol: {}", list.join(", "))?;
     }
+    if s.resent > 0 {
+        writeln!(
+            w,
+            "{} requests went out as the server closed their idle connection, and were sent again on a new one",
+            s.resent
+        )?;
+    }
     let due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
     match s.all_users_started_s {
         Some(t) => writeln!(
@@ -142,8 +149,11 @@ pub fn write_json(path: &Path, s: &Summary) -> Result<()> {
         path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         std::process::id()
     ));
-    std::fs::write(&tmp, &json).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    let written = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("cannot write the summary to {}", path.display()))
 }
 
 /// The live view on stderr.

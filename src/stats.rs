@@ -39,6 +39,8 @@ pub enum Reason {
     Refused,
     /// Connection reset by the peer.
     Reset,
+    /// HTTP/2: the server reset the request's stream (RST_STREAM).
+    StreamReset,
     /// The connection closed before a complete response arrived.
     Closed,
     /// Connecting took longer than the connect timeout.
@@ -47,6 +49,8 @@ pub enum Reason {
     Timeout,
     /// The host name did not resolve.
     Dns,
+    /// The name lookup took longer than the connect timeout, or the resolver timed out.
+    DnsTimeout,
     /// TLS handshake or certificate failure, and which.
     Tls(&'static str),
     /// Any other connect error.
@@ -61,6 +65,8 @@ pub enum Reason {
     RedirectLimit,
     /// A hook raised an error (or hit the sandbox's limits). The text says which hook and why.
     Script(String),
+    /// A hook was stopped by the sandbox: its instruction budget (CPU) or memory limit.
+    ScriptLimit(String),
     /// `after_response` returned `false, "why"`.
     Rejected(String),
     /// The request was still in flight when the run ended and the grace period ran out.
@@ -73,10 +79,12 @@ impl fmt::Display for Reason {
             Reason::Status(code) => write!(f, "HTTP {code}"),
             Reason::Refused => f.write_str("connection refused"),
             Reason::Reset => f.write_str("connection reset"),
+            Reason::StreamReset => f.write_str("stream reset"),
             Reason::Closed => f.write_str("connection closed before response"),
             Reason::ConnectTimeout => f.write_str("connect timeout"),
             Reason::Timeout => f.write_str("request timeout"),
             Reason::Dns => f.write_str("dns error"),
+            Reason::DnsTimeout => f.write_str("dns timeout"),
             Reason::Tls(what) => write!(f, "tls error: {what}"),
             Reason::Connect => f.write_str("connect error"),
             Reason::Body => f.write_str("error reading body"),
@@ -84,6 +92,7 @@ impl fmt::Display for Reason {
             Reason::BodyTooLarge => f.write_str("body too large"),
             Reason::RedirectLimit => f.write_str("redirect limit"),
             Reason::Script(why) => write!(f, "script error: {why}"),
+            Reason::ScriptLimit(why) => write!(f, "script limit: {why}"),
             Reason::Rejected(why) => f.write_str(why),
             Reason::Aborted => f.write_str("aborted: run ended before the response"),
         }
@@ -155,6 +164,8 @@ pub struct Recorder {
     failures: HashMap<(Arc<RowId>, Reason), u64>,
     /// Responses received over HTTP/1.1 and over HTTP/2.
     protocols: [u64; 2],
+    /// Requests sent again after an idle connection closed under them (see `http::Session`).
+    pub resent: u64,
 }
 
 /// What a recorder hands to the aggregator on each tick: the counts since the previous tick.
@@ -163,6 +174,7 @@ pub struct Snapshot {
     pub rows: Vec<(Arc<RowId>, RowStats)>,
     pub failures: Vec<(Arc<RowId>, Reason, u64)>,
     pub protocols: [u64; 2],
+    pub resent: u64,
 }
 
 impl Recorder {
@@ -174,6 +186,7 @@ impl Recorder {
             inflight: Vec::new(),
             failures: HashMap::new(),
             protocols: [0; 2],
+            resent: 0,
         };
         for row in rows {
             rec.row(row);
@@ -271,6 +284,7 @@ impl Recorder {
             rows,
             failures,
             protocols: std::mem::take(&mut self.protocols),
+            resent: std::mem::take(&mut self.resent),
         }
     }
 }
@@ -286,6 +300,7 @@ pub struct Aggregate {
     tick: HashMap<RowId, u64>,
     last_tick: HashMap<RowId, u64>,
     protocols: [u64; 2],
+    resent: u64,
 }
 
 impl Aggregate {
@@ -320,6 +335,7 @@ impl Aggregate {
         }
         self.protocols[0] += snap.protocols[0];
         self.protocols[1] += snap.protocols[1];
+        self.resent += snap.resent;
     }
 
     /// Closes the current tick: its counts become the "current" ones.
@@ -387,6 +403,7 @@ impl Aggregate {
                 .filter(|(_, n)| *n > 0)
                 .map(|(p, n)| (p.to_string(), n))
                 .collect(),
+            resent: self.resent,
             config: meta.config,
             total: RowSummary::new("", "Aggregated", &self.total(), secs).into_total(),
             endpoints,
@@ -422,6 +439,11 @@ pub struct Summary {
     /// Responses received per HTTP version.
     #[serde(default)]
     pub protocols: std::collections::BTreeMap<String, u64>,
+    /// Idempotent requests sent a second time, on a new connection, because the kept-alive one
+    /// they went out on had been closed by the server while idle (nothing came back). Each is
+    /// counted once in the totals; a server that did read the first copy saw it twice.
+    #[serde(default)]
+    pub resent: u64,
     pub config: ConfigSummary,
     pub total: RowSummary,
     pub endpoints: Vec<RowSummary>,

@@ -66,11 +66,17 @@ pub struct Counts {
     paths: Mutex<HashMap<String, u64>>,
     /// Requests received over HTTP/1.x and over HTTP/2.
     protocols: [AtomicU64; 2],
+    connections: AtomicU64,
 }
 
 impl Counts {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Requests received per path.
@@ -160,6 +166,7 @@ impl Target {
                 };
                 match accepted {
                     Some(Ok((stream, _))) => {
+                        state.counts.connections.fetch_add(1, Ordering::SeqCst);
                         tokio::spawn(serve(stream, state.clone()));
                     }
                     Some(Err(_)) => continue,

@@ -54,12 +54,12 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
         }
     };
     if let Some(f) = &state.on_start
-        && let Err(msg) = state.call::<()>(f, state.user.clone())
+        && let Err(e) = state.call::<()>(f, state.user.clone())
     {
         worker
             .recorder
             .borrow_mut()
-            .error(&plan.hook_row("on_start"), Reason::Script(format!("on_start: {msg}")));
+            .error(&plan.hook_row("on_start"), e.reason("on_start"));
     }
     worker.shared.user_started();
     while !worker.shared.stopping.load(Ordering::Relaxed) {
@@ -70,12 +70,12 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
         think.pause(&mut rng).await;
     }
     if let Some(f) = &state.on_stop
-        && let Err(msg) = state.call::<()>(f, state.user.clone())
+        && let Err(e) = state.call::<()>(f, state.user.clone())
     {
         worker
             .recorder
             .borrow_mut()
-            .error(&plan.hook_row("on_stop"), Reason::Script(format!("on_stop: {msg}")));
+            .error(&plan.hook_row("on_stop"), e.reason("on_stop"));
     }
 }
 
@@ -118,7 +118,11 @@ async fn send(
     keep_body: bool,
 ) -> (Option<http::Response>, Outcome) {
     worker.recorder.borrow_mut().begin(row);
-    match worker.client.send(session, req, keep_body).await {
+    let sent = worker.client.send(session, req, keep_body).await;
+    if session.resent > 0 {
+        worker.recorder.borrow_mut().resent += u64::from(std::mem::take(&mut session.resent));
+    }
+    match sent {
         Ok(resp) => {
             worker.recorder.borrow_mut().response(row, resp.h2, resp.bytes);
             let failure = (resp.status >= 400).then_some(Reason::Status(resp.status));
@@ -143,12 +147,12 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
     let plan = &worker.plan;
     let index = plan.pick(rng);
     let ep = &plan.endpoints[index];
-    let script_failure = |row: usize, msg: String| {
+    let script_failure = |row: usize, reason: Reason| {
         worker.recorder.borrow_mut().record(
             row,
             Outcome {
                 elapsed: None,
-                failure: Some(Reason::Script(msg)),
+                failure: Some(reason),
             },
         );
     };
@@ -164,8 +168,8 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
         match state.call::<Value>(f, (&state.user, &state.req_ud)) {
             Ok(Value::Boolean(false)) => return false,
             Ok(_) => {}
-            Err(msg) => {
-                script_failure(row, format!("before_request: {msg}"));
+            Err(e) => {
+                script_failure(row, e.reason("before_request"));
                 return false;
             }
         }
@@ -185,7 +189,7 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
                     Ok(p) => edited = Some(p),
                     Err(e) => {
                         drop(req);
-                        script_failure(row, format!("before_request: req: {e:#}"));
+                        script_failure(row, Reason::Script(format!("before_request: req: {e:#}")));
                         return false;
                     }
                 }
@@ -213,7 +217,7 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
             }
             Ok((Value::Boolean(true), _)) => outcome.failure = None,
             Ok(_) => {}
-            Err(msg) => outcome.failure = Some(Reason::Script(format!("after_response: {msg}"))),
+            Err(e) => outcome.failure = Some(e.reason("after_response")),
         }
     }
     worker.recorder.borrow_mut().finish(row, outcome);

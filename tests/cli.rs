@@ -857,3 +857,113 @@ fn check_warns_about_a_misspelt_hook() {
     assert_eq!(f.code(), Some(0), "{}", f.show());
     assert!(f.stdout.contains("did you mean `before_request`"), "{}", f.show());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Outputs survive what happens at the end
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn an_output_that_fails_at_the_end_still_leaves_the_summary_and_exits_3() {
+    let target = target();
+    let dir = TempDir::new("out-gone");
+    let script = dir.write("scenario.lua", r#"endpoints = { { method = "GET", path = "/hello" } }"#);
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let out = sub.join("out.json");
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "2", "-t", "2s", "-q", "--out", &out.display().to_string()],
+    );
+    let proc = Proc::spawn(&args);
+    wait_for_requests(&target, 10);
+    // Checked writable before the run; gone by the end of it.
+    std::fs::remove_dir_all(&sub).unwrap();
+    let f = proc.wait(Duration::from_secs(15));
+    assert_eq!(f.code(), Some(3), "{}", f.show());
+    assert!(f.stdout.contains("Aggregated"), "the summary is printed: {}", f.show());
+    assert!(
+        f.stderr
+            .contains(&format!("cannot write the summary to {}", out.display())),
+        "{}",
+        f.show()
+    );
+}
+
+#[test]
+fn two_interrupts_while_users_are_still_starting_leave_a_valid_file() {
+    let target = target();
+    let dir = TempDir::new("sigint-spawning");
+    let script = dir.write("scenario.lua", SLOW_SCENARIO);
+    let out = dir.path().join("out.json");
+    // 2,000 users at 50/s: the interrupts land while users are starting, with requests in flight.
+    let args = run_args(
+        &script,
+        &target.url(),
+        &[
+            "-u",
+            "2000",
+            "-r",
+            "50",
+            "-t",
+            "60s",
+            "-q",
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
+    let proc = Proc::spawn(&args);
+    wait_for_requests(&target, 1);
+    send_sigint(proc.id());
+    send_sigint(proc.id());
+    let f = proc.wait(Duration::from_secs(10));
+    assert_eq!(f.code(), Some(130), "{}", f.show());
+    let json = read_json(&out);
+    assert_eq!(json["interrupted"], serde_json::Value::Bool(true));
+    assert_eq!(json["all_users_started_s"], serde_json::Value::Null, "{json:#}");
+    assert_eq!(
+        json["total"]["requests"].as_u64(),
+        Some(target.counts.requests()),
+        "{json:#}"
+    );
+}
+
+#[test]
+fn two_interrupts_before_the_first_request_leave_a_valid_file() {
+    let target = target();
+    let dir = TempDir::new("sigint-early");
+    let script = dir.write(
+        "scenario.lua",
+        "endpoints = { { method = 'GET', path = '/hello' } }\nfunction before_request(user, req) end\n",
+    );
+    let out = dir.path().join("out.json");
+    // 20,000 Lua states take a while to prepare: the interrupts land before any traffic.
+    let args = run_args(
+        &script,
+        &target.url(),
+        &[
+            "-u",
+            "20000",
+            "-r",
+            "10000",
+            "-t",
+            "60s",
+            "-q",
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
+    let proc = Proc::spawn(&args);
+    std::thread::sleep(Duration::from_millis(500));
+    send_sigint(proc.id());
+    send_sigint(proc.id());
+    let f = proc.wait(Duration::from_secs(20));
+    assert_eq!(f.code(), Some(130), "{}", f.show());
+    let json = read_json(&out);
+    assert_eq!(json["interrupted"], serde_json::Value::Bool(true));
+    assert_eq!(
+        json["total"]["requests"].as_u64(),
+        Some(target.counts.requests()),
+        "{json:#}"
+    );
+}

@@ -434,3 +434,119 @@ fn http2_by_alpn_on_https_by_prior_knowledge_on_http_and_http1_on_request() {
     );
     assert_eq!(plain.counts.http2(), s.total.requests);
 }
+
+#[test]
+fn think_time_as_long_as_the_servers_keep_alive_makes_no_errors() {
+    // Issue 8: the target closes connections idle for 1 s and users think for 1 s between
+    // requests, so the server's close and the next request meet on the wire.
+    let closing = stormlight::target::Options {
+        idle_close: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let t = Target::spawn_thread_with(SocketAddr::from(([127, 0, 0, 1], 0)), closing).expect("target");
+    let s = run(
+        r#"
+        wait_time = constant(1)
+        endpoints = { { method = "GET", path = "/hello" } }
+        "#,
+        &t.url(),
+        Overrides {
+            users: Some(20),
+            duration: Some(Duration::from_millis(4500)),
+            ..Default::default()
+        },
+    );
+    assert!(s.total.requests >= 80, "{} requests", s.total.requests);
+    assert_eq!(
+        s.total.failures, 0,
+        "the tool made no errors of its own: {:?}",
+        s.failures
+    );
+    // A request resent after the server closed its idle connection reached the server once.
+    assert_eq!(s.total.requests, t.counts.requests(), "{} resent", s.resent);
+    eprintln!("{} requests, {} resent", s.total.requests, s.resent);
+}
+
+#[test]
+fn connections_idle_past_keepalive_idle_are_replaced() {
+    let t = target();
+    let scenario = r#"
+        wait_time = constant(0.2)
+        endpoints = { { method = "GET", path = "/hello" } }
+    "#;
+    let flags = |idle: u64| Overrides {
+        users: Some(2),
+        duration: Some(Duration::from_millis(1100)),
+        keepalive_idle: Some(Duration::from_millis(idle)),
+        ..Default::default()
+    };
+    // Idle 200 ms between requests: kept under a 1 s cap, replaced under a 100 ms one.
+    let kept = run(scenario, &t.url(), flags(1000));
+    assert_eq!(t.counts.connections(), 2, "one connection per user");
+    let replaced = run(scenario, &t.url(), flags(100));
+    assert_eq!(replaced.total.failures + kept.total.failures, 0);
+    assert_eq!(
+        t.counts.connections() - 2,
+        replaced.total.requests,
+        "a new connection per request"
+    );
+}
+
+#[test]
+fn faults_over_http2_have_their_class_and_one_outcome_per_request() {
+    let t = target();
+    let started = Instant::now();
+    let s = run(
+        r#"
+        endpoints = {
+          Task("GET", "/hello"),
+          Task("GET", "/fault/reset-after-headers"),
+          Task("GET", "/fault/trickle?bytes=50&ms=100", { name = "trickle", timeout = "300ms" }),
+          Task("GET", "/fault/hang", { timeout = "300ms" }),
+          Task("GET", "/fault/huge?bytes=1000000", { name = "huge" }),
+          Task("GET", "/fault/endless"),
+          Task("GET", "/fault/wrong-length"),
+          Task("GET", "/status/503"),
+        }
+        "#,
+        &t.url(),
+        Overrides {
+            users: Some(6),
+            duration: Some(Duration::from_secs(2)),
+            grace: Some(Duration::from_secs(1)),
+            max_body: Some(100_000),
+            protocol: Some(stormlight::http::Protocol::Http2),
+            ..Default::default()
+        },
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "ended on time: {:?}",
+        started.elapsed()
+    );
+    let r = reasons(&s);
+    let expect = [
+        ("/fault/reset-after-headers", "stream reset"),
+        ("trickle", "request timeout"),
+        ("/fault/hang", "request timeout"),
+        ("huge", "body too large"),
+        ("/fault/endless", "body too large"),
+        // HTTP/2 checks the length a response promised: a short body is malformed.
+        ("/fault/wrong-length", "protocol error"),
+        ("/status/503", "HTTP 503"),
+    ];
+    for (name, reason) in expect {
+        let row = row(&s, name);
+        let got = r.get(name).unwrap_or_else(|| panic!("no failures for {name}"));
+        let total: u64 = got.iter().map(|(_, n)| n).sum();
+        assert_eq!(total, row.requests, "{name}: every request failed, once: {got:?}");
+        assert!(
+            got.iter().all(|(why, _)| why == reason || why.starts_with("aborted")),
+            "{name}: expected {reason}, got {got:?}"
+        );
+    }
+    assert_eq!(row(&s, "/hello").failures, 0);
+    assert!(s.protocols.get("HTTP/2").is_some_and(|n| *n > 0), "{:?}", s.protocols);
+    assert_eq!(s.total.requests, t.counts.requests());
+    assert_eq!(t.counts.http2(), t.counts.requests(), "all over HTTP/2");
+}

@@ -10,7 +10,7 @@ pub mod api;
 pub mod sandbox;
 
 use std::cell::RefCell;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -559,10 +559,45 @@ impl UserState {
     }
 
     /// Calls a hook within the instruction budget; errors are described in one line.
-    pub fn call<R: mlua::FromLuaMulti>(&self, f: &Function, args: impl mlua::IntoLuaMulti) -> Result<R, String> {
+    pub fn call<R: mlua::FromLuaMulti>(&self, f: &Function, args: impl mlua::IntoLuaMulti) -> Result<R, HookError> {
         self.sandbox.budget.reset();
-        f.call(args).map_err(|e| sandbox::describe(&e, &self.sandbox.limits))
+        f.call(args).map_err(|e| HookError {
+            limit: self.sandbox.budget.spent() || is_memory_error(&e),
+            message: sandbox::describe(&e, &self.sandbox.limits),
+        })
     }
+}
+
+/// Why a hook failed: its error, or the sandbox stopping it (CPU or memory limit).
+#[derive(Debug)]
+pub struct HookError {
+    pub limit: bool,
+    pub message: String,
+}
+
+impl HookError {
+    /// The failure class: "script limit" or "script error", with the hook's name.
+    pub fn reason(self, hook: &str) -> crate::stats::Reason {
+        let why = format!("{hook}: {}", self.message);
+        if self.limit {
+            crate::stats::Reason::ScriptLimit(why)
+        } else {
+            crate::stats::Reason::Script(why)
+        }
+    }
+}
+
+impl fmt::Display for HookError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn is_memory_error(mut err: &mlua::Error) -> bool {
+    while let mlua::Error::CallbackError { cause, .. } = err {
+        err = cause;
+    }
+    matches!(err, mlua::Error::MemoryError(_))
 }
 
 #[cfg(test)]
@@ -759,6 +794,7 @@ mod tests {
         let err = u
             .call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud))
             .unwrap_err();
-        assert!(err.contains("req: no field `header`"), "{err}");
+        assert!(err.message.contains("req: no field `header`"), "{err}");
+        assert!(!err.limit);
     }
 }

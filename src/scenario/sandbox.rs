@@ -47,6 +47,11 @@ impl Budget {
     pub fn reset(&self) {
         self.used.set(0);
     }
+
+    /// Whether the current call has spent its budget.
+    pub fn spent(&self) -> bool {
+        self.used.get() > self.limit
+    }
 }
 
 /// A sandboxed Lua state and its budget.
@@ -126,7 +131,7 @@ impl Sandbox {
             limit: limits.instructions.div_ceil(HOOK_EVERY as u64),
         });
         let spent = budget.clone();
-        let budget_spent = lua.create_function(move |_, ()| Ok(spent.used.get() > spent.limit))?;
+        let budget_spent = lua.create_function(move |_, ()| Ok(spent.spent()))?;
         let open_lib = lua.create_function(|lua, name: mlua::LuaString| {
             let lib = match &*name.as_bytes() {
                 b"table" => StdLib::TABLE,
