@@ -7,6 +7,7 @@
 //! scenario has hooks.
 
 pub mod api;
+mod arena;
 pub mod sandbox;
 
 use std::cell::RefCell;
@@ -14,6 +15,7 @@ use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, anyhow, bail};
 use mlua::{Function, Lua, Table, Value};
@@ -64,6 +66,9 @@ pub struct Scenario {
     pub limits: Limits,
     /// Things that load but look like mistakes (a misspelt hook), for `check` and `run`.
     pub warnings: Vec<String>,
+    /// Memory a user's state of this scenario takes, learnt from the states made so far: each
+    /// new one starts with that much room (see `arena`).
+    pub state_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// Loads and validates a scenario file. Nothing is sent.
@@ -78,7 +83,7 @@ const WATCHED: [&str; 3] = ["endpoints", "options", "host"];
 /// Like [`load`], from source text already in memory (`path` names it in messages).
 pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario> {
     let file = path.display().to_string();
-    let sb = Sandbox::new(limits).map_err(|e| anyhow!("cannot create the Lua sandbox: {e}"))?;
+    let sb = Sandbox::new(limits, 0).map_err(|e| anyhow!("cannot create the Lua sandbox: {e}"))?;
     let lua = &sb.lua;
     api::install(lua).map_err(|e| anyhow!("{e}"))?;
     lua.set_app_data(TaskLines::default());
@@ -204,6 +209,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         wait,
         limits,
         warnings,
+        state_bytes: Default::default(),
     })
 }
 
@@ -515,7 +521,8 @@ pub struct UserState {
 
 impl UserState {
     pub fn new(scenario: &Scenario, id: u64) -> Result<Self, String> {
-        let sandbox = Sandbox::new(scenario.limits).map_err(|e| e.to_string())?;
+        let learnt = &scenario.state_bytes;
+        let sandbox = Sandbox::new(scenario.limits, learnt.load(Ordering::Relaxed)).map_err(|e| e.to_string())?;
         let limits = scenario.limits;
         let lua = &sandbox.lua;
         api::install(lua).map_err(|e| e.to_string())?;
@@ -541,6 +548,7 @@ impl UserState {
             Ok((user, req_ud, req, res_ud, res))
         };
         let (user, req_ud, req, res_ud, res) = setup().map_err(|e| e.to_string())?;
+        learnt.fetch_max(sandbox.carved(), Ordering::Relaxed);
         let g = lua.globals();
         let hook = |name: &str, on: bool| if on { g.get::<Function>(name).ok() } else { None };
         let h = scenario.hooks;

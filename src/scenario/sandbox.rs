@@ -10,9 +10,12 @@
 //! forever, since the hook always fires inside `f`, where most instructions run.
 
 use std::cell::Cell;
+use std::mem::ManuallyDrop;
 use std::rc::Rc;
 
 use mlua::{HookTriggers, Lua, LuaOptions, StdLib, Variadic, VmState};
+
+use super::arena::{self, Arena};
 
 /// Instructions between two checks of the budget.
 const HOOK_EVERY: u32 = 1000;
@@ -56,9 +59,25 @@ impl Budget {
 
 /// A sandboxed Lua state and its budget.
 pub struct Sandbox {
-    pub lua: Lua,
+    /// Dropped, then the state closed, then the arena freed: see `Drop`.
+    pub lua: ManuallyDrop<Lua>,
     pub budget: Rc<Budget>,
     pub limits: Limits,
+    state: *mut mlua::ffi::lua_State,
+    arena: ManuallyDrop<Box<Arena>>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // SAFETY: the state is ours (made in `new`, mlua does not close it); every handle into
+        // it lives in this struct or in the `UserState` that owns it, dropped before it. The
+        // arena outlives the state, which frees its blocks into it as it closes.
+        unsafe {
+            ManuallyDrop::drop(&mut self.lua);
+            mlua::ffi::lua_close(self.state);
+            ManuallyDrop::drop(&mut self.arena);
+        }
+    }
 }
 
 /// Lua code run by the host (trusted) once per state, before the scenario: it narrows the
@@ -123,13 +142,48 @@ fn prelude_bytecode() -> mlua::Result<&'static [u8]> {
 }
 
 impl Sandbox {
-    pub fn new(limits: Limits) -> mlua::Result<Self> {
-        // Only `string` up front (strings' methods need it); the prelude opens the others lazily.
-        let lua = Lua::new_with(StdLib::STRING, LuaOptions::default())?;
-        let budget = Rc::new(Budget {
-            used: Cell::new(0),
-            limit: limits.instructions.div_ceil(HOOK_EVERY as u64),
-        });
+    /// A sandbox whose memory starts with room for `expect` bytes (what a state of this
+    /// scenario takes: see [`Sandbox::carved`]).
+    pub fn new(limits: Limits, expect: usize) -> mlua::Result<Self> {
+        // The state lives in an arena of its own (see `arena`), which also holds it to the
+        // memory limit. Only `string` is opened up front (strings' methods need it); the
+        // prelude opens the others lazily.
+        let mut arena = Arena::new(limits.memory, expect);
+        // SAFETY: the arena is boxed (it does not move) and outlives the state (see `Drop`).
+        // Opening the two libraries cannot fail for memory in a new state far from its limit.
+        let (state, lua) = unsafe {
+            let state = mlua::ffi::lua_newstate(arena::lua_alloc, (&mut *arena as *mut Arena).cast());
+            if state.is_null() {
+                return Err(mlua::Error::MemoryError("cannot create a Lua state".into()));
+            }
+            mlua::ffi::luaL_requiref(state, c"_G".as_ptr(), mlua::ffi::luaopen_base, 1);
+            mlua::ffi::luaL_requiref(state, c"string".as_ptr(), mlua::ffi::luaopen_string, 1);
+            mlua::ffi::lua_settop(state, 0);
+            (state, Lua::get_or_init_from_ptr(state).clone())
+        };
+        let sandbox = Self {
+            lua: ManuallyDrop::new(lua),
+            budget: Rc::new(Budget {
+                used: Cell::new(0),
+                limit: limits.instructions.div_ceil(HOOK_EVERY as u64),
+            }),
+            limits,
+            state,
+            arena: ManuallyDrop::new(arena),
+        };
+        sandbox.init()?;
+        Ok(sandbox)
+    }
+
+    /// Bytes of small blocks the state has taken so far: room the next state of the same
+    /// scenario should start with.
+    pub fn carved(&self) -> usize {
+        self.arena.carved()
+    }
+
+    fn init(&self) -> mlua::Result<()> {
+        let lua = &*self.lua;
+        let budget = self.budget.clone();
         let spent = budget.clone();
         let budget_spent = lua.create_function(move |_, ()| Ok(spent.spent()))?;
         let open_lib = lua.create_function(|lua, name: mlua::LuaString| {
@@ -174,8 +228,7 @@ impl Sandbox {
             }
             Ok(VmState::Continue)
         })?;
-        lua.set_memory_limit(limits.memory)?;
-        Ok(Self { lua, budget, limits })
+        Ok(())
     }
 }
 
@@ -210,7 +263,7 @@ mod tests {
             memory: 4 << 20,
             instructions: 2_000_000,
         };
-        let sb = Sandbox::new(limits).unwrap();
+        let sb = Sandbox::new(limits, 0).unwrap();
         sb.budget.reset();
         sb.lua
             .load(code)
