@@ -138,6 +138,22 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         t.with(Style::sharp()).modify(Columns::first(), Alignment::right());
         writeln!(w, "\nFailures\n{t}")?;
     }
+    if !s.checks.is_empty() {
+        let mut b = Builder::default();
+        b.push_record(["Check", "Passes", "Fails", "% passed"]);
+        for c in &s.checks {
+            let pct = 100.0 * c.passes as f64 / (c.passes + c.fails).max(1) as f64;
+            b.push_record([
+                c.name.clone(),
+                c.passes.to_string(),
+                c.fails.to_string(),
+                format!("{pct:.1}"),
+            ]);
+        }
+        let mut t = b.build();
+        t.with(Style::sharp()).modify(Columns::new(1..), Alignment::right());
+        writeln!(w, "\nChecks\n{t}")?;
+    }
     Ok(())
 }
 

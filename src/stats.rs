@@ -166,6 +166,8 @@ pub struct Recorder {
     protocols: [u64; 2],
     /// Requests sent again after an idle connection closed under them (see `http::Session`).
     pub resent: u64,
+    /// `check(value, name)` results: passes and fails per name.
+    checks: HashMap<String, [u64; 2]>,
 }
 
 /// What a recorder hands to the aggregator on each tick: the counts since the previous tick.
@@ -175,6 +177,7 @@ pub struct Snapshot {
     pub failures: Vec<(Arc<RowId>, Reason, u64)>,
     pub protocols: [u64; 2],
     pub resent: u64,
+    pub checks: Vec<(String, [u64; 2])>,
 }
 
 impl Recorder {
@@ -187,6 +190,7 @@ impl Recorder {
             failures: HashMap::new(),
             protocols: [0; 2],
             resent: 0,
+            checks: HashMap::new(),
         };
         for row in rows {
             rec.row(row);
@@ -241,6 +245,19 @@ impl Recorder {
         *self.failures.entry((id.clone(), reason)).or_insert(0) += 1;
     }
 
+    /// Counts a `check` by its name.
+    pub fn check(&mut self, name: &str, passed: bool) {
+        let i = usize::from(!passed);
+        match self.checks.get_mut(name) {
+            Some(counts) => counts[i] += 1,
+            None => {
+                let mut counts = [0; 2];
+                counts[i] = 1;
+                self.checks.insert(name.to_string(), counts);
+            }
+        }
+    }
+
     /// Counts a response received for `row`: its HTTP version and its body bytes.
     pub fn response(&mut self, row: usize, h2: bool, bytes: u64) {
         self.protocols[usize::from(h2)] += 1;
@@ -285,6 +302,7 @@ impl Recorder {
             failures,
             protocols: std::mem::take(&mut self.protocols),
             resent: std::mem::take(&mut self.resent),
+            checks: self.checks.drain().collect(),
         }
     }
 }
@@ -301,6 +319,8 @@ pub struct Aggregate {
     last_tick: HashMap<RowId, u64>,
     protocols: [u64; 2],
     resent: u64,
+    /// Checks by name.
+    checks: std::collections::BTreeMap<String, [u64; 2]>,
 }
 
 impl Aggregate {
@@ -336,6 +356,11 @@ impl Aggregate {
         self.protocols[0] += snap.protocols[0];
         self.protocols[1] += snap.protocols[1];
         self.resent += snap.resent;
+        for (name, [passes, fails]) in snap.checks {
+            let counts = self.checks.entry(name).or_default();
+            counts[0] += passes;
+            counts[1] += fails;
+        }
     }
 
     /// Closes the current tick: its counts become the "current" ones.
@@ -404,6 +429,15 @@ impl Aggregate {
                 .map(|(p, n)| (p.to_string(), n))
                 .collect(),
             resent: self.resent,
+            checks: self
+                .checks
+                .iter()
+                .map(|(name, [passes, fails])| CheckSummary {
+                    name: name.clone(),
+                    passes: *passes,
+                    fails: *fails,
+                })
+                .collect(),
             config: meta.config,
             total: RowSummary::new("", "Aggregated", &self.total(), secs).into_total(),
             endpoints,
@@ -444,6 +478,9 @@ pub struct Summary {
     /// counted once in the totals; a server that did read the first copy saw it twice.
     #[serde(default)]
     pub resent: u64,
+    /// `check(value, name)` results per name, sorted by name.
+    #[serde(default)]
+    pub checks: Vec<CheckSummary>,
     pub config: ConfigSummary,
     pub total: RowSummary,
     pub endpoints: Vec<RowSummary>,
@@ -530,6 +567,13 @@ impl Latency {
             p99_9: ms(h.value_at_quantile(0.999)),
         })
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckSummary {
+    pub name: String,
+    pub passes: u64,
+    pub fails: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -2,10 +2,11 @@
 //! sends, and records the outcome in its worker's recorder. A user of a scenario without hooks
 //! never touches Lua: it writes its endpoint's prepared request bytes and reads the answer.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use mlua::Value;
 use rand::rngs::SmallRng;
@@ -13,8 +14,8 @@ use rand::{RngExt, SeedableRng};
 
 use crate::http;
 use crate::runner::{Plan, Shared};
-use crate::scenario::UserState;
-use crate::scenario::api;
+use crate::scenario::host::{self, LocalFuture, Reply, UserHost};
+use crate::scenario::{HookError, UserState, api};
 use crate::stats::{Outcome, Reason, Recorder};
 
 /// What every user of one worker thread shares.
@@ -53,29 +54,107 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
             return;
         }
     };
-    if let Some(f) = &state.on_start
-        && let Err(e) = state.call::<()>(f, state.user.clone())
-    {
-        worker
-            .recorder
-            .borrow_mut()
-            .error(&plan.hook_row("on_start"), e.reason("on_start"));
+    // `http`, `sleep` and `check` in the user's Lua reach the host through this.
+    let host = Rc::new(LuaHost {
+        worker: worker.clone(),
+        session: Rc::new(RefCell::new(session)),
+        stopping: Cell::new(false),
+    });
+    state.sandbox.lua.set_app_data::<Rc<dyn UserHost>>(host.clone());
+    let session = &host.session;
+    let hook = |name: &str, result: Result<(), HookError>| {
+        if let Err(e) = result
+            && !e.message.contains(host::STOPPING)
+        {
+            worker.recorder.borrow_mut().error(&plan.hook_row(name), e.reason(name));
+        }
+    };
+    if let Some(f) = &state.on_start {
+        hook("on_start", state.run::<()>(f, state.user.clone()).await);
     }
     worker.shared.user_started();
     while !worker.shared.stopping.load(Ordering::Relaxed) {
-        if !iteration(&worker, &state, &mut session, &mut rng).await && think.wait.is_none() {
+        let sent = match &state.scenario {
+            Some(f) => {
+                hook("scenario", state.run::<()>(f, state.user.clone()).await);
+                true
+            }
+            None => iteration(&worker, &state, session, &mut rng).await,
+        };
+        if !sent && think.wait.is_none() {
             // Nothing was sent (skipped, or a hook failed): let the other users run.
             tokio::task::yield_now().await;
         }
         think.pause(&mut rng).await;
     }
-    if let Some(f) = &state.on_stop
-        && let Err(e) = state.call::<()>(f, state.user.clone())
-    {
-        worker
-            .recorder
-            .borrow_mut()
-            .error(&plan.hook_row("on_stop"), e.reason("on_stop"));
+    if let Some(f) = &state.on_stop {
+        // `on_stop` may still send (a logout), within the grace period.
+        host.stopping.set(true);
+        hook("on_stop", state.run::<()>(f, state.user.clone()).await);
+    }
+}
+
+/// The host side of a user with Lua: its requests share the user's connections and count in
+/// its worker's stats.
+struct LuaHost {
+    worker: Rc<Worker>,
+    session: Rc<RefCell<http::Session>>,
+    /// Set for `on_stop`, which may send after the run began stopping.
+    stopping: Cell<bool>,
+}
+
+impl UserHost for LuaHost {
+    fn request(&self, spec: api::RequestSpec) -> LocalFuture<Result<Reply, String>> {
+        let worker = self.worker.clone();
+        let session = self.session.clone();
+        let refuse = worker.shared.stopping.load(Ordering::Relaxed) && !self.stopping.get();
+        Box::pin(async move {
+            if refuse {
+                return Err(host::STOPPING.to_string());
+            }
+            let prepared = http::Prepared::new(worker.plan.host.as_ref(), &spec).map_err(|e| format!("{e:#}"))?;
+            let row = worker
+                .recorder
+                .borrow_mut()
+                .row_by_name(spec.method.as_str(), &spec.name);
+            // Taken out for the exchange (a RefCell borrow may not be held across an await).
+            let mut s = session.take();
+            let (resp, outcome) = send(&worker, &mut s, row, &prepared, true).await;
+            session.replace(s);
+            let reply = match resp {
+                Some(r) => Reply {
+                    status: r.status,
+                    headers: r.headers,
+                    body: r.body,
+                    elapsed: r.elapsed,
+                    error: None,
+                },
+                None => Reply {
+                    status: 0,
+                    headers: Default::default(),
+                    body: Default::default(),
+                    elapsed: outcome.elapsed.unwrap_or_default(),
+                    error: outcome.failure.as_ref().map(|f| f.to_string()),
+                },
+            };
+            worker.recorder.borrow_mut().finish(row, outcome);
+            Ok(reply)
+        })
+    }
+
+    fn sleep(&self, pause: Duration) -> LocalFuture<()> {
+        let mut stopped = self.worker.shared.stopped.subscribe();
+        let cut_short = !self.stopping.get();
+        Box::pin(async move {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = stopped.wait_for(|s| *s && cut_short) => {}
+            }
+        })
+    }
+
+    fn check(&self, name: &str, passed: bool) {
+        self.worker.recorder.borrow_mut().check(name, passed);
     }
 }
 
@@ -143,7 +222,7 @@ async fn send(
 }
 
 /// One iteration of a user whose scenario has hooks. Returns whether a request was sent.
-async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Session, rng: &mut SmallRng) -> bool {
+async fn iteration(worker: &Worker, state: &UserState, session: &RefCell<http::Session>, rng: &mut SmallRng) -> bool {
     let plan = &worker.plan;
     let index = plan.pick(rng);
     let ep = &plan.endpoints[index];
@@ -165,7 +244,7 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
     let mut row = ep.row;
     let mut edited = None;
     if let Some(f) = &state.before_request {
-        match state.call::<Value>(f, (&state.user, &state.req_ud)) {
+        match state.run::<Value>(f, (&state.user, &state.req_ud)).await {
             Ok(Value::Boolean(false)) => return false,
             Ok(_) => {}
             Err(e) => {
@@ -199,14 +278,18 @@ async fn iteration(worker: &Worker, state: &UserState, session: &mut http::Sessi
     let req = edited.as_ref().unwrap_or(&ep.request);
 
     let keep_body = state.after_response.is_some();
-    let (resp, mut outcome) = send(worker, session, row, req, keep_body).await;
+    let mut s = session.take();
+    let (resp, mut outcome) = send(worker, &mut s, row, req, keep_body).await;
+    session.replace(s);
     if let (Some(f), Some(resp)) = (&state.after_response, resp) {
         state
             .res
             .0
             .borrow_mut()
             .set(resp.status, resp.headers, resp.body, resp.elapsed);
-        let verdict = state.call::<(Value, Option<String>)>(f, (&state.user, &state.req_ud, &state.res_ud));
+        let verdict = state
+            .run::<(Value, Option<String>)>(f, (&state.user, &state.req_ud, &state.res_ud))
+            .await;
         // Ten thousand idle users should not each hold their last response.
         *state.res.0.borrow_mut() = api::ResState::default();
         match verdict {

@@ -254,7 +254,7 @@ fn set_default_content_type(headers: &mut HeaderMap, ct: &'static str) {
     }
 }
 
-fn is_absolute(s: &str) -> bool {
+pub fn is_absolute(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
 
@@ -675,6 +675,8 @@ pub struct ResState {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub elapsed: Duration,
+    /// Why no response came (requests made with `http`; status is then 0).
+    pub error: Option<String>,
     /// `res.headers` as a table, made on first use in a call.
     headers_table: Option<Table>,
 }
@@ -686,6 +688,7 @@ impl ResState {
             headers,
             body,
             elapsed,
+            error: None,
             headers_table: None,
         };
     }
@@ -697,12 +700,20 @@ pub struct Res(pub Rc<RefCell<ResState>>);
 
 impl UserData for Res {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("json", |lua, this, ()| {
+            super::host::decode_json(lua, &this.0.borrow().body)
+                .map_err(|e| mlua::Error::runtime(format!("res:json(): {e}")))
+        });
         methods.add_meta_method(MetaMethod::Index, |lua, this, key: mlua::LuaString| {
             let mut st = this.0.borrow_mut();
             Ok(match &*key.as_bytes() {
                 b"status" => Value::Integer(st.status.into()),
                 b"body" => Value::String(lua.create_string(&st.body)?),
                 b"elapsed_ms" => Value::Number(st.elapsed.as_secs_f64() * 1000.0),
+                b"error" => match &st.error {
+                    Some(e) => Value::String(lua.create_string(e)?),
+                    None => Value::Nil,
+                },
                 b"headers" => {
                     if st.headers_table.is_none() {
                         st.headers_table = Some(headers_table(lua, &st.headers)?);

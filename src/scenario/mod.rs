@@ -8,6 +8,7 @@
 
 pub mod api;
 mod arena;
+pub mod host;
 pub mod sandbox;
 
 use std::cell::RefCell;
@@ -31,15 +32,18 @@ pub struct Hooks {
     pub before_request: bool,
     pub after_response: bool,
     pub on_stop: bool,
+    /// `scenario(user)`: each iteration runs it instead of picking an endpoint.
+    pub scenario: bool,
 }
 
 impl Hooks {
     pub fn any(&self) -> bool {
-        self.on_start || self.before_request || self.after_response || self.on_stop
+        self.on_start || self.before_request || self.after_response || self.on_stop || self.scenario
     }
 
     fn names(&self) -> Vec<&'static str> {
         [
+            (self.scenario, "scenario"),
             (self.on_start, "on_start"),
             (self.before_request, "before_request"),
             (self.after_response, "after_response"),
@@ -66,6 +70,9 @@ pub struct Scenario {
     pub limits: Limits,
     /// Things that load but look like mistakes (a misspelt hook), for `check` and `run`.
     pub warnings: Vec<String>,
+    /// Whether hooks may wait (the script uses `http` or `sleep`, or defines `scenario`): they
+    /// are then called as coroutines on the user's task; otherwise as plain calls, cheaper.
+    pub waits: bool,
     /// Memory a user's state of this scenario takes, learnt from the states made so far: each
     /// new one starts with that much room (see `arena`).
     pub state_bytes: std::sync::atomic::AtomicUsize,
@@ -138,14 +145,19 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
     options.host = host;
 
     let endpoints_line = line_of("endpoints");
+    let has_scenario = hook_defined(&globals, "scenario", &file)?;
     let table = match globals.get::<Value>("endpoints").map_err(|e| anyhow!("{e}"))? {
         Value::Table(t) => t,
+        // With `scenario(user)`, endpoints are optional.
+        Value::Nil if has_scenario => lua.create_table().map_err(|e| anyhow!("{e}"))?,
         Value::Nil => {
             let hint = match near_miss(&globals, &["endpoints"]) {
                 Some((found, _)) => format!(" (found `{found}`: did you mean `endpoints`?)"),
                 None => String::new(),
             };
-            bail!("{file}: no `endpoints` table{hint}: define endpoints = {{ Task(\"GET\", \"/\") }}")
+            bail!(
+                "{file}: no `endpoints` table{hint}: define endpoints = {{ Task(\"GET\", \"/\") }}, or function scenario(user)"
+            )
         }
         other => bail!(
             "{}: `endpoints` must be a table, got {}",
@@ -155,7 +167,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
     };
     let lines = lua.remove_app_data::<TaskLines>().unwrap_or_default().0.into_inner();
     let len = table.raw_len();
-    if len == 0 {
+    if len == 0 && !has_scenario {
         bail!(
             "{}: `endpoints` is empty: list at least one request",
             at(endpoints_line)
@@ -192,6 +204,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         before_request: hook_defined(&globals, "before_request", &file)?,
         after_response: hook_defined(&globals, "after_response", &file)?,
         on_stop: hook_defined(&globals, "on_stop", &file)?,
+        scenario: has_scenario,
     };
     let mut warnings = Vec::new();
     if let Some((found, meant)) = near_miss(&globals, &HOOK_NAMES) {
@@ -209,11 +222,27 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         wait,
         limits,
         warnings,
+        waits: has_scenario || may_wait(source),
         state_bytes: Default::default(),
     })
 }
 
-const HOOK_NAMES: [&str; 4] = ["on_start", "before_request", "after_response", "on_stop"];
+const HOOK_NAMES: [&str; 5] = ["on_start", "before_request", "after_response", "on_stop", "scenario"];
+
+/// Whether the source calls `http` or `sleep` (conservatively: any `http.`, `http[` or
+/// `sleep(` outside a longer name, in code, strings or comments alike).
+fn may_wait(source: &str) -> bool {
+    let b = source.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let used = |word: &str, next: &[u8]| {
+        source.match_indices(word).any(|(i, _)| {
+            let before = i.checked_sub(1).map(|j| b[j]);
+            let after = b[i + word.len()..].iter().find(|c| !c.is_ascii_whitespace());
+            !before.is_some_and(ident) && after.is_some_and(|c| next.contains(c))
+        })
+    };
+    used("http", b".[") || used("sleep", b"(\"'[{")
+}
 
 /// A global whose name is a near miss (a typo) of one of `names`: (found, meant).
 fn near_miss(globals: &Table, names: &[&'static str]) -> Option<(String, &'static str)> {
@@ -507,7 +536,6 @@ impl Scenario {
 /// `endpoints`, `options` and `host` globals then removed), plus the
 /// `user` table and the `req` and `res` objects that every hook call reuses.
 pub struct UserState {
-    pub sandbox: Sandbox,
     pub user: Table,
     pub req_ud: mlua::AnyUserData,
     pub req: api::Req,
@@ -517,6 +545,11 @@ pub struct UserState {
     pub before_request: Option<Function>,
     pub after_response: Option<Function>,
     pub on_stop: Option<Function>,
+    pub scenario: Option<Function>,
+    /// See [`Scenario::waits`].
+    pub waits: bool,
+    /// Last: every handle above is dropped before the state is closed.
+    pub sandbox: Sandbox,
 }
 
 impl UserState {
@@ -557,6 +590,8 @@ impl UserState {
             before_request: hook("before_request", h.before_request),
             after_response: hook("after_response", h.after_response),
             on_stop: hook("on_stop", h.on_stop),
+            scenario: hook("scenario", h.scenario),
+            waits: scenario.waits,
             user,
             req_ud,
             req,
@@ -569,10 +604,28 @@ impl UserState {
     /// Calls a hook within the instruction budget; errors are described in one line.
     pub fn call<R: mlua::FromLuaMulti>(&self, f: &Function, args: impl mlua::IntoLuaMulti) -> Result<R, HookError> {
         self.sandbox.budget.reset();
-        f.call(args).map_err(|e| HookError {
-            limit: self.sandbox.budget.spent() || is_memory_error(&e),
-            message: sandbox::describe(&e, &self.sandbox.limits),
-        })
+        f.call(args).map_err(|e| self.hook_error(&e))
+    }
+
+    /// Like [`UserState::call`], as a coroutine that may wait on `http` and `sleep` when the
+    /// scenario uses them (a waiting user holds up no other user of its thread).
+    pub async fn run<R: mlua::FromLuaMulti>(
+        &self,
+        f: &Function,
+        args: impl mlua::IntoLuaMulti,
+    ) -> Result<R, HookError> {
+        if !self.waits {
+            return self.call(f, args);
+        }
+        self.sandbox.budget.reset();
+        f.call_async(args).await.map_err(|e| self.hook_error(&e))
+    }
+
+    fn hook_error(&self, e: &mlua::Error) -> HookError {
+        HookError {
+            limit: self.sandbox.budget.spent() || is_memory_error(e),
+            message: sandbox::describe(e, &self.sandbox.limits),
+        }
     }
 }
 

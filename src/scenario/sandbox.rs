@@ -105,9 +105,11 @@ collectgarbage = function(opt)
 end
 dofile, loadfile, require, module = nil, nil, nil, nil
 string.dump = nil
--- table, math, utf8, coroutine and os open on first use: a user state whose script never
--- touches them does not carry them (ten thousand users, ~3 KB each).
-local lazy = { table = true, math = true, utf8 = true, coroutine = true, os = true }
+-- table, math, utf8, coroutine and os open on first use, as do the scenario API's http, sleep,
+-- check, log, json, uuid and rand: a user state whose script never touches one does not carry
+-- it (ten thousand users, ~3 KB each).
+local lazy = { table = true, math = true, utf8 = true, coroutine = true, os = true,
+  http = true, sleep = true, check = true, log = true, json = true, uuid = true, rand = true }
 setmetatable(_G, { __index = function(g, k)
   if not lazy[k] then return nil end
   lazy[k] = nil
@@ -193,7 +195,10 @@ impl Sandbox {
                 b"utf8" => StdLib::UTF8,
                 b"coroutine" => StdLib::COROUTINE,
                 b"os" => StdLib::OS,
-                _ => return Err(mlua::Error::runtime("no such library")),
+                other => {
+                    let value = super::host::open(lua, &String::from_utf8_lossy(other))?;
+                    return Ok(value);
+                }
             };
             lua.load_std_libs(lib)?;
             // Opening a library sets its global; the prelude decides what the script sees.
@@ -236,9 +241,17 @@ impl Sandbox {
 /// memory limit named when that is what stopped the script.
 pub fn describe(err: &mlua::Error, limits: &Limits) -> String {
     let mut err = err;
-    // Errors raised inside Rust callbacks come wrapped; the cause says what happened.
-    while let mlua::Error::CallbackError { cause, .. } = err {
+    // Errors raised inside Rust callbacks come wrapped; the cause says what happened, and the
+    // traceback where (the script's line that called the host function).
+    let mut at = None;
+    while let mlua::Error::CallbackError { cause, traceback } = err {
+        at = at.or_else(|| script_position(traceback));
         err = cause;
+    }
+    if let Some(at) = at
+        && !matches!(err, mlua::Error::MemoryError(_))
+    {
+        return format!("{at}: {}", describe(err, limits));
     }
     match err {
         mlua::Error::MemoryError(_) => {
@@ -248,6 +261,19 @@ pub fn describe(err: &mlua::Error, limits: &Limits) -> String {
         mlua::Error::RuntimeError(message) => first_line(message),
         other => first_line(&other.to_string()),
     }
+}
+
+/// `file:line` of the innermost frame of a traceback that is the script's (not the host's).
+fn script_position(traceback: &str) -> Option<String> {
+    traceback.lines().skip(1).map(str::trim).find_map(|frame| {
+        let mut parts = frame.splitn(3, ':');
+        let (file, line) = (parts.next()?, parts.next()?);
+        (!file.starts_with('[')
+            && !file.starts_with("stormlight-")
+            && !file.starts_with("__mlua")
+            && line.parse::<u32>().is_ok())
+        .then(|| format!("{file}:{line}"))
+    })
 }
 
 fn first_line(s: &str) -> String {
