@@ -14,7 +14,7 @@ use crate::config::{LiveMode, Overrides, parse_duration};
     name = "stormlight",
     version,
     about = "A scripted HTTP load tester: scenarios in Lua, numbers you can trust.",
-    after_help = "Examples:\n  stormlight demo\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight check scripts/hooks.lua\n  stormlight target --port 8000\n\nExit codes: 0 finished, 1 a threshold failed, 2 bad input (nothing sent), 130 interrupted."
+    after_help = "Examples:\n  stormlight demo\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight check scripts/hooks.lua\n  stormlight target --port 8000\n\nExit codes: 0 finished, 1 a threshold failed, 2 bad input (nothing sent), 3 the summary was\nprinted but --out could not be written at the end, 130 interrupted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -51,9 +51,13 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
         bind: IpAddr,
-        /// Close keep-alive connections idle for longer than this (like many real servers).
+        /// Close keep-alive connections idle for longer than this (like many real servers), and
+        /// say so in a `Keep-Alive: timeout=N` header (whole seconds), as Node and Apache do.
         #[arg(long, value_name = "D", value_parser = duration)]
         idle_close: Option<Duration>,
+        /// With --idle-close: do not send the Keep-Alive header (a server that closes silently).
+        #[arg(long, requires = "idle_close")]
+        silent_close: bool,
         /// Serve HTTPS with a self-signed certificate made now (its PEM file is printed: pass
         /// it to `run --ca-cert`, or use `run --insecure`).
         #[arg(long)]

@@ -105,6 +105,9 @@ impl RunConfig {
             max_redirects: cli.max_redirects.unwrap_or(defaults.max_redirects),
             keepalive_idle: cli.keepalive_idle.unwrap_or(defaults.keepalive_idle),
         };
+        if http.max_body == 0 {
+            bail!("--max-body must be more than 0 (it caps the body read; there is no unlimited)");
+        }
         if http.connect_timeout.is_zero() {
             bail!("connect timeout must be more than 0");
         }

@@ -228,7 +228,13 @@ pub struct Client {
     /// Shared by every connection; `None` only where no https URL can occur (tests).
     tls: Option<Arc<rustls::ClientConfig>>,
     pub protocol: Protocol,
+    /// Per origin, the shortest idle time after which its server was seen closing a
+    /// connection; shared by the clones (the worker threads) of a run's client.
+    closed_after: Arc<std::sync::Mutex<ClosedAfter>>,
 }
+
+/// Per origin, an idle time after which its server closed a connection.
+type ClosedAfter = Vec<(Arc<Origin>, Duration)>;
 
 /// Limits of every exchange, overridable from the command line.
 #[derive(Debug, Clone, Copy)]
@@ -264,6 +270,7 @@ impl Client {
             limits,
             tls,
             protocol: Protocol::Auto,
+            closed_after: Default::default(),
         }
     }
 }
@@ -435,6 +442,8 @@ struct H1 {
     buf: BytesMut,
     /// Whether any byte of a response has arrived since the current request was written.
     answered: bool,
+    /// How long the server said it keeps an idle connection (`Keep-Alive: timeout=N`).
+    advertised: Option<Duration>,
 }
 
 /// What a connection speaks.
@@ -475,20 +484,31 @@ pub enum Protocol {
 /// carries a request (one non-blocking read). Back-to-back requests skip the check.
 const CHECK_AFTER_IDLE: Duration = Duration::from_millis(50);
 
+/// Whether a kept-alive connection may carry the next request.
+enum Idle {
+    Usable,
+    /// Idle for as long as it may be (see [`Client::keep_for`]): closed by us.
+    Expired,
+    /// Closed (or broken) by the server while idle, after this long.
+    ClosedByServer(Duration),
+}
+
 impl Conn {
-    /// Whether this connection must not carry another request: idle past `--keepalive-idle`,
-    /// or closed (or broken) by the server while idle. A request written to it could fail
-    /// without reaching the server, an error the tool itself would have caused.
-    fn stale(&self, keepalive_idle: Duration) -> bool {
+    /// Whether this connection may carry another request. One idle for `keep_for` or longer
+    /// is not used again: the server may be closing it just as the request goes out, a failure
+    /// the tool itself would have caused. One the server has closed is noticed before use.
+    fn idle(&self, keep_for: Duration) -> Idle {
         let idle = self.idle_since.elapsed();
         if idle < CHECK_AFTER_IDLE {
-            return false;
+            return Idle::Usable;
         }
-        if idle >= keepalive_idle {
-            return true;
+        if idle >= keep_for {
+            return Idle::Expired;
         }
+        let closed = Idle::ClosedByServer(idle);
         let tcp = match &self.link {
-            Link::H2(h2) => return h2.sender.is_closed(),
+            Link::H2(h2) if h2.sender.is_closed() => return closed,
+            Link::H2(_) => return Idle::Usable,
             Link::H1(H1 {
                 stream: Stream::Plain(tcp),
                 ..
@@ -500,7 +520,28 @@ impl Conn {
         };
         let mut probe = [0u8; 1];
         // WouldBlock: open and quiet. 0 bytes: closed. Data or an error: unusable either way.
-        !matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        match tcp.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Idle::Usable,
+            _ => closed,
+        }
+    }
+
+    /// Closes a connection we will not use again with a reset rather than a FIN: the closing
+    /// side keeps its port in TIME_WAIT for a minute, and a run that replaces idle connections
+    /// at thousands a second would run out of ports.
+    fn abandon(self) {
+        let tcp = match &self.link {
+            Link::H1(H1 {
+                stream: Stream::Plain(tcp),
+                ..
+            }) => tcp,
+            Link::H1(H1 {
+                stream: Stream::Tls(tls),
+                ..
+            }) => tls.get_ref().0,
+            Link::H2(_) => return,
+        };
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
     }
 }
 
@@ -513,23 +554,6 @@ const MAX_HEADERS: usize = 100;
 #[derive(Default)]
 pub struct Session {
     conns: Vec<Conn>,
-    /// Requests sent a second time (see [`Client::send`]); the caller takes and counts them.
-    pub resent: u32,
-}
-
-/// How an attempt failed: after nothing came back on a connection that had been idle (which
-/// the server may have closed as the request went out), or otherwise.
-enum Attempt {
-    Unanswered(Reason),
-    Failed(Reason),
-}
-
-/// Methods a client may send again after a connection failure (RFC 9110, 9.2.2).
-fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// What came back, for the verdict and for `after_response`.
@@ -598,13 +622,41 @@ impl Client {
         Err((start.elapsed(), Reason::RedirectLimit))
     }
 
+    /// How long a kept-alive connection of `origin` may sit idle and still be used: the least
+    /// of `--keepalive-idle`, three quarters of what the server advertised, and three quarters
+    /// of the shortest idle time after which this worker saw the server close a connection.
+    fn keep_for(&self, conn: &Conn) -> Duration {
+        let mut keep = self.limits.keepalive_idle;
+        if let Link::H1(H1 {
+            advertised: Some(t), ..
+        }) = &conn.link
+        {
+            keep = keep.min(*t * 3 / 4);
+        }
+        if let Ok(seen) = self.closed_after.lock()
+            && let Some((_, after)) = seen.iter().find(|(o, _)| *o == conn.origin)
+        {
+            keep = keep.min(*after * 3 / 4);
+        }
+        keep
+    }
+
+    /// Remembers that the server of `origin` closed a connection idle for `idle` (or that a
+    /// request on one failed before any answer): connections of that origin are then not kept
+    /// idle that long again.
+    fn learn(&self, origin: &Arc<Origin>, idle: Duration) {
+        let Ok(mut seen) = self.closed_after.lock() else { return };
+        match seen.iter_mut().find(|(o, _)| o == origin) {
+            Some((_, least)) => *least = (*least).min(idle),
+            None => seen.push((origin.clone(), idle)),
+        }
+    }
+
     /// One exchange on the user's connection to the request's origin (opened if needed).
     ///
-    /// A server may close an idle connection just as a request is written to it (its keep-alive
-    /// timeout and the user's think time ending together). When a connection that sat idle fails
-    /// that way, before a single byte of response, an idempotent request is sent once more on a
-    /// new connection, as browsers and Go's client do; `session.resent` counts it, since a
-    /// server that did read the first copy (and then closed without answering) saw it twice.
+    /// A request is never sent twice: a resent request would hide a real fault and make the
+    /// server's count differ from ours. Instead a connection is not reused once it has been idle
+    /// for as long as the server may keep it (see [`Client::keep_for`]).
     async fn send_once(
         &self,
         session: &mut Session,
@@ -613,36 +665,26 @@ impl Client {
         timeout: Duration,
     ) -> Result<(Response, Option<String>), Reason> {
         let start = Instant::now();
-        loop {
-            let left = timeout.saturating_sub(start.elapsed());
-            match self.attempt(session, req, keep_body, left).await {
-                Err(Attempt::Unanswered(_)) if idempotent(&req.method) => session.resent += 1,
-                Err(Attempt::Unanswered(reason) | Attempt::Failed(reason)) => return Err(reason),
-                Ok(done) => return Ok(done),
+        let mut found = session.conns.iter().position(|c| c.origin == req.origin);
+        // Back-to-back requests skip the checks.
+        if let Some(i) = found
+            && session.conns[i].idle_since.elapsed() >= CHECK_AFTER_IDLE
+        {
+            match session.conns[i].idle(self.keep_for(&session.conns[i])) {
+                Idle::Usable => {}
+                Idle::Expired => {
+                    session.conns.swap_remove(i).abandon();
+                    found = None;
+                }
+                Idle::ClosedByServer(after) => {
+                    self.learn(&req.origin, after);
+                    session.conns.swap_remove(i);
+                    found = None;
+                }
             }
         }
-    }
-
-    /// One try of [`Client::send_once`].
-    async fn attempt(
-        &self,
-        session: &mut Session,
-        req: &Prepared,
-        keep_body: bool,
-        timeout: Duration,
-    ) -> Result<(Response, Option<String>), Attempt> {
-        let start = Instant::now();
-        let found = session.conns.iter().position(|c| c.origin == req.origin);
-        let keepalive_idle = self.limits.keepalive_idle;
-        let found = match found {
-            Some(i) if session.conns[i].stale(keepalive_idle) => {
-                session.conns.swap_remove(i);
-                None
-            }
-            other => other,
-        };
-        // Only a connection that sat idle may have been closed under the request.
-        let was_idle = found.is_some_and(|i| session.conns[i].idle_since.elapsed() >= CHECK_AFTER_IDLE);
+        // A connection that sat idle may have been closed by the server as the request went out.
+        let idle = found.map(|i| session.conns[i].idle_since.elapsed());
         let idx = match found {
             Some(i) => i,
             // Boxed, like the HTTP/2 exchange below: every user's task holds its pending future,
@@ -653,8 +695,8 @@ impl Client {
                     session.conns.push(conn);
                     session.conns.len() - 1
                 }
-                Ok(Err(reason)) => return Err(Attempt::Failed(reason)),
-                Err(_) => return Err(Attempt::Failed(Reason::ConnectTimeout)),
+                Ok(Err(reason)) => return Err(reason),
+                Err(_) => return Err(Reason::ConnectTimeout),
             },
         };
         let max_body = self.limits.max_body;
@@ -675,16 +717,19 @@ impl Client {
             Ok(Err(reason)) => {
                 let conn = session.conns.swap_remove(idx);
                 let unanswered = matches!(conn.link, Link::H1(H1 { answered: false, .. }));
-                if was_idle && unanswered && matches!(reason, Reason::Closed | Reason::Reset) {
-                    Err(Attempt::Unanswered(reason))
-                } else {
-                    Err(Attempt::Failed(reason))
+                if let Some(idle) = idle
+                    && idle >= CHECK_AFTER_IDLE
+                    && unanswered
+                    && matches!(reason, Reason::Closed | Reason::Reset)
+                {
+                    self.learn(&req.origin, idle);
                 }
+                Err(reason)
             }
             Err(_) => {
                 // The connection may be mid-response: never reuse it.
                 session.conns.swap_remove(idx);
-                Err(Attempt::Failed(Reason::Timeout))
+                Err(Reason::Timeout)
             }
         }
     }
@@ -715,6 +760,7 @@ impl Client {
                     stream: Stream::Tls(Box::new(tls)),
                     buf: BytesMut::with_capacity(1024),
                     answered: false,
+                    advertised: None,
                 })
             }
         } else if self.protocol == Protocol::Http2 {
@@ -724,6 +770,7 @@ impl Client {
                 stream: Stream::Plain(tcp),
                 buf: BytesMut::with_capacity(1024),
                 answered: false,
+                advertised: None,
             })
         };
         // (An HTTP/1.1 read buffer starts small: most response heads fit, and ten thousand idle
@@ -908,6 +955,7 @@ async fn exchange(
         status,
         framing,
         keep_alive: mut reusable,
+        idle_timeout,
         headers,
         location,
         ..
@@ -932,6 +980,9 @@ async fn exchange(
         }
     };
 
+    if idle_timeout.is_some() {
+        conn.advertised = idle_timeout;
+    }
     let mut body = BytesMut::new();
     let mut read: u64 = 0;
     // Body bytes are counted against the cap whether they are kept or dropped.
@@ -1033,6 +1084,8 @@ struct Head {
     status: u16,
     framing: Framing,
     keep_alive: bool,
+    /// `Keep-Alive: timeout=N`: how long the server keeps the connection idle.
+    idle_timeout: Option<Duration>,
     /// Filled only when asked for (for `after_response`).
     headers: HeaderMap,
     location: Option<String>,
@@ -1051,6 +1104,7 @@ fn read_head(
     let mut length = None;
     let mut chunked = false;
     let mut location = None;
+    let mut idle_timeout = None;
     let mut headers = HeaderMap::new();
     for h in head.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -1068,6 +1122,8 @@ fn read_head(
             }
         } else if h.name.eq_ignore_ascii_case("location") {
             location = std::str::from_utf8(h.value).ok().map(str::to_string);
+        } else if h.name.eq_ignore_ascii_case("keep-alive") {
+            idle_timeout = keep_alive_timeout(h.value);
         }
         if want_headers
             && let (Ok(name), Ok(value)) = (
@@ -1092,8 +1148,21 @@ fn read_head(
         status,
         framing,
         keep_alive,
+        idle_timeout,
         headers,
         location,
+    })
+}
+
+/// The `timeout=N` (seconds) of a `Keep-Alive` header, as Node, Apache and others send it.
+fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?;
+    text.split(',').find_map(|part| {
+        let (key, n) = part.split_once('=')?;
+        let n: u64 = n.trim().parse().ok()?;
+        key.trim()
+            .eq_ignore_ascii_case("timeout")
+            .then(|| Duration::from_secs(n))
     })
 }
 
@@ -1146,6 +1215,14 @@ mod tests {
             weight: 1,
             timeout: None,
         }
+    }
+
+    #[test]
+    fn keep_alive_headers_give_the_servers_idle_timeout() {
+        assert_eq!(keep_alive_timeout(b"timeout=5, max=100"), Some(Duration::from_secs(5)));
+        assert_eq!(keep_alive_timeout(b"max=100,Timeout = 2"), Some(Duration::from_secs(2)));
+        assert_eq!(keep_alive_timeout(b"max=100"), None);
+        assert_eq!(keep_alive_timeout(b"timeout=soon"), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use config::{LiveMode, Overrides, RunConfig};
 
@@ -86,6 +86,12 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
 
 /// Fails early if `path` cannot be written, so a long run does not end with nowhere to write.
 fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "cannot write --out {}: it is a directory (give a file name)",
+            path.display()
+        );
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

@@ -61,11 +61,13 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             port,
             bind,
             idle_close,
+            silent_close,
             tls,
         } => {
             let tls = tls.then_some(stormlight::target::LOCAL_NAMES);
             let options = stormlight::target::Options {
                 idle_close,
+                silent_close,
                 tls,
                 client_ca: None,
             };

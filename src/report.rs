@@ -110,14 +110,7 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
     writeln!(w, "{}", stats_table(&rows, &(s.total.clone(), None)))?;
     if !s.protocols.is_empty() {
         let list: Vec<String> = s.protocols.iter().map(|(p, n)| format!("{p}: {n}")).collect();
-        writeln!(w, "responses by protocol: {}", list.join(", "))?;
-    }
-    if s.resent > 0 {
-        writeln!(
-            w,
-            "{} requests went out as the server closed their idle connection, and were sent again on a new one",
-            s.resent
-        )?;
+        writeln!(w, "complete responses by protocol: {}", list.join(", "))?;
     }
     let due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
     match s.all_users_started_s {

@@ -164,8 +164,6 @@ pub struct Recorder {
     failures: HashMap<(Arc<RowId>, Reason), u64>,
     /// Responses received over HTTP/1.1 and over HTTP/2.
     protocols: [u64; 2],
-    /// Requests sent again after an idle connection closed under them (see `http::Session`).
-    pub resent: u64,
     /// `check(value, name)` results: passes and fails per name.
     checks: HashMap<String, [u64; 2]>,
 }
@@ -176,7 +174,6 @@ pub struct Snapshot {
     pub rows: Vec<(Arc<RowId>, RowStats)>,
     pub failures: Vec<(Arc<RowId>, Reason, u64)>,
     pub protocols: [u64; 2],
-    pub resent: u64,
     pub checks: Vec<(String, [u64; 2])>,
 }
 
@@ -189,7 +186,6 @@ impl Recorder {
             inflight: Vec::new(),
             failures: HashMap::new(),
             protocols: [0; 2],
-            resent: 0,
             checks: HashMap::new(),
         };
         for row in rows {
@@ -301,7 +297,6 @@ impl Recorder {
             rows,
             failures,
             protocols: std::mem::take(&mut self.protocols),
-            resent: std::mem::take(&mut self.resent),
             checks: self.checks.drain().collect(),
         }
     }
@@ -318,7 +313,6 @@ pub struct Aggregate {
     tick: HashMap<RowId, u64>,
     last_tick: HashMap<RowId, u64>,
     protocols: [u64; 2],
-    resent: u64,
     /// Checks by name.
     checks: std::collections::BTreeMap<String, [u64; 2]>,
 }
@@ -355,7 +349,6 @@ impl Aggregate {
         }
         self.protocols[0] += snap.protocols[0];
         self.protocols[1] += snap.protocols[1];
-        self.resent += snap.resent;
         for (name, [passes, fails]) in snap.checks {
             let counts = self.checks.entry(name).or_default();
             counts[0] += passes;
@@ -428,7 +421,6 @@ impl Aggregate {
                 .filter(|(_, n)| *n > 0)
                 .map(|(p, n)| (p.to_string(), n))
                 .collect(),
-            resent: self.resent,
             checks: self
                 .checks
                 .iter()
@@ -473,11 +465,6 @@ pub struct Summary {
     /// Responses received per HTTP version.
     #[serde(default)]
     pub protocols: std::collections::BTreeMap<String, u64>,
-    /// Idempotent requests sent a second time, on a new connection, because the kept-alive one
-    /// they went out on had been closed by the server while idle (nothing came back). Each is
-    /// counted once in the totals; a server that did read the first copy saw it twice.
-    #[serde(default)]
-    pub resent: u64,
     /// `check(value, name)` results per name, sorted by name.
     #[serde(default)]
     pub checks: Vec<CheckSummary>,

@@ -44,6 +44,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
+use hyper::header::HeaderValue;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -102,6 +103,8 @@ impl Counts {
 pub struct Options {
     /// Close a keep-alive connection that waits longer than this for its next request.
     pub idle_close: Option<Duration>,
+    /// With `idle_close`: do not say so in a `Keep-Alive: timeout=N` header.
+    pub silent_close: bool,
     /// Serve HTTPS with a self-signed certificate generated at start for these names.
     pub tls: Option<&'static [&'static str]>,
     /// With TLS: require a client certificate signed by this CA (mutual TLS).
@@ -285,7 +288,24 @@ where
         stream,
     };
     let (handler, reset) = (state.clone(), reset.clone());
-    let service = service_fn(move |req| handle(req, handler.clone(), reset.clone()));
+    // Like Node and Apache, say how long an idle connection is kept (whole seconds).
+    let advertised = match state.options.idle_close {
+        Some(idle) if !state.options.silent_close && idle.as_secs() >= 1 => {
+            HeaderValue::from_str(&format!("timeout={}", idle.as_secs())).ok()
+        }
+        _ => None,
+    };
+    let service = service_fn(move |req| {
+        let answer = handle(req, handler.clone(), reset.clone());
+        let advertised = advertised.clone();
+        async move {
+            let mut resp = answer.await?;
+            if let Some(v) = advertised {
+                resp.headers_mut().insert("keep-alive", v);
+            }
+            Ok::<_, Reset>(resp)
+        }
+    });
     // HTTP/1.1, or HTTP/2 (by ALPN over TLS, or by its preface on plain connections).
     let mut http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     http.http1().keep_alive(true);

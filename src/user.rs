@@ -198,9 +198,6 @@ async fn send(
 ) -> (Option<http::Response>, Outcome) {
     worker.recorder.borrow_mut().begin(row);
     let sent = worker.client.send(session, req, keep_body).await;
-    if session.resent > 0 {
-        worker.recorder.borrow_mut().resent += u64::from(std::mem::take(&mut session.resent));
-    }
     match sent {
         Ok(resp) => {
             worker.recorder.borrow_mut().response(row, resp.h2, resp.bytes);

@@ -298,6 +298,24 @@ const BAD_CASES: &[BadCase] = &[
         ],
         expect: &["--out"],
     },
+    BadCase {
+        name: "--out that is a directory",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "2", "-t", "1s", "-q", "--out", "/tmp"],
+        expect: &["--out", "directory"],
+    },
+    BadCase {
+        name: "--max-body 0",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "2", "-t", "1s", "-q", "--max-body", "0"],
+        expect: &["--max-body", "more than 0"],
+    },
+    BadCase {
+        name: "think time the wrong way round",
+        script: Some("endpoints = { Task('GET', '/hello') }\nwait_time = between(3, 1)\n"),
+        flags: &["--host", "{host}", "-u", "2", "-t", "1s", "-q"],
+        expect: &["{file}:2", "a <= b"],
+    },
 ];
 
 /// `stormlight run SCRIPT --host HOST` followed by `rest`.

@@ -700,16 +700,14 @@ pub struct Res(pub Rc<RefCell<ResState>>);
 
 impl UserData for Res {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("json", |lua, this, ()| {
-            super::host::decode_json(lua, &this.0.borrow().body)
-                .map_err(|e| mlua::Error::runtime(format!("res:json(): {e}")))
-        });
         methods.add_meta_method(MetaMethod::Index, |lua, this, key: mlua::LuaString| {
             let mut st = this.0.borrow_mut();
             Ok(match &*key.as_bytes() {
                 b"status" => Value::Integer(st.status.into()),
                 b"body" => Value::String(lua.create_string(&st.body)?),
                 b"elapsed_ms" => Value::Number(st.elapsed.as_secs_f64() * 1000.0),
+                // Not a registered method: with one, mlua builds an index wrapper in every state.
+                b"json" => Value::Function(res_json(lua)?),
                 b"error" => match &st.error {
                     Some(e) => Value::String(lua.create_string(e)?),
                     None => Value::Nil,
@@ -724,6 +722,20 @@ impl UserData for Res {
             })
         });
     }
+}
+
+/// `res:json()`, made once per state, on first use.
+fn res_json(lua: &Lua) -> mlua::Result<mlua::Function> {
+    const KEY: &str = "stormlight.res_json";
+    if let Ok(f) = lua.named_registry_value::<mlua::Function>(KEY) {
+        return Ok(f);
+    }
+    let f = lua.create_function(|lua, ud: AnyUserData| {
+        let body = ud.borrow::<Res>()?.0.borrow().body.clone();
+        super::host::decode_json(lua, &body).map_err(|e| mlua::Error::runtime(format!("res:json(): {e}")))
+    })?;
+    lua.set_named_registry_value(KEY, &f)?;
+    Ok(f)
 }
 
 /// Creates a user's `res` object (once per user) and the handle to its state.

@@ -85,7 +85,7 @@ pub fn load(path: &Path) -> Result<Scenario> {
 }
 
 /// Globals whose assignment line is remembered, for messages about them.
-const WATCHED: [&str; 3] = ["endpoints", "options", "host"];
+const WATCHED: [&str; 4] = ["endpoints", "options", "host", "wait_time"];
 
 /// Like [`load`], from source text already in memory (`path` names it in messages).
 pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario> {
@@ -198,7 +198,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
     }
 
     let wait = api::wait_value(&globals.get::<Value>("wait_time").map_err(|e| anyhow!("{e}"))?)
-        .map_err(|e| anyhow!("{file}: {e}"))?;
+        .map_err(|e| anyhow!("{}: {e}", at(line_of("wait_time"))))?;
     let hooks = Hooks {
         on_start: hook_defined(&globals, "on_start", &file)?,
         before_request: hook_defined(&globals, "before_request", &file)?,
