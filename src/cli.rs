@@ -113,6 +113,10 @@ pub struct LoadArgs {
     /// Apache and uvicorn); 0: a new connection per request [default: 4s].
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub keepalive_idle: Option<Duration>,
+    /// Distinct request names with a row of their own; past it, new names share one overflow
+    /// row (and a warning says so) [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_names: Option<usize>,
     /// Do not verify TLS certificates (self-signed test servers). Printed in the run header.
     #[arg(long, short = 'k')]
     pub insecure: bool,
@@ -161,6 +165,7 @@ impl LoadArgs {
             max_body: self.max_body,
             max_redirects: self.max_redirects,
             keepalive_idle: self.keepalive_idle,
+            max_names: self.max_names,
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

@@ -11,6 +11,8 @@ use url::Url;
 pub const DEFAULT_USERS: u32 = 1;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+/// Distinct request names that get a row of their own, by default.
+pub const DEFAULT_MAX_NAMES: usize = 1000;
 
 /// Settings that may come from the command line or from the scenario's `options` table.
 /// `None` means "not given here".
@@ -26,6 +28,7 @@ pub struct Overrides {
     pub max_body: Option<u64>,
     pub max_redirects: Option<u32>,
     pub keepalive_idle: Option<Duration>,
+    pub max_names: Option<usize>,
     pub tls: crate::http::TlsOptions,
     pub protocol: Option<crate::http::Protocol>,
 }
@@ -56,6 +59,8 @@ pub struct RunConfig {
     /// The TLS configuration every connection shares, built once.
     pub tls: std::sync::Arc<rustls::ClientConfig>,
     pub protocol: crate::http::Protocol,
+    /// Distinct request names with a row of their own (`--max-names`).
+    pub max_names: usize,
 }
 
 /// How the live table is shown while the run goes.
@@ -105,6 +110,10 @@ impl RunConfig {
             max_redirects: cli.max_redirects.unwrap_or(defaults.max_redirects),
             keepalive_idle: cli.keepalive_idle.unwrap_or(defaults.keepalive_idle),
         };
+        let max_names = cli.max_names.unwrap_or(DEFAULT_MAX_NAMES);
+        if max_names == 0 {
+            bail!("--max-names must be at least 1");
+        }
         if http.max_body == 0 {
             bail!("--max-body must be more than 0 (it caps the body read; there is no unlimited)");
         }
@@ -132,6 +141,7 @@ impl RunConfig {
             tls_options: cli.tls.clone(),
             tls,
             protocol,
+            max_names,
         })
     }
 }

@@ -135,6 +135,32 @@ impl Prepared {
         )
     }
 
+    /// This request with a `Cookie` header added.
+    fn with_cookie(&self, cookie: &str) -> Self {
+        let head_end = self.wire.len() - self.body.len() - 2;
+        let mut wire = Vec::with_capacity(self.wire.len() + cookie.len() + 10);
+        wire.extend_from_slice(&self.wire[..head_end]);
+        wire.extend_from_slice(b"cookie: ");
+        wire.extend_from_slice(cookie.as_bytes());
+        wire.extend_from_slice(b"\r\n");
+        wire.extend_from_slice(&self.wire[head_end..]);
+        let mut headers = self.headers.clone();
+        if let Ok(v) = HeaderValue::from_str(cookie) {
+            headers.insert(hyper::header::COOKIE, v);
+        }
+        Self {
+            method: self.method.clone(),
+            origin: self.origin.clone(),
+            target: self.target.clone(),
+            host_header: self.host_header.clone(),
+            wire: Bytes::from(wire),
+            timeout: self.timeout,
+            headers,
+            body: self.body.clone(),
+            h2_uri: self.h2_uri.clone(),
+        }
+    }
+
     /// The request a redirect to `location` asks for: GET without a body after 303, and after
     /// 301/302 to a POST (as browsers do); the same method and body otherwise.
     fn redirected(&self, status: u16, location: &str) -> Option<Self> {
@@ -554,6 +580,35 @@ const MAX_HEADERS: usize = 100;
 #[derive(Default)]
 pub struct Session {
     conns: Vec<Conn>,
+    /// The user's cookies (RFC 6265 matching), made when the first one arrives.
+    cookies: Option<Box<cookie_store::CookieStore>>,
+}
+
+impl Session {
+    /// The `Cookie` header the user sends with `req`, if its jar has any for it (and the
+    /// scenario does not set its own).
+    fn cookie_header(&self, req: &Prepared) -> Option<String> {
+        let jar = self.cookies.as_ref()?;
+        if req.headers.contains_key(hyper::header::COOKIE) {
+            return None;
+        }
+        let url = Url::parse(&req.h2_uri.to_string()).ok()?;
+        let pairs: Vec<String> = jar.get_request_values(&url).map(|(n, v)| format!("{n}={v}")).collect();
+        (!pairs.is_empty()).then(|| pairs.join("; "))
+    }
+
+    /// Keeps the cookies a response to `req` set.
+    fn store_cookies(&mut self, req: &Prepared, set_cookies: &[String]) {
+        let Ok(url) = Url::parse(&req.h2_uri.to_string()) else {
+            return;
+        };
+        let cookies = set_cookies
+            .iter()
+            .filter_map(|v| cookie_store::RawCookie::parse(v.clone()).ok());
+        self.cookies
+            .get_or_insert_with(Default::default)
+            .store_response_cookies(cookies, &url);
+    }
 }
 
 /// What came back, for the verdict and for `after_response`.
@@ -569,6 +624,8 @@ pub struct Response {
     /// The body, kept only when asked for; otherwise counted and dropped.
     pub body: Bytes,
     pub elapsed: Duration,
+    /// `Set-Cookie` values, for the user's cookie jar.
+    pub set_cookies: Vec<String>,
 }
 
 fn is_redirect(status: u16) -> bool {
@@ -701,6 +758,9 @@ impl Client {
         };
         let max_body = self.limits.max_body;
         let left = timeout.saturating_sub(start.elapsed());
+        // The user's cookies for this URL go with it (a request of its own, rarely needed).
+        let with_cookies = session.cookie_header(req).map(|c| Box::new(req.with_cookie(&c)));
+        let req = with_cookies.as_deref().unwrap_or(req);
         let result = match &mut session.conns[idx].link {
             Link::H1(conn) => tokio::time::timeout(left, exchange(conn, req, keep_body, max_body)).await,
             Link::H2(h2) => tokio::time::timeout(left, Box::pin(exchange_h2(h2, req, keep_body, max_body))).await,
@@ -711,6 +771,9 @@ impl Client {
                     session.conns[idx].idle_since = Instant::now();
                 } else {
                     session.conns.swap_remove(idx);
+                }
+                if !resp.set_cookies.is_empty() {
+                    session.store_cookies(req, &resp.set_cookies);
                 }
                 Ok((resp, location))
             }
@@ -864,6 +927,12 @@ async fn exchange_h2_inner(
             }
         }
     }
+    let set_cookies = parts
+        .headers
+        .get_all(hyper::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
     let headers = if keep_body { parts.headers } else { HeaderMap::new() };
     Ok((
         Response {
@@ -873,6 +942,7 @@ async fn exchange_h2_inner(
             headers,
             body: kept.freeze(),
             elapsed: Duration::ZERO,
+            set_cookies,
         },
         location,
         true,
@@ -958,6 +1028,7 @@ async fn exchange(
         idle_timeout,
         headers,
         location,
+        set_cookies,
         ..
     } = loop {
         let parsed = {
@@ -1074,6 +1145,7 @@ async fn exchange(
         headers,
         body: body.freeze(),
         elapsed: Duration::ZERO,
+        set_cookies,
     };
     Ok((resp, location, reusable))
 }
@@ -1086,6 +1158,7 @@ struct Head {
     keep_alive: bool,
     /// `Keep-Alive: timeout=N`: how long the server keeps the connection idle.
     idle_timeout: Option<Duration>,
+    set_cookies: Vec<String>,
     /// Filled only when asked for (for `after_response`).
     headers: HeaderMap,
     location: Option<String>,
@@ -1105,6 +1178,7 @@ fn read_head(
     let mut chunked = false;
     let mut location = None;
     let mut idle_timeout = None;
+    let mut set_cookies = Vec::new();
     let mut headers = HeaderMap::new();
     for h in head.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -1124,6 +1198,10 @@ fn read_head(
             location = std::str::from_utf8(h.value).ok().map(str::to_string);
         } else if h.name.eq_ignore_ascii_case("keep-alive") {
             idle_timeout = keep_alive_timeout(h.value);
+        } else if h.name.eq_ignore_ascii_case("set-cookie")
+            && let Ok(v) = std::str::from_utf8(h.value)
+        {
+            set_cookies.push(v.to_string());
         }
         if want_headers
             && let (Ok(name), Ok(value)) = (
@@ -1149,6 +1227,7 @@ fn read_head(
         framing,
         keep_alive,
         idle_timeout,
+        set_cookies,
         headers,
         location,
     })

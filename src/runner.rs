@@ -44,6 +44,8 @@ pub struct Shared {
     hurry: tokio::sync::watch::Sender<bool>,
     /// Set with `stopping`, for users asleep in their think time to wake at once.
     pub stopped: tokio::sync::watch::Sender<bool>,
+    /// What `setup()` returned: every user gets a copy as `user.setup`.
+    pub setup_data: OnceLock<serde_json::Value>,
 }
 
 impl Shared {
@@ -133,9 +135,13 @@ enum Cmd {
     Prepare(Vec<u64>, oneshot::Sender<()>),
     Spawn(u64),
     Flush(oneshot::Sender<Snapshot>),
-    /// Wait for the users to finish until the deadline, count what is still in flight as
-    /// aborted, reply with the last counts and end the thread.
-    Finish(Instant, oneshot::Sender<Snapshot>),
+    /// Run the scenario's `setup()` (the first worker, before any user starts); reply with
+    /// its data.
+    Setup(oneshot::Sender<Result<Option<serde_json::Value>, String>>),
+    /// Wait for the users to finish until the deadline, run `teardown` (the worker that ran
+    /// `setup`, within the grace period), count what is still in flight as aborted, reply
+    /// with the last counts and end the thread.
+    Finish(Instant, Duration, oneshot::Sender<Snapshot>),
 }
 
 /// The result of a run.
@@ -166,21 +172,37 @@ pub async fn run_with(
         t0: OnceLock::new(),
         hurry: tokio::sync::watch::channel(false).0,
         stopped: tokio::sync::watch::channel(false).0,
+        setup_data: OnceLock::new(),
     });
     let mut workers = Vec::with_capacity(cfg.workers);
+    let names = crate::stats::NameCap::new(cfg.max_names);
     for n in 0..cfg.workers {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut client = http::Client::with_limits(cfg.timeout, cfg.http, Some(cfg.tls.clone()));
         client.protocol = cfg.protocol;
-        let (plan, shared) = (plan.clone(), shared.clone());
+        let (plan, shared, names) = (plan.clone(), shared.clone(), names.clone());
         std::thread::Builder::new()
             .name(format!("stormlight-worker-{n}"))
-            .spawn(move || worker_thread(plan, client, shared, rx))
+            .spawn(move || worker_thread(plan, client, shared, names, rx))
             .context("cannot start a worker thread")?;
         workers.push(tx);
     }
 
     tokio::pin!(shutdown);
+    let (tx, rx) = oneshot::channel();
+    if workers[0].send(Cmd::Setup(tx)).is_ok() {
+        let ran = tokio::select! {
+            () = &mut shutdown => Ok(None),
+            ran = rx => ran.unwrap_or(Ok(None)),
+        };
+        match ran {
+            Ok(Some(data)) => {
+                let _ = shared.setup_data.set(data);
+            }
+            Ok(None) => {}
+            Err(e) => anyhow::bail!("setup() failed, no user was started: {e}"),
+        }
+    }
     let preparing = std::time::Instant::now();
     let interrupted_early = tokio::select! {
         () = &mut shutdown => true,
@@ -233,7 +255,7 @@ pub async fn run_with(
     shared.stopping.store(true, Ordering::Relaxed);
     shared.stopped.send_replace(true);
     {
-        let finishing = finish(&workers, Instant::now() + cfg.grace, &mut agg);
+        let finishing = finish(&workers, Instant::now() + cfg.grace, cfg.grace, &mut agg);
         tokio::pin!(finishing);
         tokio::select! {
             () = &mut finishing => {}
@@ -278,11 +300,11 @@ async fn prepare_users(workers: &[mpsc::UnboundedSender<Cmd>], users: u64) {
 
 /// Ends every worker: users finish until `by`, then what is in flight counts as aborted; the
 /// last counts are merged into `agg`.
-async fn finish(workers: &[mpsc::UnboundedSender<Cmd>], by: Instant, agg: &mut Aggregate) {
+async fn finish(workers: &[mpsc::UnboundedSender<Cmd>], by: Instant, grace: Duration, agg: &mut Aggregate) {
     let mut finals = Vec::with_capacity(workers.len());
     for w in workers {
         let (tx, rx) = oneshot::channel();
-        if w.send(Cmd::Finish(by, tx)).is_ok() {
+        if w.send(Cmd::Finish(by, grace, tx)).is_ok() {
             finals.push(rx);
         }
     }
@@ -316,7 +338,13 @@ async fn flush(workers: &[mpsc::UnboundedSender<Cmd>], agg: &mut Aggregate) {
     }
 }
 
-fn worker_thread(plan: Arc<Plan>, client: http::Client, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+fn worker_thread(
+    plan: Arc<Plan>,
+    client: http::Client,
+    shared: Arc<Shared>,
+    names: Arc<crate::stats::NameCap>,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -326,7 +354,7 @@ fn worker_thread(plan: Arc<Plan>, client: http::Client, shared: Arc<Shared>, mut
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let recorder = std::cell::RefCell::new(Recorder::new(&plan.rows));
+        let recorder = std::cell::RefCell::new(Recorder::with_cap(&plan.rows, names));
         let worker = Rc::new(user::Worker {
             plan,
             client,
@@ -335,6 +363,7 @@ fn worker_thread(plan: Arc<Plan>, client: http::Client, shared: Arc<Shared>, mut
         });
         let mut users = tokio::task::JoinSet::new();
         let mut prepared = std::collections::HashMap::new();
+        let mut setup = None;
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 Cmd::Prepare(ids, reply) => {
@@ -352,12 +381,32 @@ fn worker_thread(plan: Arc<Plan>, client: http::Client, shared: Arc<Shared>, mut
                 Cmd::Flush(reply) => {
                     let _ = reply.send(worker.recorder.borrow_mut().take());
                 }
-                Cmd::Finish(deadline, reply) => {
+                Cmd::Setup(reply) => {
+                    let ran = user::setup(&worker).await.map(|ran| {
+                        ran.map(|(state, data)| {
+                            let copy = data.clone();
+                            setup = Some((state, data));
+                            copy
+                        })
+                    });
+                    let _ = reply.send(ran);
+                }
+                Cmd::Finish(deadline, grace, reply) => {
                     let mut hurry = worker.shared.hurry.subscribe();
                     let drain = tokio::time::timeout_at(deadline, async { while users.join_next().await.is_some() {} });
                     tokio::select! {
                         _ = drain => {}
                         _ = hurry.wait_for(|h| *h) => {}
+                    }
+                    // Also after Ctrl-C; a second one cuts it short.
+                    if let Some((state, data)) = &setup
+                        && !*hurry.borrow()
+                    {
+                        let teardown = tokio::time::timeout(grace, user::teardown(&worker, state, data));
+                        tokio::select! {
+                            _ = teardown => {}
+                            _ = hurry.wait_for(|h| *h) => {}
+                        }
                     }
                     // No await between here and the reply: no user can record in between.
                     users.abort_all();

@@ -166,6 +166,7 @@ pub struct Recorder {
     protocols: [u64; 2],
     /// `check(value, name)` results: passes and fails per name.
     checks: HashMap<String, [u64; 2]>,
+    cap: Arc<NameCap>,
 }
 
 /// What a recorder hands to the aggregator on each tick: the counts since the previous tick.
@@ -177,9 +178,57 @@ pub struct Snapshot {
     pub checks: Vec<(String, [u64; 2])>,
 }
 
+/// The name of the row that requests with names past the cap count under.
+pub const OVERFLOW_NAME: &str = "(names past --max-names)";
+
+/// The cap on distinct request names, shared by every worker's recorder: URLs with ids in them
+/// (`/items/123`) would otherwise make a row each, without end.
+#[derive(Debug)]
+pub struct NameCap {
+    max: usize,
+    names: std::sync::Mutex<std::collections::HashSet<RowId>>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl NameCap {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            names: Default::default(),
+            warned: Default::default(),
+        })
+    }
+
+    /// Whether `id` may have a row of its own (it has one already, or there is room).
+    fn admit(&self, id: &RowId) -> bool {
+        let Ok(mut names) = self.names.lock() else { return true };
+        if names.contains(id) {
+            return true;
+        }
+        if names.len() < self.max {
+            names.insert(id.clone());
+            return true;
+        }
+        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "warning: more than {} distinct request names; from {} {:?} on, new names count under \"{OVERFLOW_NAME}\". \
+                 Give requests whose URL carries an id a `name` (e.g. name = \"/items/[id]\"), or raise --max-names.",
+                self.max, id.method, id.name
+            );
+        }
+        false
+    }
+}
+
 impl Recorder {
-    /// A recorder whose first rows are `rows`, in that order (the scenario's static rows).
+    /// A recorder whose first rows are `rows`, in that order (the scenario's static rows), with
+    /// no cap on names.
     pub fn new(rows: &[Arc<RowId>]) -> Self {
+        Self::with_cap(rows, NameCap::new(usize::MAX))
+    }
+
+    /// [`Recorder::new`], with new names counted against `cap`.
+    pub fn with_cap(rows: &[Arc<RowId>], cap: Arc<NameCap>) -> Self {
         let mut rec = Self {
             rows: Vec::new(),
             index: HashMap::new(),
@@ -187,6 +236,7 @@ impl Recorder {
             failures: HashMap::new(),
             protocols: [0; 2],
             checks: HashMap::new(),
+            cap,
         };
         for row in rows {
             rec.row(row);
@@ -194,11 +244,23 @@ impl Recorder {
         rec
     }
 
-    /// The index of a row, adding it if it is new (names changed by hooks end up here).
+    /// The index of a row, adding it if it is new (names changed by hooks end up here); past
+    /// the cap on names, the overflow row's.
     pub fn row(&mut self, id: &Arc<RowId>) -> usize {
         if let Some(&i) = self.index.get(id) {
             return i;
         }
+        if !self.cap.admit(id) {
+            let overflow = Arc::new(RowId::new("", OVERFLOW_NAME));
+            if let Some(&i) = self.index.get(&overflow) {
+                return i;
+            }
+            return self.add_row(overflow);
+        }
+        self.add_row(id.clone())
+    }
+
+    fn add_row(&mut self, id: Arc<RowId>) -> usize {
         let i = self.rows.len();
         self.rows.push((id.clone(), RowStats::default()));
         self.inflight.push(0);

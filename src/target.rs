@@ -8,6 +8,9 @@
 //! | `GET /hello` | `{"message":"Hello, World!"}` |
 //! | `POST /api/upload` | echoes the JSON body (400 if it is not JSON) |
 //! | `GET /items/{id}` | `{"id":..,"name":..}` |
+//! | `POST /login` | `{"user": NAME}` -> `{"token":..,"user":..}` and a `session` cookie |
+//! | `/account` | the user logged in (needs the session cookie and `Authorization: Bearer TOKEN` of one login; else 401) |
+//! | `POST /orders` | 201 with the user and the JSON order (logged in as for `/account`) |
 //! | `/slow?ms=N` | waits N ms, then 200 |
 //! | `/status/N` | answers with status N |
 //! | `/stall?ms=N` | sends the headers at once, the body after N ms |
@@ -123,6 +126,9 @@ struct State {
     /// Bumped when the target goes down: every open connection is dropped.
     generation: watch::Sender<u64>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Logged-in sessions: session cookie -> (token, user).
+    sessions: Mutex<HashMap<String, (String, String)>>,
+    logins: AtomicU64,
 }
 
 /// A running target. It serves until the runtime it was started on shuts down.
@@ -156,6 +162,8 @@ impl Target {
             down,
             generation,
             tls,
+            sessions: Mutex::new(HashMap::new()),
+            logins: AtomicU64::new(0),
         });
         tokio::spawn(async move {
             let mut listener = Some(listener);
@@ -427,6 +435,26 @@ fn streamed(length: Option<u64>, body: FaultBody) -> Response<Body> {
     resp
 }
 
+/// The user a request is logged in as: its `session` cookie and its bearer token must come
+/// from the same login.
+fn logged_in(req: &Request<Incoming>, state: &State) -> Option<String> {
+    let cookies = req.headers().get_all(hyper::header::COOKIE);
+    let session = cookies.iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+        v.split(';')
+            .find_map(|pair| pair.trim().strip_prefix("session=").map(str::to_string))
+    })?;
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .to_string();
+    let sessions = state.sessions.lock().ok()?;
+    let (expected, user) = sessions.get(&session)?;
+    (*expected == token).then(|| user.clone())
+}
+
 fn redirect(to: &str) -> Response<Body> {
     let mut resp = full(StatusCode::FOUND, "text/plain", "");
     if let Ok(location) = to.parse() {
@@ -459,6 +487,60 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
     let method = req.method().clone();
     let resp = match (method.as_str(), path.as_str()) {
         ("GET", "/hello") => json(StatusCode::OK, serde_json::json!({ "message": "Hello, World!" })),
+        ("POST", "/login") => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let user = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("user").and_then(|u| u.as_str().map(str::to_string)));
+            match user {
+                Some(user) => {
+                    let n = state.logins.fetch_add(1, Ordering::SeqCst) + 1;
+                    let (session, token) = (
+                        format!("s{n}-{:x}", rand::random::<u32>()),
+                        format!("t{n}-{:x}", rand::random::<u32>()),
+                    );
+                    if let Ok(mut sessions) = state.sessions.lock() {
+                        sessions.insert(session.clone(), (token.clone(), user.clone()));
+                    }
+                    let mut resp = json(StatusCode::OK, serde_json::json!({ "token": token, "user": user }));
+                    if let Ok(cookie) = format!("session={session}; Path=/; HttpOnly").parse() {
+                        resp.headers_mut().insert(hyper::header::SET_COOKIE, cookie);
+                    }
+                    resp
+                }
+                None => json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": "send {\"user\": \"name\"}" }),
+                ),
+            }
+        }
+        (_, "/account") | ("POST", "/orders") => match logged_in(&req, &state) {
+            None => json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({ "error": "log in first: the session cookie and the bearer token of one login" }),
+            ),
+            Some(user) if path == "/account" => json(StatusCode::OK, serde_json::json!({ "user": user })),
+            Some(user) => {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(order) => json(StatusCode::CREATED, serde_json::json!({ "user": user, "order": order })),
+                    Err(_) => json(
+                        StatusCode::BAD_REQUEST,
+                        serde_json::json!({ "error": "the order is not JSON" }),
+                    ),
+                }
+            }
+        },
         ("POST", "/api/upload") => {
             let body = req
                 .into_body()

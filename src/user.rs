@@ -55,12 +55,15 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
         }
     };
     // `http`, `sleep` and `check` in the user's Lua reach the host through this.
-    let host = Rc::new(LuaHost {
-        worker: worker.clone(),
-        session: Rc::new(RefCell::new(session)),
-        stopping: Cell::new(false),
-    });
-    state.sandbox.lua.set_app_data::<Rc<dyn UserHost>>(host.clone());
+    let host = LuaHost::attach(&worker, &state, session);
+    if let Some(data) = worker.shared.setup_data.get()
+        && let Err(e) = set_setup_data(&state, data)
+    {
+        worker
+            .recorder
+            .borrow_mut()
+            .error(&plan.hook_row("setup"), Reason::Script(format!("user.setup: {e}")));
+    }
     let session = &host.session;
     let hook = |name: &str, result: Result<(), HookError>| {
         if let Err(e) = result
@@ -89,8 +92,63 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
     }
     if let Some(f) = &state.on_stop {
         // `on_stop` may still send (a logout), within the grace period.
-        host.stopping.set(true);
+        host.allow_after_stop();
         hook("on_stop", state.run::<()>(f, state.user.clone()).await);
+    }
+}
+
+/// `user.setup`: what `setup()` returned, a copy in this user's state.
+fn set_setup_data(state: &UserState, data: &serde_json::Value) -> mlua::Result<()> {
+    use mlua::LuaSerdeExt;
+    let lua = &state.sandbox.lua;
+    let options = mlua::serde::SerializeOptions::new()
+        .serialize_none_to_null(false)
+        .serialize_unit_to_null(false);
+    state.user.raw_set("setup", lua.to_value_with(data, options)?)
+}
+
+/// Runs the scenario's `setup()` (if it has one) in a state of its own, before any user
+/// starts: what it returns, as plain data, and the state, kept for `teardown`.
+pub async fn setup(worker: &Rc<Worker>) -> Result<Option<(UserState, serde_json::Value)>, String> {
+    use mlua::LuaSerdeExt;
+    if !worker.plan.scenario.hooks.setup && !worker.plan.scenario.hooks.teardown {
+        return Ok(None);
+    }
+    let state = UserState::new(&worker.plan.scenario, 0)?;
+    LuaHost::attach(worker, &state, http::Session::default());
+    let data = match state.setup.as_ref() {
+        Some(f) => {
+            let value = state
+                .run::<Value>(f, ())
+                .await
+                .map_err(|e| e.reason("setup").to_string())?;
+            state
+                .sandbox
+                .lua
+                .from_value::<serde_json::Value>(value)
+                .map_err(|e| format!("setup() must return plain data (tables, strings, numbers, booleans): {e}"))?
+        }
+        None => serde_json::Value::Null,
+    };
+    Ok(Some((state, data)))
+}
+
+/// Runs `teardown(data)` after the users stopped (it may still send).
+pub async fn teardown(worker: &Rc<Worker>, state: &UserState, data: &serde_json::Value) {
+    use mlua::LuaSerdeExt;
+    let Some(f) = &state.teardown else { return };
+    if let Some(host) = state.sandbox.lua.app_data_ref::<Rc<dyn UserHost>>() {
+        host.allow_after_stop();
+    }
+    let arg = match state.sandbox.lua.to_value(data) {
+        Ok(v) => v,
+        Err(_) => Value::Nil,
+    };
+    if let Err(e) = state.run::<()>(f, arg).await {
+        worker
+            .recorder
+            .borrow_mut()
+            .error(&worker.plan.hook_row("teardown"), e.reason("teardown"));
     }
 }
 
@@ -99,15 +157,32 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
 struct LuaHost {
     worker: Rc<Worker>,
     session: Rc<RefCell<http::Session>>,
-    /// Set for `on_stop`, which may send after the run began stopping.
-    stopping: Cell<bool>,
+    /// Set for `on_stop` and `teardown`, which may send after the run began stopping.
+    after_stop: Cell<bool>,
+}
+
+impl LuaHost {
+    /// Makes the host side of `state` and sets it as the state's app data.
+    fn attach(worker: &Rc<Worker>, state: &UserState, session: http::Session) -> Rc<Self> {
+        let host = Rc::new(LuaHost {
+            worker: worker.clone(),
+            session: Rc::new(RefCell::new(session)),
+            after_stop: Cell::new(false),
+        });
+        state.sandbox.lua.set_app_data::<Rc<dyn UserHost>>(host.clone());
+        host
+    }
 }
 
 impl UserHost for LuaHost {
+    fn allow_after_stop(&self) {
+        self.after_stop.set(true);
+    }
+
     fn request(&self, spec: api::RequestSpec) -> LocalFuture<Result<Reply, String>> {
         let worker = self.worker.clone();
         let session = self.session.clone();
-        let refuse = worker.shared.stopping.load(Ordering::Relaxed) && !self.stopping.get();
+        let refuse = worker.shared.stopping.load(Ordering::Relaxed) && !self.after_stop.get();
         Box::pin(async move {
             if refuse {
                 return Err(host::STOPPING.to_string());
@@ -144,7 +219,7 @@ impl UserHost for LuaHost {
 
     fn sleep(&self, pause: Duration) -> LocalFuture<()> {
         let mut stopped = self.worker.shared.stopped.subscribe();
-        let cut_short = !self.stopping.get();
+        let cut_short = !self.after_stop.get();
         Box::pin(async move {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}

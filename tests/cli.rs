@@ -985,3 +985,37 @@ fn two_interrupts_before_the_first_request_leave_a_valid_file() {
         "{json:#}"
     );
 }
+
+#[test]
+fn teardown_runs_after_an_interrupt_too() {
+    let target = target();
+    let dir = TempDir::new("teardown");
+    let script = dir.write(
+        "scenario.lua",
+        r#"
+        function setup() return { who = "setup" } end
+        function scenario(user) http.get("/hello") sleep(0.05) end
+        function teardown(data) http.post("/api/upload", { json = { bye = data.who }, name = "teardown" }) end
+        "#,
+    );
+    let out = dir.path().join("out.json");
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "2", "-t", "60s", "-q", "--out", &out.display().to_string()],
+    );
+    let proc = Proc::spawn(&args);
+    wait_for_requests(&target, 5);
+    send_sigint(proc.id());
+    let f = proc.wait(Duration::from_secs(15));
+    assert_eq!(f.code(), Some(130), "{}", f.show());
+    let json = read_json(&out);
+    let teardown = json["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "teardown")
+        .unwrap_or_else(|| panic!("no teardown row: {json:#}"));
+    assert_eq!(teardown["requests"], 1);
+    assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
+}

@@ -496,7 +496,12 @@ fn a_server_that_closes_idle_connections_silently_is_learnt() {
     assert_eq!(learnt.failures, 0, "{:?}", s.failures);
     // A request that met the close was sent but never read by the server; every other one
     // reached it exactly once (nothing is ever sent twice).
-    assert_eq!(s.total.requests - s.total.failures, t.counts.requests(), "{:?}", s.failures);
+    assert_eq!(
+        s.total.requests - s.total.failures,
+        t.counts.requests(),
+        "{:?}",
+        s.failures
+    );
 }
 
 #[test]

@@ -17,7 +17,18 @@ fn target() -> Target {
 }
 
 fn run(source: &str, host: &str, users: u32, secs: f64, limits: Limits) -> Summary {
-    let path = Path::new("flow.lua");
+    run_at(
+        Path::new("flow.lua"),
+        source,
+        host,
+        users,
+        secs,
+        limits,
+        Overrides::default(),
+    )
+}
+
+fn run_at(path: &Path, source: &str, host: &str, users: u32, secs: f64, limits: Limits, more: Overrides) -> Summary {
     let scenario = scenario::load_source(path, source, limits).expect("scenario loads");
     let flags = Overrides {
         host: Some(host.to_string()),
@@ -25,7 +36,7 @@ fn run(source: &str, host: &str, users: u32, secs: f64, limits: Limits) -> Summa
         spawn_rate: Some(1000.0),
         duration: Some(Duration::from_secs_f64(secs)),
         grace: Some(Duration::from_secs(2)),
-        ..Default::default()
+        ..more
     };
     let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
     let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("plan");
@@ -206,4 +217,154 @@ fn http_is_for_hooks_not_for_loading() {
     );
     // With `scenario`, endpoints may be left out.
     assert!(scenario::load_source(Path::new("s.lua"), "function scenario(user) end", Limits::default()).is_ok());
+}
+
+#[test]
+fn cookies_and_tokens_stay_with_their_user() {
+    let t = target();
+    let s = run(
+        r#"
+        function on_start(user)
+          local r = http.post("/login", { json = { user = "user-" .. user.id } })
+          user.vars.token = r:json().token
+        end
+        function scenario(user)
+          local auth = { Authorization = "Bearer " .. user.vars.token }
+          local me = http.get("/account", { headers = auth })
+          check(me.status == 200, "logged in")
+          check(me.status == 200 and me:json().user == "user-" .. user.id, "own session")
+          local order = http.post("/orders", { headers = auth, json = { item = 1 } })
+          check(order.status == 201, "order placed")
+          -- Without the cookie jar's session cookie, the token alone is refused.
+          local bare = http.get("/account", { headers = { Authorization = auth.Authorization, Cookie = "session=none" }, name = "wrong cookie" })
+          check(bare.status == 401, "a wrong cookie is refused")
+        end
+        "#,
+        &t.url(),
+        10,
+        1.5,
+        Limits::default(),
+    );
+    assert_eq!(row(&s, "/login").requests, 10);
+    for name in ["logged in", "own session", "order placed", "a wrong cookie is refused"] {
+        let (passes, fails) = check(&s, name);
+        assert!(passes > 20 && fails == 0, "{name}: {passes} passes, {fails} fails");
+    }
+    assert_eq!(row(&s, "/account").failures, 0);
+    assert_eq!(s.total.requests, t.counts.requests());
+}
+
+#[test]
+fn setup_data_reaches_every_user_and_teardown_runs_at_the_end() {
+    let t = target();
+    let s = run(
+        r#"
+        function setup()
+          local r = http.post("/login", { json = { user = "admin" }, name = "setup login" })
+          return { token = r:json().token, items = { 10, 20, 30 } }
+        end
+        function scenario(user)
+          check(user.setup.items[3] == 30 and #user.setup.token > 0, "setup data")
+          http.get("/hello")
+          sleep(0.05)
+        end
+        function teardown(data)
+          http.post("/api/upload", { json = { bye = data.token }, name = "teardown" })
+        end
+        "#,
+        &t.url(),
+        4,
+        1.0,
+        Limits::default(),
+    );
+    assert_eq!(row(&s, "setup login").requests, 1);
+    assert_eq!(row(&s, "teardown").requests, 1);
+    assert_eq!(row(&s, "teardown").failures, 0);
+    let (passes, fails) = check(&s, "setup data");
+    assert!(passes >= 4 && fails == 0, "{passes} {fails}");
+    assert_eq!(s.total.requests, t.counts.requests());
+}
+
+#[test]
+fn feeds_give_each_user_its_own_row_and_stay_in_their_folder() {
+    let t = target();
+    let dir = std::env::temp_dir().join(format!("stormlight-feed-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut csv = String::from("name,password\n");
+    for i in 1..=6 {
+        csv.push_str(&format!("u{i},p{i}\n"));
+    }
+    std::fs::write(dir.join("users.csv"), csv).unwrap();
+    std::fs::write(dir.join("items.json"), r#"[{"id": 1}, {"id": 2}, {"id": 3}]"#).unwrap();
+    let source = r#"
+        local users = data.csv("users.csv")
+        local items = data.json("items.json")
+        function scenario(user)
+          local me = users:for_user(user)
+          check(me.name == "u" .. user.id and me.password == "p" .. user.id, "a row of its own")
+          check(users:len() == 6 and users:row(6).name == "u6", "rows in order")
+          local item = items:random()
+          check(item.id >= 1 and item.id <= 3, "json rows")
+          http.post("/login", { json = { user = me.name } })
+          sleep(0.1)
+        end
+    "#;
+    let s = run_at(
+        &dir.join("feed.lua"),
+        source,
+        &t.url(),
+        6,
+        1.0,
+        Limits::default(),
+        Overrides::default(),
+    );
+    for name in ["a row of its own", "rows in order", "json rows"] {
+        let (passes, fails) = check(&s, name);
+        assert!(passes >= 6 && fails == 0, "{name}: {passes} passes, {fails} fails");
+    }
+    assert_eq!(s.total.requests, t.counts.requests());
+
+    let outside = scenario::load_source(
+        &dir.join("bad.lua"),
+        "local f = data.csv('/etc/passwd')\nfunction scenario(u) end",
+        Limits::default(),
+    );
+    let msg = format!("{:#}", outside.map(|_| ()).expect_err("outside the folder"));
+    assert!(
+        msg.contains("bad.lua:1") && msg.contains("outside the scenario's folder"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn past_the_name_cap_new_names_share_one_row() {
+    let t = target();
+    let s = run_at(
+        Path::new("names.lua"),
+        r#"
+        local n = 0
+        function scenario(user)
+          n = n + 1
+          http.get("/items/" .. n)
+        end
+        "#,
+        &t.url(),
+        1,
+        0.5,
+        Limits::default(),
+        Overrides {
+            max_names: Some(5),
+            ..Default::default()
+        },
+    );
+    let overflow = row(&s, stormlight::stats::OVERFLOW_NAME);
+    assert!(overflow.requests > 10, "{overflow:?}");
+    assert_eq!(
+        s.endpoints.len(),
+        6,
+        "five names and the overflow row: {:?}",
+        s.endpoints
+    );
+    assert_eq!(s.total.requests, t.counts.requests());
 }

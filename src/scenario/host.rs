@@ -41,10 +41,12 @@ pub trait UserHost {
     fn sleep(&self, pause: Duration) -> LocalFuture<()>;
     /// Counts a check under its description.
     fn check(&self, name: &str, passed: bool);
+    /// Lets this state send after the run began stopping (`on_stop`, `teardown`).
+    fn allow_after_stop(&self);
 }
 
 /// The globals made on first use.
-pub const NAMES: [&str; 7] = ["http", "sleep", "check", "log", "json", "uuid", "rand"];
+pub const NAMES: [&str; 8] = ["http", "sleep", "check", "log", "json", "uuid", "rand", "data"];
 
 /// Makes the global `name` (one of [`NAMES`]).
 pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
@@ -67,6 +69,7 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
         "json" => Value::Table(json_table(lua)?),
         "uuid" => Value::Function(lua.create_function(|_, ()| Ok(uuid_v4()))?),
         "rand" => Value::Table(rand_table(lua)?),
+        "data" => Value::Table(super::feed::data_table(lua)?),
         _ => Value::Nil,
     })
 }

@@ -8,6 +8,7 @@
 
 pub mod api;
 mod arena;
+pub mod feed;
 pub mod host;
 pub mod sandbox;
 
@@ -34,6 +35,9 @@ pub struct Hooks {
     pub on_stop: bool,
     /// `scenario(user)`: each iteration runs it instead of picking an endpoint.
     pub scenario: bool,
+    /// `setup()` before the users start, `teardown(data)` after they stop (not per user).
+    pub setup: bool,
+    pub teardown: bool,
 }
 
 impl Hooks {
@@ -43,6 +47,8 @@ impl Hooks {
 
     fn names(&self) -> Vec<&'static str> {
         [
+            (self.setup, "setup"),
+            (self.teardown, "teardown"),
             (self.scenario, "scenario"),
             (self.on_start, "on_start"),
             (self.before_request, "before_request"),
@@ -73,6 +79,8 @@ pub struct Scenario {
     /// Whether hooks may wait (the script uses `http` or `sleep`, or defines `scenario`): they
     /// are then called as coroutines on the user's task; otherwise as plain calls, cheaper.
     pub waits: bool,
+    /// `data.csv` / `data.json` files, read while the scenario loaded, shared by every user.
+    pub feeds: Arc<feed::Feeds>,
     /// Memory a user's state of this scenario takes, learnt from the states made so far: each
     /// new one starts with that much room (see `arena`).
     pub state_bytes: std::sync::atomic::AtomicUsize,
@@ -94,6 +102,8 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
     let lua = &sb.lua;
     api::install(lua).map_err(|e| anyhow!("{e}"))?;
     lua.set_app_data(TaskLines::default());
+    let feeds = Arc::new(feed::Feeds::beside(path));
+    lua.set_app_data(feeds.clone());
     let assigned = watch_globals(lua).map_err(|e| anyhow!("{e}"))?;
 
     sb.budget.reset();
@@ -205,6 +215,8 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         after_response: hook_defined(&globals, "after_response", &file)?,
         on_stop: hook_defined(&globals, "on_stop", &file)?,
         scenario: has_scenario,
+        setup: hook_defined(&globals, "setup", &file)?,
+        teardown: hook_defined(&globals, "teardown", &file)?,
     };
     let mut warnings = Vec::new();
     if let Some((found, meant)) = near_miss(&globals, &HOOK_NAMES) {
@@ -223,11 +235,20 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         limits,
         warnings,
         waits: has_scenario || may_wait(source),
+        feeds,
         state_bytes: Default::default(),
     })
 }
 
-const HOOK_NAMES: [&str; 5] = ["on_start", "before_request", "after_response", "on_stop", "scenario"];
+const HOOK_NAMES: [&str; 7] = [
+    "on_start",
+    "before_request",
+    "after_response",
+    "on_stop",
+    "scenario",
+    "setup",
+    "teardown",
+];
 
 /// Whether the source calls `http` or `sleep` (conservatively: any `http.`, `http[` or
 /// `sleep(` outside a longer name, in code, strings or comments alike).
@@ -546,6 +567,8 @@ pub struct UserState {
     pub after_response: Option<Function>,
     pub on_stop: Option<Function>,
     pub scenario: Option<Function>,
+    pub setup: Option<Function>,
+    pub teardown: Option<Function>,
     /// See [`Scenario::waits`].
     pub waits: bool,
     /// Last: every handle above is dropped before the state is closed.
@@ -559,6 +582,7 @@ impl UserState {
         let limits = scenario.limits;
         let lua = &sandbox.lua;
         api::install(lua).map_err(|e| e.to_string())?;
+        lua.set_app_data(scenario.feeds.clone());
         sandbox.budget.reset();
         lua.load(&*scenario.bytecode)
             .set_mode(mlua::chunk::ChunkMode::Binary)
@@ -591,6 +615,8 @@ impl UserState {
             after_response: hook("after_response", h.after_response),
             on_stop: hook("on_stop", h.on_stop),
             scenario: hook("scenario", h.scenario),
+            setup: hook("setup", h.setup),
+            teardown: hook("teardown", h.teardown),
             waits: scenario.waits,
             user,
             req_ud,

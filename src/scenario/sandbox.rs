@@ -109,7 +109,8 @@ string.dump = nil
 -- check, log, json, uuid and rand: a user state whose script never touches one does not carry
 -- it (ten thousand users, ~3 KB each).
 local lazy = { table = true, math = true, utf8 = true, coroutine = true, os = true,
-  http = true, sleep = true, check = true, log = true, json = true, uuid = true, rand = true }
+  http = true, sleep = true, check = true, log = true, json = true, uuid = true, rand = true,
+  data = true }
 setmetatable(_G, { __index = function(g, k)
   if not lazy[k] then return nil end
   lazy[k] = nil
