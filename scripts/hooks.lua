@@ -22,8 +22,7 @@ end
 function before_request(user, req)
   req.headers["Authorization"] = "Bearer " .. user.vars.token
   if req.method == "POST" then
-    req.json = { name = "test", price = 10, user = user.id }
-    req.body = nil            -- json replaces the prebuilt body
+    req.json = { name = "test", price = 10, user = user.id }  -- replaces the prebuilt body
   end
   user.vars.sent = user.vars.sent + 1
 end

@@ -616,9 +616,14 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
         }
         ("GET", p) if p.starts_with("/items/") => {
             let id = &p["/items/".len()..];
+            // A number when it is one, as an API would give it.
+            let value = id
+                .parse::<i64>()
+                .map(serde_json::Value::from)
+                .unwrap_or_else(|_| id.into());
             json(
                 StatusCode::OK,
-                serde_json::json!({ "id": id, "name": format!("item {id}") }),
+                serde_json::json!({ "id": value, "name": format!("item {id}") }),
             )
         }
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),

@@ -368,3 +368,78 @@ fn past_the_name_cap_new_names_share_one_row() {
     );
     assert_eq!(s.total.requests, t.counts.requests());
 }
+
+#[test]
+fn the_luals_definitions_cover_every_global_the_host_defines() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stormlight.meta.lua");
+    let meta = std::fs::read_to_string(&path).expect("scripts/stormlight.meta.lua");
+    // It is Lua: the language server reads it as such.
+    mlua::Lua::new()
+        .load(meta.as_str())
+        .into_function()
+        .expect("the definitions parse");
+    let defined: Vec<&str> = meta
+        .lines()
+        .filter_map(|l| {
+            let l = l.strip_prefix("function ").unwrap_or(l);
+            let name: &str = l.split(|c: char| !(c.is_alphanumeric() || c == '_')).next()?;
+            (!name.is_empty() && (l[name.len()..].starts_with(" = ") || l[name.len()..].starts_with('(')))
+                .then_some(name)
+        })
+        .collect();
+
+    // What a user's state has beyond Lua's own libraries, what opens on first use, the hooks
+    // and the settings a scenario may define.
+    let sandbox = scenario::sandbox::Sandbox::new(Limits::default(), 0).unwrap();
+    scenario::api::install(&sandbox.lua).unwrap();
+    let plain = mlua::Lua::new();
+    let mut host: Vec<String> = sandbox
+        .lua
+        .globals()
+        .pairs::<String, mlua::Value>()
+        .filter_map(|p| p.ok().map(|(k, _)| k))
+        .filter(|k| !plain.globals().contains_key(k.as_str()).unwrap())
+        .collect();
+    host.extend(scenario::host::NAMES.iter().map(|s| s.to_string()));
+    host.extend(scenario::HOOK_NAMES.iter().map(|s| s.to_string()));
+    host.extend(scenario::WATCHED.iter().map(|s| s.to_string()));
+    assert!(
+        host.iter().any(|n| n == "Task") && host.iter().any(|n| n == "http"),
+        "{host:?}"
+    );
+    let missing: Vec<&String> = host.iter().filter(|n| !defined.contains(&n.as_str())).collect();
+    assert!(
+        missing.is_empty(),
+        "missing from scripts/stormlight.meta.lua: {missing:?}"
+    );
+}
+
+#[test]
+fn every_script_in_scripts_runs_against_the_built_in_target_without_failures() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    let mut ran = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with(".lua") || name.ends_with(".meta.lua") {
+            continue;
+        }
+        let t = target();
+        let source = std::fs::read_to_string(&path).unwrap();
+        let s = run_at(
+            &path,
+            &source,
+            &t.url(),
+            3,
+            1.5,
+            Limits::default(),
+            Overrides::default(),
+        );
+        assert!(s.total.requests > 0, "{name} sent nothing");
+        assert!(s.failures.is_empty(), "{name}: {:?}", s.failures);
+        assert!(s.checks.iter().all(|c| c.fails == 0), "{name}: {:?}", s.checks);
+        assert_eq!(s.total.requests, t.counts.requests(), "{name}");
+        ran.push(name);
+    }
+    assert!(ran.len() >= 4, "{ran:?}");
+}

@@ -93,7 +93,7 @@ pub fn load(path: &Path) -> Result<Scenario> {
 }
 
 /// Globals whose assignment line is remembered, for messages about them.
-const WATCHED: [&str; 4] = ["endpoints", "options", "host", "wait_time"];
+pub const WATCHED: [&str; 4] = ["endpoints", "options", "host", "wait_time"];
 
 /// Like [`load`], from source text already in memory (`path` names it in messages).
 pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario> {
@@ -240,7 +240,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
     })
 }
 
-const HOOK_NAMES: [&str; 7] = [
+pub const HOOK_NAMES: [&str; 7] = [
     "on_start",
     "before_request",
     "after_response",
