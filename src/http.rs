@@ -137,17 +137,28 @@ impl Prepared {
 
     /// This request with a `Cookie` header added.
     fn with_cookie(&self, cookie: &str) -> Self {
-        let head_end = self.wire.len() - self.body.len() - 2;
-        let mut wire = Vec::with_capacity(self.wire.len() + cookie.len() + 10);
-        wire.extend_from_slice(&self.wire[..head_end]);
-        wire.extend_from_slice(b"cookie: ");
-        wire.extend_from_slice(cookie.as_bytes());
-        wire.extend_from_slice(b"\r\n");
-        wire.extend_from_slice(&self.wire[head_end..]);
-        let mut headers = self.headers.clone();
-        if let Ok(v) = HeaderValue::from_str(cookie) {
-            headers.insert(hyper::header::COOKIE, v);
+        match HeaderValue::from_str(cookie) {
+            Ok(v) => self.with_headers_added(&[(hyper::header::COOKIE, v)]),
+            Err(_) => self.with_headers_added(&[]),
         }
+    }
+
+    /// This request with header lines added (headers it does not send already): its bytes
+    /// with the lines spliced in before the blank line, not a rebuild.
+    pub fn with_headers_added(&self, added: &[(HeaderName, HeaderValue)]) -> Self {
+        let head_end = self.wire.len() - self.body.len() - 2;
+        let extra: usize = added.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+        let mut wire = Vec::with_capacity(self.wire.len() + extra);
+        wire.extend_from_slice(&self.wire[..head_end]);
+        let mut headers = self.headers.clone();
+        for (name, value) in added {
+            wire.extend_from_slice(name.as_str().as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+            headers.insert(name.clone(), value.clone());
+        }
+        wire.extend_from_slice(&self.wire[head_end..]);
         Self {
             method: self.method.clone(),
             origin: self.origin.clone(),
@@ -1294,6 +1305,30 @@ mod tests {
             weight: 1,
             timeout: None,
         }
+    }
+
+    #[test]
+    fn added_headers_are_spliced_as_a_rebuild_would_send_them() {
+        let host = Url::parse("http://127.0.0.1:8000").unwrap();
+        let mut base = spec(Target::Path("/api".into()), &[]);
+        base.method = Method::POST;
+        base.body = Some(Bytes::from_static(b"{\"a\":1}"));
+        base.headers
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let added = [(HeaderName::from_static("x-token"), HeaderValue::from_static("abc"))];
+        let spliced = Prepared::new(Some(&host), &base).unwrap().with_headers_added(&added);
+        let mut rebuilt_spec = base.clone();
+        rebuilt_spec.headers.insert("x-token", HeaderValue::from_static("abc"));
+        let rebuilt = Prepared::new(Some(&host), &rebuilt_spec).unwrap();
+        let lines = |p: &Prepared| {
+            let text = String::from_utf8(p.wire.to_vec()).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let mut lines: Vec<String> = head.lines().map(str::to_string).collect();
+            lines[1..].sort();
+            (lines, body.to_string())
+        };
+        assert_eq!(lines(&spliced), lines(&rebuilt));
+        assert_eq!(spliced.headers, rebuilt.headers);
     }
 
     #[test]

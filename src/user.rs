@@ -331,7 +331,12 @@ async fn iteration(worker: &Worker, state: &UserState, session: &RefCell<http::S
             let name = edits.name.as_ref().unwrap_or(&ep.spec.name);
             row = worker.recorder.borrow_mut().row_by_name(method.as_str(), name);
         }
-        if edits.changes_wire() {
+        if !edits.changes_wire() {
+            // Sent from the endpoint's own bytes.
+        } else if let Some(added) = edits.only_added_headers(&ep.spec) {
+            // The common edit (a token header): the endpoint's bytes with lines added.
+            edited = Some(ep.request.with_headers_added(&added));
+        } else {
             let spec = edits.apply(&ep.spec);
             if edits.target.is_none() && edits.query.is_none() {
                 edited = Some(ep.request.with_spec(spec));

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::Method;
-use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use crate::config::parse_duration;
@@ -99,9 +99,17 @@ fn url_value(u: String) -> FieldResult<Target> {
 }
 
 fn header_pair(k: &Value, v: &Value) -> FieldResult<(HeaderName, HeaderValue)> {
-    let (k, v) = (scalar(k, "headers key")?, scalar(v, "headers value")?);
-    let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name {k:?}"))?;
-    let value = HeaderValue::from_str(&v).map_err(|_| format!("bad value for header {k:?}"))?;
+    // Strings straight from Lua's bytes: hooks set headers on every request.
+    let name = match k {
+        Value::String(s) => HeaderName::from_bytes(&s.as_bytes()),
+        other => HeaderName::from_bytes(scalar(other, "headers key")?.as_bytes()),
+    }
+    .map_err(|_| format!("bad header name {}", show(k)))?;
+    let value = match v {
+        Value::String(s) => HeaderValue::from_bytes(&s.as_bytes()),
+        other => HeaderValue::from_str(&scalar(other, "headers value")?),
+    }
+    .map_err(|_| format!("bad value for header {}", show(k)))?;
     Ok((name, value))
 }
 
@@ -429,6 +437,30 @@ impl ReqEdits {
             || self.timeout.is_some()
     }
 
+    /// The headers these edits add, when adding headers the endpoint does not send is all they
+    /// do: the request is then the endpoint's bytes with lines added (no rebuild).
+    pub fn only_added_headers(&self, base: &RequestSpec) -> Option<Vec<(HeaderName, HeaderValue)>> {
+        let only_headers = self.method.is_none()
+            && self.target.is_none()
+            && self.headers.is_none()
+            && self.query.is_none()
+            && self.body.is_none()
+            && self.content_type.is_none()
+            && self.timeout.is_none();
+        if !only_headers {
+            return None;
+        }
+        let mut added: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(self.header_edits.len());
+        for (name, value) in &self.header_edits {
+            let special = [HOST, USER_AGENT, CONTENT_LENGTH, COOKIE].contains(name);
+            if special || base.headers.contains_key(name) || added.iter().any(|(n, _)| n == name) {
+                return None;
+            }
+            added.push((name.clone(), value.clone()?));
+        }
+        Some(added)
+    }
+
     /// The endpoint with these edits applied.
     pub fn apply(&self, base: &RequestSpec) -> RequestSpec {
         let mut spec = base.clone();
@@ -495,9 +527,10 @@ impl ReqState {
     }
 }
 
-/// A user's `req` object. Cloning shares the state.
+/// A user's `req` object. Cloning shares the state. The second part is its `headers` object
+/// (a handle: cheaper to hand out on every `req.headers` than a user value).
 #[derive(Clone)]
-pub struct Req(pub Rc<RefCell<ReqState>>);
+pub struct Req(pub Rc<RefCell<ReqState>>, Rc<std::cell::OnceCell<AnyUserData>>);
 
 /// The `req.headers` object of a user's `req`.
 #[derive(Clone)]
@@ -524,7 +557,7 @@ impl UserData for Req {
                     }
                 }
                 b"name" => Value::String(lua.create_string(e.name.as_ref().unwrap_or(&base.name))?),
-                b"headers" => ud.user_value::<Value>()?,
+                b"headers" => this.1.get().map_or(Value::Nil, |h| Value::UserData(h.clone())),
                 b"query" => {
                     let t = lua.create_table()?;
                     for (k, v) in e.query.as_ref().unwrap_or(&base.query) {
@@ -646,9 +679,9 @@ pub fn new_req(lua: &Lua, endpoints: Arc<[RequestSpec]>) -> mlua::Result<(AnyUse
         base: 0,
         edits: ReqEdits::default(),
     }));
-    let req = Req(state.clone());
+    let req = Req(state.clone(), Rc::default());
     let ud = lua.create_userdata(req.clone())?;
-    ud.set_user_value(lua.create_userdata(ReqHeaders(state))?)?;
+    let _ = req.1.set(lua.create_userdata(ReqHeaders(state))?);
     Ok((ud, req))
 }
 
