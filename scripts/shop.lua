@@ -44,6 +44,6 @@ function scenario(user)
   end
 end
 
-function teardown(data)
-  log.info("shop closed; it sold items", json.encode(data.items))
+function teardown(setup_data)
+  log.info("shop closed; it sold items", json.encode(setup_data.items))
 end

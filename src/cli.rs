@@ -14,7 +14,7 @@ use crate::config::{LiveMode, Overrides, parse_duration};
     name = "stormlight",
     version,
     about = "A scripted HTTP load tester: scenarios in Lua, numbers you can trust.",
-    after_help = "Examples:\n  stormlight demo\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight check scripts/hooks.lua\n  stormlight target --port 8000\n\nExit codes: 0 finished, 1 a threshold failed, 2 bad input (nothing sent), 3 the summary was\nprinted but --out could not be written at the end, 130 interrupted."
+    after_help = "Examples:\n  stormlight demo\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight check scripts/hooks.lua\n  stormlight target --port 8000\n\nExit codes: 0 finished, 1 a threshold failed, 2 bad input (nothing sent), 3 the summary was\nprinted but --out could not be written at the end, 4 setup() failed (no user started),\n130 interrupted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -42,7 +42,7 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the built-in target alone, for trying scenarios by hand.
     #[command(
-        after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received), /__down?ms=N (refuse connections for N ms),\n/fault/... (resets, trickles, hangs, huge or endless bodies, a bad status line,\nredirect chains; see the README)."
+        after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received), /__down?ms=N (refuse connections for N ms),\n/fault/... (resets, trickles, hangs, huge or endless bodies, a bad status line,\nredirect chains; see the README).\nLogin flows: POST /login {\"user\": NAME} gives a token and a session cookie; /account and\nPOST /orders need both (else 401)."
     )]
     Target {
         /// Port to listen on (0: any free port).

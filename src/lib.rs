@@ -46,6 +46,9 @@ pub enum Exit {
     /// Finished or stopped, the summary printed, but an output file could not be written
     /// (exit 3).
     OutputFailed,
+    /// `setup()` failed: no user was started; the summary and outputs hold what it sent
+    /// (exit 4).
+    SetupFailed,
 }
 
 /// The scenario bundled with `demo` (also `scripts/stormlight_file.lua`).
@@ -130,7 +133,13 @@ pub async fn run(
     if cfg.tls_options.insecure {
         eprintln!("--insecure: TLS certificates are NOT verified");
     }
+    if cfg.host.is_none() && plan.scenario.waits {
+        eprintln!(
+            "warning: no host (--host, or `host` in the scenario): http calls given a path rather than a full URL will fail"
+        );
+    }
     let result = runner::run_with(&cfg, Arc::new(plan), shutdown, hurry).await?;
+    scenario::host::flush_log();
     let mut stdout = std::io::stdout().lock();
     let _ = report::write_summary(&mut stdout, &result.summary);
     let _ = stdout.flush();
@@ -143,6 +152,10 @@ pub async fn run(
                 return Ok(Exit::OutputFailed);
             }
         }
+    }
+    if let Some(why) = &result.setup_failed {
+        eprintln!("error: setup() failed, so no user was started: {why}");
+        return Ok(Exit::SetupFailed);
     }
     Ok(if result.interrupted {
         Exit::Interrupted

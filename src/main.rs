@@ -1,6 +1,6 @@
 //! The binary: parse the command line, run the command, map the outcome to an exit code
 //! (SPEC: 0 finished, 1 threshold failed, 2 bad input, 130 interrupted; and 3: an output
-//! file could not be written at the end, after the summary was printed).
+//! file could not be written at the end, after the summary was printed; 4: `setup()` failed).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Ok(Exit::Success) => ExitCode::SUCCESS,
         Ok(Exit::Interrupted) => ExitCode::from(130),
         Ok(Exit::OutputFailed) => ExitCode::from(3),
+        Ok(Exit::SetupFailed) => ExitCode::from(4),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -112,8 +112,16 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         let list: Vec<String> = s.protocols.iter().map(|(p, n)| format!("{p}: {n}")).collect();
         writeln!(w, "complete responses by protocol: {}", list.join(", "))?;
     }
+    if s.script_errors > 0 {
+        writeln!(
+            w,
+            "{} script errors outside requests (in scenario or a hook): see Failures, rows HOOK ...",
+            s.script_errors
+        )?;
+    }
     let due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
     match s.all_users_started_s {
+        Some(t) if s.config.users == 1 => writeln!(w, "the user was running after {t:.2}s")?,
         Some(t) => writeln!(
             w,
             "all {} users were running after {t:.2}s (the spawn rate had them due by {due:.2}s)",

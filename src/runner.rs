@@ -138,16 +138,21 @@ enum Cmd {
     /// Run the scenario's `setup()` (the first worker, before any user starts); reply with
     /// its data.
     Setup(oneshot::Sender<Result<Option<serde_json::Value>, String>>),
-    /// Wait for the users to finish until the deadline, run `teardown` (the worker that ran
-    /// `setup`, within the grace period), count what is still in flight as aborted, reply
-    /// with the last counts and end the thread.
-    Finish(Instant, Duration, oneshot::Sender<Snapshot>),
+    /// Wait for the users to finish (their `on_stop` included) until the deadline; reply when
+    /// they have, or when the deadline or a second interrupt came.
+    Drain(Instant, oneshot::Sender<()>),
+    /// Run `teardown` (the worker that ran `setup`), once every worker has drained.
+    Teardown(Duration, oneshot::Sender<()>),
+    /// Count what is still in flight as aborted, reply with the last counts and end the thread.
+    Finish(oneshot::Sender<Snapshot>),
 }
 
 /// The result of a run.
 pub struct RunResult {
     pub summary: Summary,
     pub interrupted: bool,
+    /// `setup()` failed (why): no user was started; the summary holds what it sent.
+    pub setup_failed: Option<String>,
 }
 
 /// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
@@ -189,6 +194,7 @@ pub async fn run_with(
     }
 
     tokio::pin!(shutdown);
+    let mut setup_failed = None;
     let (tx, rx) = oneshot::channel();
     if workers[0].send(Cmd::Setup(tx)).is_ok() {
         let ran = tokio::select! {
@@ -200,14 +206,15 @@ pub async fn run_with(
                 let _ = shared.setup_data.set(data);
             }
             Ok(None) => {}
-            Err(e) => anyhow::bail!("setup() failed, no user was started: {e}"),
+            Err(e) => setup_failed = Some(e),
         }
     }
     let preparing = std::time::Instant::now();
-    let interrupted_early = tokio::select! {
-        () = &mut shutdown => true,
-        () = prepare_users(&workers, cfg.users as u64) => false,
-    };
+    let interrupted_early = setup_failed.is_none()
+        && tokio::select! {
+            () = &mut shutdown => true,
+            () = prepare_users(&workers, cfg.users as u64) => false,
+        };
     if plan.scenario.hooks.any() && preparing.elapsed() > Duration::from_millis(500) {
         eprintln!(
             "prepared {} user states in {:.1}s",
@@ -227,28 +234,29 @@ pub async fn run_with(
 
     // When user number `n` (0-based) is due.
     let due = |n: u64| start + Duration::from_secs_f64(n as f64 / cfg.spawn_rate);
-    let interrupted = interrupted_early
-        || loop {
-            let next_spawn = (spawned < cfg.users as u64).then(|| due(spawned));
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break true,
-                () = sleep_until_opt(deadline) => break false,
-                _ = ticker.tick() => {
-                    flush(&workers, &mut agg).await;
-                    agg.end_tick();
-                    live.draw(&agg, start.elapsed(), spawned, cfg);
-                }
-                () = sleep_until_opt(next_spawn) => {
-                    // Spawn everyone who is due: at high rates several users fall in one timer tick.
-                    let now = Instant::now();
-                    while spawned < cfg.users as u64 && due(spawned) <= now {
-                        let _ = workers[(spawned % workers.len() as u64) as usize].send(Cmd::Spawn(spawned + 1));
-                        spawned += 1;
+    let interrupted = setup_failed.is_none()
+        && (interrupted_early
+            || loop {
+                let next_spawn = (spawned < cfg.users as u64).then(|| due(spawned));
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break true,
+                    () = sleep_until_opt(deadline) => break false,
+                    _ = ticker.tick() => {
+                        flush(&workers, &mut agg).await;
+                        agg.end_tick();
+                        live.draw(&agg, start.elapsed(), spawned, cfg);
+                    }
+                    () = sleep_until_opt(next_spawn) => {
+                        // Spawn everyone who is due: at high rates several users fall in one timer tick.
+                        let now = Instant::now();
+                        while spawned < cfg.users as u64 && due(spawned) <= now {
+                            let _ = workers[(spawned % workers.len() as u64) as usize].send(Cmd::Spawn(spawned + 1));
+                            spawned += 1;
+                        }
                     }
                 }
-            }
-        };
+            });
     let measured = start.elapsed();
 
     // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
@@ -280,7 +288,11 @@ pub async fn run_with(
             script: cfg.script.display().to_string(),
         },
     });
-    Ok(RunResult { summary, interrupted })
+    Ok(RunResult {
+        summary,
+        interrupted,
+        setup_failed,
+    })
 }
 
 /// Has every worker create its users' Lua states; user `u` lives on worker (u - 1) % workers.
@@ -301,10 +313,25 @@ async fn prepare_users(workers: &[mpsc::UnboundedSender<Cmd>], users: u64) {
 /// Ends every worker: users finish until `by`, then what is in flight counts as aborted; the
 /// last counts are merged into `agg`.
 async fn finish(workers: &[mpsc::UnboundedSender<Cmd>], by: Instant, grace: Duration, agg: &mut Aggregate) {
+    let mut drained = Vec::with_capacity(workers.len());
+    for w in workers {
+        let (tx, rx) = oneshot::channel();
+        if w.send(Cmd::Drain(by, tx)).is_ok() {
+            drained.push(rx);
+        }
+    }
+    for rx in drained {
+        let _ = rx.await;
+    }
+    // Every user has stopped (or the grace is over): `teardown` sees what they left.
+    let (tx, rx) = oneshot::channel();
+    if workers[0].send(Cmd::Teardown(grace, tx)).is_ok() {
+        let _ = rx.await;
+    }
     let mut finals = Vec::with_capacity(workers.len());
     for w in workers {
         let (tx, rx) = oneshot::channel();
-        if w.send(Cmd::Finish(by, grace, tx)).is_ok() {
+        if w.send(Cmd::Finish(tx)).is_ok() {
             finals.push(rx);
         }
     }
@@ -391,14 +418,18 @@ fn worker_thread(
                     });
                     let _ = reply.send(ran);
                 }
-                Cmd::Finish(deadline, grace, reply) => {
+                Cmd::Drain(deadline, reply) => {
                     let mut hurry = worker.shared.hurry.subscribe();
                     let drain = tokio::time::timeout_at(deadline, async { while users.join_next().await.is_some() {} });
                     tokio::select! {
                         _ = drain => {}
                         _ = hurry.wait_for(|h| *h) => {}
                     }
+                    let _ = reply.send(());
+                }
+                Cmd::Teardown(grace, reply) => {
                     // Also after Ctrl-C; a second one cuts it short.
+                    let mut hurry = worker.shared.hurry.subscribe();
                     if let Some((state, data)) = &setup
                         && !*hurry.borrow()
                     {
@@ -408,6 +439,9 @@ fn worker_thread(
                             _ = hurry.wait_for(|h| *h) => {}
                         }
                     }
+                    let _ = reply.send(());
+                }
+                Cmd::Finish(reply) => {
                     // No await between here and the reply: no user can record in between.
                     users.abort_all();
                     let mut rec = worker.recorder.borrow_mut();

@@ -166,6 +166,8 @@ pub struct Recorder {
     protocols: [u64; 2],
     /// `check(value, name)` results: passes and fails per name.
     checks: HashMap<String, [u64; 2]>,
+    /// Errors outside any request (see [`Recorder::error`]).
+    errors: u64,
     cap: Arc<NameCap>,
 }
 
@@ -176,6 +178,7 @@ pub struct Snapshot {
     pub failures: Vec<(Arc<RowId>, Reason, u64)>,
     pub protocols: [u64; 2],
     pub checks: Vec<(String, [u64; 2])>,
+    pub errors: u64,
 }
 
 /// The name of the row that requests with names past the cap count under.
@@ -236,6 +239,7 @@ impl Recorder {
             failures: HashMap::new(),
             protocols: [0; 2],
             checks: HashMap::new(),
+            errors: 0,
             cap,
         };
         for row in rows {
@@ -301,6 +305,7 @@ impl Recorder {
     /// the failures table but adds nothing to the request counts.
     pub fn error(&mut self, id: &Arc<RowId>, reason: Reason) {
         *self.failures.entry((id.clone(), reason)).or_insert(0) += 1;
+        self.errors += 1;
     }
 
     /// Counts a `check` by its name.
@@ -360,6 +365,7 @@ impl Recorder {
             failures,
             protocols: std::mem::take(&mut self.protocols),
             checks: self.checks.drain().collect(),
+            errors: std::mem::take(&mut self.errors),
         }
     }
 }
@@ -377,6 +383,7 @@ pub struct Aggregate {
     protocols: [u64; 2],
     /// Checks by name.
     checks: std::collections::BTreeMap<String, [u64; 2]>,
+    errors: u64,
 }
 
 impl Aggregate {
@@ -411,6 +418,7 @@ impl Aggregate {
         }
         self.protocols[0] += snap.protocols[0];
         self.protocols[1] += snap.protocols[1];
+        self.errors += snap.errors;
         for (name, [passes, fails]) in snap.checks {
             let counts = self.checks.entry(name).or_default();
             counts[0] += passes;
@@ -483,6 +491,7 @@ impl Aggregate {
                 .filter(|(_, n)| *n > 0)
                 .map(|(p, n)| (p.to_string(), n))
                 .collect(),
+            script_errors: self.errors,
             checks: self
                 .checks
                 .iter()
@@ -530,6 +539,10 @@ pub struct Summary {
     /// `check(value, name)` results per name, sorted by name.
     #[serde(default)]
     pub checks: Vec<CheckSummary>,
+    /// Script errors outside any request (a failing `scenario`, `on_start`, `on_stop`,
+    /// `teardown`): listed in `failures` under `HOOK <name>` rows, not in the request totals.
+    #[serde(default)]
+    pub script_errors: u64,
     pub config: ConfigSummary,
     pub total: RowSummary,
     pub endpoints: Vec<RowSummary>,

@@ -1019,3 +1019,40 @@ fn teardown_runs_after_an_interrupt_too() {
     assert_eq!(teardown["requests"], 1);
     assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
 }
+
+#[test]
+fn a_failing_setup_starts_no_user_and_exits_4_with_what_it_sent() {
+    let target = target();
+    let dir = TempDir::new("setup-fails");
+    let script = dir.write(
+        "scenario.lua",
+        r#"
+        function setup() http.get("/items/1", { name = "setup fetch" }) error("no items") end
+        function scenario(user) http.get("/hello") end
+        function on_strat(user) end
+        function teardwon() end
+        "#,
+    );
+    let out = dir.path().join("out.json");
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "2", "-t", "5s", "-q", "--out", &out.display().to_string()],
+    );
+    let f = run(&args, Duration::from_secs(15));
+    assert_eq!(f.code(), Some(4), "{}", f.show());
+    assert!(
+        f.stderr.contains("setup() failed") && f.stderr.contains("no items"),
+        "{}",
+        f.show()
+    );
+    // Both misspelt hooks are named.
+    assert!(
+        f.stderr.contains("`on_strat`") && f.stderr.contains("`teardwon`"),
+        "{}",
+        f.show()
+    );
+    let json = read_json(&out);
+    assert_eq!(json["total"]["requests"], 1, "{json:#}");
+    assert_eq!(target.counts.requests(), 1, "no user was started");
+}

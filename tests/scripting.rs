@@ -146,6 +146,8 @@ fn errors_and_runaways_in_scenario_count_and_the_next_iteration_starts() {
     let hello = row(&s, "/hello").requests;
     assert!(hello > 10, "iterations go on after errors: {hello}");
     let f = failures(&s, "scenario");
+    let listed: u64 = f.iter().map(|(_, n)| n).sum();
+    assert_eq!(s.script_errors, listed, "script errors are counted apart from requests");
     assert!(
         f.iter()
             .any(|(r, _)| r.starts_with("script error: scenario:") && r.contains("boom")),
@@ -215,6 +217,21 @@ fn http_is_for_hooks_not_for_loading() {
         msg.contains("top.lua:1") && msg.contains("only inside hooks and scenario()"),
         "{msg}"
     );
+    let t = target();
+    let s = run(
+        "function scenario(user) http.get('/hello', { header = { x = '1' } }) end",
+        &t.url(),
+        1,
+        0.3,
+        Limits::default(),
+    );
+    let f = failures(&s, "scenario");
+    assert!(
+        f.iter()
+            .any(|(r, _)| r.contains("unknown option \"header\"") && r.contains("headers")),
+        "{f:?}"
+    );
+    assert_eq!(t.counts.requests(), 0);
     // With `scenario`, endpoints may be left out.
     assert!(scenario::load_source(Path::new("s.lua"), "function scenario(user) end", Limits::default()).is_ok());
 }
@@ -268,8 +285,14 @@ fn setup_data_reaches_every_user_and_teardown_runs_at_the_end() {
           http.get("/hello")
           sleep(0.05)
         end
-        function teardown(data)
-          http.post("/api/upload", { json = { bye = data.token }, name = "teardown" })
+        function on_stop(user)
+          http.get("/items/999", { name = "logout" })
+        end
+        function teardown(setup_data)
+          -- Every user has stopped, its logout included.
+          local seen = http.get("/__stats", { name = "stats" }):json().paths["/items/999"]
+          check(seen == 4, "teardown comes after every on_stop")
+          http.post("/api/upload", { json = { bye = setup_data.token }, name = "teardown" })
         end
         "#,
         &t.url(),
@@ -282,7 +305,9 @@ fn setup_data_reaches_every_user_and_teardown_runs_at_the_end() {
     assert_eq!(row(&s, "teardown").failures, 0);
     let (passes, fails) = check(&s, "setup data");
     assert!(passes >= 4 && fails == 0, "{passes} {fails}");
-    assert_eq!(s.total.requests, t.counts.requests());
+    assert_eq!(check(&s, "teardown comes after every on_stop"), (1, 0));
+    // The target does not count what /__stats is asked.
+    assert_eq!(s.total.requests, t.counts.requests() + 1);
 }
 
 #[test]
@@ -371,8 +396,8 @@ fn past_the_name_cap_new_names_share_one_row() {
 
 #[test]
 fn the_luals_definitions_cover_every_global_the_host_defines() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stormlight.meta.lua");
-    let meta = std::fs::read_to_string(&path).expect("scripts/stormlight.meta.lua");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/types/stormlight.meta.lua");
+    let meta = std::fs::read_to_string(&path).expect("scripts/types/stormlight.meta.lua");
     // It is Lua: the language server reads it as such.
     mlua::Lua::new()
         .load(meta.as_str())
@@ -410,7 +435,7 @@ fn the_luals_definitions_cover_every_global_the_host_defines() {
     let missing: Vec<&String> = host.iter().filter(|n| !defined.contains(&n.as_str())).collect();
     assert!(
         missing.is_empty(),
-        "missing from scripts/stormlight.meta.lua: {missing:?}"
+        "missing from scripts/types/stormlight.meta.lua: {missing:?}"
     );
 }
 
@@ -421,7 +446,7 @@ fn every_script_in_scripts_runs_against_the_built_in_target_without_failures() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if !name.ends_with(".lua") || name.ends_with(".meta.lua") {
+        if !name.ends_with(".lua") {
             continue;
         }
         let t = target();

@@ -326,6 +326,16 @@ pub enum Wait {
     Pacing(f64),
 }
 
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::Between(a, b) => write!(f, "between({a}, {b}): a pause of {a} to {b} s"),
+            Wait::Constant(s) => write!(f, "constant({s}): a pause of {s} s"),
+            Wait::Pacing(s) => write!(f, "an iteration every {s} s per user"),
+        }
+    }
+}
+
 impl Wait {
     /// The pause after an iteration that took `took`; `draw` is uniform in [0, 1).
     pub fn pause(&self, took: Duration, draw: f64) -> Duration {
@@ -764,7 +774,14 @@ fn res_json(lua: &Lua) -> mlua::Result<mlua::Function> {
         return Ok(f);
     }
     let f = lua.create_function(|lua, ud: AnyUserData| {
-        let body = ud.borrow::<Res>()?.0.borrow().body.clone();
+        let (body, error) = {
+            let res = ud.borrow::<Res>()?;
+            let st = res.0.borrow();
+            (st.body.clone(), st.error.clone())
+        };
+        if let Some(error) = error {
+            return Err(mlua::Error::runtime(format!("res:json(): no response ({error})")));
+        }
         super::host::decode_json(lua, &body).map_err(|e| mlua::Error::runtime(format!("res:json(): {e}")))
     })?;
     lua.set_named_registry_value(KEY, &f)?;

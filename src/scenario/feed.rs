@@ -55,6 +55,11 @@ impl Feeds {
     }
 
     fn get(&self, file: &str, kind: Kind) -> Result<Arc<Feed>, String> {
+        let outside = || format!("{file:?} is outside the scenario's folder: feeds are read from there only");
+        let relative = Path::new(file);
+        if relative.is_absolute() || relative.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(outside());
+        }
         let dir = self
             .dir
             .canonicalize()
@@ -63,11 +68,9 @@ impl Feeds {
             .join(file)
             .canonicalize()
             .map_err(|e| format!("cannot read {file:?} beside the scenario: {e}"))?;
+        // (A symbolic link may still lead out.)
         if !path.starts_with(&dir) {
-            return Err(format!(
-                "{file:?} is outside the scenario's folder {}: feeds are read from there only",
-                dir.display()
-            ));
+            return Err(outside());
         }
         let mut loaded = self.loaded.lock().map_err(|_| "feeds are unavailable".to_string())?;
         if let Some(feed) = loaded.get(&path) {

@@ -112,12 +112,23 @@ fn http_table(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
+/// What `opts` of an `http` call may hold: an endpoint's fields but method, target and weight.
+const HTTP_OPTIONS: [&str; 7] = ["headers", "query", "json", "body", "form", "name", "timeout"];
+
 /// The request `http.<what>` describes, checked as an endpoint entry is.
 fn request_spec(lua: &Lua, what: &str, method: Value, target: Value, opts: Option<Table>) -> mlua::Result<RequestSpec> {
     let t = lua.create_table()?;
     if let Some(opts) = opts {
         for pair in opts.pairs::<Value, Value>() {
             let (k, v) = pair?;
+            let known = matches!(&k, Value::String(s) if HTTP_OPTIONS.iter().any(|o| s.as_bytes() == o.as_bytes()));
+            if !known {
+                return Err(mlua::Error::runtime(format!(
+                    "http.{what}: unknown option {} (options: {})",
+                    api::show(&k),
+                    HTTP_OPTIONS.join(", ")
+                )));
+            }
             t.raw_set(k, v)?;
         }
     }
@@ -150,19 +161,20 @@ fn json_table(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "decode",
-        lua.create_function(|lua, text: mlua::LuaString| decode_json(lua, &text.as_bytes()))?,
+        lua.create_function(|lua, text: mlua::LuaString| {
+            decode_json(lua, &text.as_bytes()).map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))
+        })?,
     )?;
     Ok(t)
 }
 
 /// JSON text as a Lua value (null as nil), for `json.decode` and `res:json()`.
-pub fn decode_json(lua: &Lua, text: &[u8]) -> mlua::Result<Value> {
-    let v: serde_json::Value =
-        serde_json::from_slice(text).map_err(|e| mlua::Error::runtime(format!("not valid JSON: {e}")))?;
+pub fn decode_json(lua: &Lua, text: &[u8]) -> Result<Value, String> {
+    let v: serde_json::Value = serde_json::from_slice(text).map_err(|e| format!("not valid JSON: {e}"))?;
     let options = mlua::serde::SerializeOptions::new()
         .serialize_none_to_null(false)
         .serialize_unit_to_null(false);
-    lua.to_value_with(&v, options)
+    lua.to_value_with(&v, options).map_err(|e| e.to_string())
 }
 
 /// `log.info(...)`, `log.warn(...)`, `log.error(...)`: a line on stderr each, at most
@@ -185,9 +197,21 @@ fn log_table(lua: &Lua) -> mlua::Result<Table> {
 
 const LOG_PER_SECOND: u32 = 20;
 
+static LOG_LIMIT: Mutex<Option<(Instant, u32, u64)>> = Mutex::new(None);
+
+/// Says how many log lines were dropped since the last line (at the end of a run).
+pub fn flush_log() {
+    if let Ok(mut guard) = LOG_LIMIT.lock()
+        && let Some((_, _, dropped)) = guard.as_mut()
+        && *dropped > 0
+    {
+        eprintln!("[log] {dropped} lines were dropped (more than {LOG_PER_SECOND} a second)");
+        *dropped = 0;
+    }
+}
+
 fn log_line(level: &str, text: &str) {
-    static LIMIT: Mutex<Option<(Instant, u32, u64)>> = Mutex::new(None);
-    let Ok(mut guard) = LIMIT.lock() else { return };
+    let Ok(mut guard) = LOG_LIMIT.lock() else { return };
     let now = Instant::now();
     let (since, lines, dropped) = guard.get_or_insert((now, 0, 0));
     if now.duration_since(*since) >= Duration::from_secs(1) {

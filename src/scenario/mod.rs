@@ -161,8 +161,8 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         // With `scenario(user)`, endpoints are optional.
         Value::Nil if has_scenario => lua.create_table().map_err(|e| anyhow!("{e}"))?,
         Value::Nil => {
-            let hint = match near_miss(&globals, &["endpoints"]) {
-                Some((found, _)) => format!(" (found `{found}`: did you mean `endpoints`?)"),
+            let hint = match near_misses(&globals, &["endpoints", "scenario"]).first() {
+                Some((found, meant)) => format!(" (found `{found}`: did you mean `{meant}`?)"),
                 None => String::new(),
             };
             bail!(
@@ -219,7 +219,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         teardown: hook_defined(&globals, "teardown", &file)?,
     };
     let mut warnings = Vec::new();
-    if let Some((found, meant)) = near_miss(&globals, &HOOK_NAMES) {
+    for (found, meant) in near_misses(&globals, &HOOK_NAMES) {
         warnings.push(format!(
             "{file}: `{found}` is not a hook; did you mean `{meant}`? (it will never be called)"
         ));
@@ -266,18 +266,24 @@ fn may_wait(source: &str) -> bool {
 }
 
 /// A global whose name is a near miss (a typo) of one of `names`: (found, meant).
-fn near_miss(globals: &Table, names: &[&'static str]) -> Option<(String, &'static str)> {
+/// Globals whose names are near misses (typos) of one of `names`: (found, meant), sorted.
+fn near_misses(globals: &Table, names: &[&'static str]) -> Vec<(String, &'static str)> {
+    let mut found = Vec::new();
     for pair in globals.pairs::<Value, Value>() {
         let Ok((Value::String(k), _)) = pair else { continue };
         let k = k.to_string_lossy();
-        for name in names {
-            let close = edit_distance(&k, name) <= 2 || (k.len() > 4 && name.starts_with(k.as_str()));
-            if k != *name && close && !names.contains(&k.as_str()) {
-                return Some((k, name));
-            }
+        if names.contains(&k.as_str()) {
+            continue;
+        }
+        if let Some(name) = names
+            .iter()
+            .find(|name| edit_distance(&k, name) <= 2 || (k.len() > 4 && name.starts_with(k.as_str())))
+        {
+            found.push((k, *name));
         }
     }
-    None
+    found.sort();
+    found
 }
 
 /// Levenshtein distance (names are short).
@@ -544,7 +550,7 @@ impl Scenario {
             }
         );
         if let Some(w) = self.wait {
-            let _ = writeln!(s, "  wait_time: {w:?} (seconds)");
+            let _ = writeln!(s, "  wait_time: {w}");
         }
         for w in &self.warnings {
             let _ = writeln!(s, "  warning: {w}");

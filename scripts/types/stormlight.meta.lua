@@ -29,7 +29,7 @@ endpoints = {}
 
 ---Base URL the endpoints' paths are joined to (`--host` wins).
 ---@type string
-host = ""
+host = nil
 
 ---Defaults for the command-line flags (a flag wins).
 ---@class stormlight.Options
@@ -79,7 +79,8 @@ wait_time = nil
 ---@field error? string Why no response came (requests made with `http`).
 local Res = {}
 
----The body decoded as JSON (null becomes nil).
+---The body decoded as JSON (null becomes nil). Raises an error when the body is not JSON or
+---no response came (check `status` first, or use pcall).
 ---@return any
 function Res:json() end
 
@@ -115,8 +116,8 @@ function scenario(user) end
 function setup() end
 
 ---Once, after the users stop (also after Ctrl-C).
----@param data any What `setup()` returned.
-function teardown(data) end
+---@param setup_data any What `setup()` returned.
+function teardown(setup_data) end
 
 -- ---------------------------------------------------------------------------------------------
 -- What the host gives
@@ -264,7 +265,8 @@ local Feed = {}
 ---@return integer
 function Feed:len() end
 
----Row `i` (1-based): a table by column name (CSV) or the item (JSON).
+---Row `i` (1-based): a table by column name (CSV) or the item (JSON). Raises an error when
+---`i` is out of range.
 ---@param i integer
 ---@return table
 function Feed:row(i) end
