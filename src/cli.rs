@@ -113,6 +113,10 @@ pub struct LoadArgs {
     /// Apache and uvicorn); 0: a new connection per request [default: 4s].
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub keepalive_idle: Option<Duration>,
+    /// A pass/fail criterion, repeatable: 'p95<200ms', 'fail_rate<1%', 'rps>100', 'checks>99%',
+    /// or on one row 'GET /hello: p99<50ms'. Any that fails makes the exit code 1.
+    #[arg(long = "threshold", value_name = "EXPR")]
+    pub thresholds: Vec<String>,
     /// Distinct request names with a row of their own; past it, new names share one overflow
     /// row (and a warning says so) [default: 1000].
     #[arg(long, value_name = "N")]
@@ -166,6 +170,8 @@ impl LoadArgs {
             max_redirects: self.max_redirects,
             keepalive_idle: self.keepalive_idle,
             max_names: self.max_names,
+            thresholds: self.thresholds.clone(),
+            scenario_thresholds: Vec::new(),
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

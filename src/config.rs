@@ -29,6 +29,10 @@ pub struct Overrides {
     pub max_redirects: Option<u32>,
     pub keepalive_idle: Option<Duration>,
     pub max_names: Option<usize>,
+    /// `--threshold` (repeatable): added to the scenario's own.
+    pub thresholds: Vec<String>,
+    /// The scenario's `thresholds` (parsed when it loaded).
+    pub scenario_thresholds: Vec<crate::threshold::Threshold>,
     pub tls: crate::http::TlsOptions,
     pub protocol: Option<crate::http::Protocol>,
 }
@@ -61,6 +65,8 @@ pub struct RunConfig {
     pub protocol: crate::http::Protocol,
     /// Distinct request names with a row of their own (`--max-names`).
     pub max_names: usize,
+    /// The scenario's thresholds and the command line's.
+    pub thresholds: Vec<crate::threshold::Threshold>,
 }
 
 /// How the live table is shown while the run goes.
@@ -110,6 +116,10 @@ impl RunConfig {
             max_redirects: cli.max_redirects.unwrap_or(defaults.max_redirects),
             keepalive_idle: cli.keepalive_idle.unwrap_or(defaults.keepalive_idle),
         };
+        let mut thresholds = scenario.scenario_thresholds.clone();
+        for text in &cli.thresholds {
+            thresholds.push(crate::threshold::parse_flag(text)?);
+        }
         let max_names = cli.max_names.unwrap_or(DEFAULT_MAX_NAMES);
         if max_names == 0 {
             bail!("--max-names must be at least 1");
@@ -142,6 +152,7 @@ impl RunConfig {
             tls,
             protocol,
             max_names,
+            thresholds,
         })
     }
 }

@@ -24,6 +24,7 @@ pub mod runner;
 pub mod scenario;
 pub mod stats;
 pub mod target;
+pub mod threshold;
 pub mod user;
 
 use std::future::Future;
@@ -49,6 +50,8 @@ pub enum Exit {
     /// `setup()` failed: no user was started; the summary and outputs hold what it sent
     /// (exit 4).
     SetupFailed,
+    /// A threshold did not hold (exit 1).
+    ThresholdFailed,
 }
 
 /// The scenario bundled with `demo` (also `scripts/stormlight_file.lua`).
@@ -156,6 +159,12 @@ pub async fn run(
     if let Some(why) = &result.setup_failed {
         eprintln!("error: setup() failed, so no user was started: {why}");
         return Ok(Exit::SetupFailed);
+    }
+    if let Some(t) = &result.aborted_by {
+        eprintln!("the run was stopped early: threshold {t:?} failed (abort_on_fail)");
+    }
+    if result.aborted_by.is_some() || result.summary.thresholds.iter().any(|v| !v.ok) {
+        return Ok(Exit::ThresholdFailed);
     }
     Ok(if result.interrupted {
         Exit::Interrupted

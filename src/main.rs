@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Ok(Exit::Interrupted) => ExitCode::from(130),
         Ok(Exit::OutputFailed) => ExitCode::from(3),
         Ok(Exit::SetupFailed) => ExitCode::from(4),
+        Ok(Exit::ThresholdFailed) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -139,6 +139,15 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         t.with(Style::sharp()).modify(Columns::first(), Alignment::right());
         writeln!(w, "\nFailures\n{t}")?;
     }
+    if !s.thresholds.is_empty() {
+        writeln!(w, "\nThresholds")?;
+        for v in &s.thresholds {
+            let value = v.value.map_or("no data".to_string(), |x| format!("{x}"));
+            let on = v.row.as_ref().map_or(String::new(), |r| format!("{r}: "));
+            let mark = if v.ok { "pass" } else { "FAIL" };
+            writeln!(w, "  {mark}  {on}{} (measured: {value})", v.threshold)?;
+        }
+    }
     if !s.checks.is_empty() {
         let mut b = Builder::default();
         b.push_record(["Check", "Passes", "Fails", "% passed"]);

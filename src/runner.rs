@@ -153,6 +153,8 @@ pub struct RunResult {
     pub interrupted: bool,
     /// `setup()` failed (why): no user was started; the summary holds what it sent.
     pub setup_failed: Option<String>,
+    /// A threshold with `abort_on_fail` failed during the run and stopped it.
+    pub aborted_by: Option<String>,
 }
 
 /// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
@@ -195,6 +197,7 @@ pub async fn run_with(
 
     tokio::pin!(shutdown);
     let mut setup_failed = None;
+    let mut aborted_by = None;
     let (tx, rx) = oneshot::channel();
     if workers[0].send(Cmd::Setup(tx)).is_ok() {
         let ran = tokio::select! {
@@ -246,6 +249,15 @@ pub async fn run_with(
                         flush(&workers, &mut agg).await;
                         agg.end_tick();
                         live.draw(&agg, start.elapsed(), spawned, cfg);
+                        let elapsed = start.elapsed();
+                        if let Some(t) = cfg
+                            .thresholds
+                            .iter()
+                            .find(|t| t.abort_on_fail && elapsed >= t.delay && !t.judge(&agg, elapsed).ok)
+                        {
+                            aborted_by = Some(t.text.clone());
+                            break false;
+                        }
                     }
                     () = sleep_until_opt(next_spawn) => {
                         // Spawn everyone who is due: at high rates several users fall in one timer tick.
@@ -276,7 +288,7 @@ pub async fn run_with(
     }
     live.clear();
 
-    let summary = agg.summary(SummaryMeta {
+    let mut summary = agg.summary(SummaryMeta {
         started_at,
         duration: measured,
         interrupted,
@@ -288,10 +300,12 @@ pub async fn run_with(
             script: cfg.script.display().to_string(),
         },
     });
+    summary.thresholds = cfg.thresholds.iter().map(|t| t.judge(&agg, measured)).collect();
     Ok(RunResult {
         summary,
         interrupted,
         setup_failed,
+        aborted_by,
     })
 }
 

@@ -443,6 +443,13 @@ impl Aggregate {
         self.rows.iter().map(|(id, s)| (id, s))
     }
 
+    /// Passed and failed checks, all names together.
+    pub fn check_totals(&self) -> (u64, u64) {
+        self.checks
+            .values()
+            .fold((0, 0), |(p, f), [passes, fails]| (p + passes, f + fails))
+    }
+
     pub fn total(&self) -> RowStats {
         let mut total = RowStats::default();
         for (_, s) in &self.rows {
@@ -492,6 +499,7 @@ impl Aggregate {
                 .map(|(p, n)| (p.to_string(), n))
                 .collect(),
             script_errors: self.errors,
+            thresholds: Vec::new(),
             checks: self
                 .checks
                 .iter()
@@ -539,6 +547,9 @@ pub struct Summary {
     /// `check(value, name)` results per name, sorted by name.
     #[serde(default)]
     pub checks: Vec<CheckSummary>,
+    /// The thresholds and how they came out (exit 1 if any did not hold).
+    #[serde(default)]
+    pub thresholds: Vec<crate::threshold::Verdict>,
     /// Script errors outside any request (a failing `scenario`, `on_start`, `on_stop`,
     /// `teardown`): listed in `failures` under `HOOK <name>` rows, not in the request totals.
     #[serde(default)]

@@ -311,6 +311,28 @@ const BAD_CASES: &[BadCase] = &[
         expect: &["--max-body", "more than 0"],
     },
     BadCase {
+        name: "malformed --threshold",
+        script: Some(GOOD_SCENARIO),
+        flags: &[
+            "--host",
+            "{host}",
+            "-u",
+            "2",
+            "-t",
+            "1s",
+            "-q",
+            "--threshold",
+            "p95 < soon",
+        ],
+        expect: &["threshold", "p95 < soon", "duration"],
+    },
+    BadCase {
+        name: "unknown threshold metric in the scenario",
+        script: Some("endpoints = { Task('GET', '/hello') }\nthresholds = { \"latency < 1s\" }\n"),
+        flags: &["--host", "{host}", "-u", "2", "-t", "1s", "-q"],
+        expect: &["{file}:2", "unknown metric", "latency"],
+    },
+    BadCase {
         name: "think time the wrong way round",
         script: Some("endpoints = { Task('GET', '/hello') }\nwait_time = between(3, 1)\n"),
         flags: &["--host", "{host}", "-u", "2", "-t", "1s", "-q"],
@@ -1055,4 +1077,73 @@ fn a_failing_setup_starts_no_user_and_exits_4_with_what_it_sent() {
     let json = read_json(&out);
     assert_eq!(json["total"]["requests"], 1, "{json:#}");
     assert_eq!(target.counts.requests(), 1, "no user was started");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thresholds
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn thresholds_pass_with_exit_0_and_fail_with_exit_1() {
+    let target = target();
+    let dir = TempDir::new("thresholds");
+    let script = dir.write("scenario.lua", GOOD_SCENARIO);
+    let out = dir.path().join("out.json");
+    let base = |extra: &[&str]| {
+        let mut flags = vec!["-u", "2", "-t", "1s", "-q", "--out"];
+        let o = out.display().to_string();
+        flags.push(Box::leak(o.into_boxed_str()));
+        flags.extend_from_slice(extra);
+        run_args(&script, &target.url(), &flags)
+    };
+    let pass = run(
+        &base(&["--threshold", "fail_rate<1%", "--threshold", "p99 < 5s"]),
+        Duration::from_secs(15),
+    );
+    assert_eq!(pass.code(), Some(0), "{}", pass.show());
+    assert!(pass.stdout.contains("pass  fail_rate<1%"), "{}", pass.show());
+
+    let fail = run(
+        &base(&["--threshold", "p50<1us", "--threshold", "GET /hello: rps > 1"]),
+        Duration::from_secs(15),
+    );
+    assert_eq!(fail.code(), Some(1), "{}", fail.show());
+    assert!(fail.stdout.contains("FAIL  p50<1us"), "{}", fail.show());
+    let json = read_json(&out);
+    let verdicts = json["thresholds"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 2, "{json:#}");
+    assert_eq!(verdicts[0]["ok"], false);
+    assert_eq!(verdicts[1]["ok"], true, "{json:#}");
+    assert_eq!(verdicts[1]["row"], "GET /hello");
+}
+
+#[test]
+fn abort_on_fail_stops_the_run_early_and_still_writes_the_summary() {
+    let target = target();
+    let dir = TempDir::new("abort");
+    let script = dir.write(
+        "scenario.lua",
+        r#"
+        endpoints = { Task("GET", "/status/500") }
+        thresholds = { { "fail_rate < 10%", abort_on_fail = true } }
+        "#,
+    );
+    let out = dir.path().join("out.json");
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "2", "-t", "60s", "-q", "--out", &out.display().to_string()],
+    );
+    let started = Instant::now();
+    let f = run(&args, Duration::from_secs(20));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped at the first tick: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.code(), Some(1), "{}", f.show());
+    assert!(f.stderr.contains("stopped early"), "{}", f.show());
+    let json = read_json(&out);
+    assert_eq!(json["thresholds"][0]["ok"], false, "{json:#}");
+    assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
 }

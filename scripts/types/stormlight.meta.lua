@@ -47,6 +47,12 @@ options = {}
 ---@type stormlight.Wait
 wait_time = nil
 
+---Pass/fail criteria: "metric op value" strings ("p95 < 200ms", "fail_rate < 1%", "rps > 100",
+---"checks > 99%"), tables { "…", abort_on_fail = true, delay = "10s" }, and per row
+---["GET /hello"] = { "p99 < 50ms" }. Any that fails makes the exit code 1.
+---@type table<integer|string, string|table>
+thresholds = {}
+
 -- ---------------------------------------------------------------------------------------------
 -- Hooks (define the ones you need)
 -- ---------------------------------------------------------------------------------------------

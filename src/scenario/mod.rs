@@ -93,7 +93,7 @@ pub fn load(path: &Path) -> Result<Scenario> {
 }
 
 /// Globals whose assignment line is remembered, for messages about them.
-pub const WATCHED: [&str; 4] = ["endpoints", "options", "host", "wait_time"];
+pub const WATCHED: [&str; 5] = ["endpoints", "options", "host", "wait_time", "thresholds"];
 
 /// Like [`load`], from source text already in memory (`path` names it in messages).
 pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario> {
@@ -209,6 +209,9 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
 
     let wait = api::wait_value(&globals.get::<Value>("wait_time").map_err(|e| anyhow!("{e}"))?)
         .map_err(|e| anyhow!("{}: {e}", at(line_of("wait_time"))))?;
+    // Pass/fail criteria: with the options, under the command line's own.
+    options.scenario_thresholds = thresholds_value(&globals.get::<Value>("thresholds").map_err(|e| anyhow!("{e}"))?)
+        .map_err(|e| anyhow!("{}: {e:#}", at(line_of("thresholds"))))?;
     let hooks = Hooks {
         on_start: hook_defined(&globals, "on_start", &file)?,
         before_request: hook_defined(&globals, "before_request", &file)?,
@@ -249,6 +252,67 @@ pub const HOOK_NAMES: [&str; 7] = [
     "setup",
     "teardown",
 ];
+
+/// Reads `thresholds`: a list of `"metric op value"` strings (or `{ "…", abort_on_fail = true,
+/// delay = "10s" }`), and per row, `["GET /hello"] = { … }`.
+fn thresholds_value(v: &Value) -> Result<Vec<crate::threshold::Threshold>> {
+    use crate::threshold::{Threshold, parse};
+    let t = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Table(t) => t,
+        other => bail!(
+            "`thresholds` must be a table of strings like \"p95 < 200ms\", got {}",
+            api::show(other)
+        ),
+    };
+    let entry = |v: &Value| -> Result<Threshold> {
+        match v {
+            Value::String(s) => parse(&s.to_string_lossy()),
+            Value::Table(e) => {
+                let text: String = e.raw_get(1).map_err(|_| {
+                    anyhow!(
+                        "`thresholds`: a table entry starts with its text: {{ \"p95 < 200ms\", abort_on_fail = true }}"
+                    )
+                })?;
+                let mut th = parse(&text)?;
+                th.abort_on_fail = e
+                    .raw_get::<Option<bool>>("abort_on_fail")
+                    .map_err(|e| anyhow!("`abort_on_fail`: {e}"))?
+                    .unwrap_or(false);
+                if let Some(d) = e.raw_get::<Option<Value>>("delay").map_err(|e| anyhow!("{e}"))? {
+                    th.delay = api::duration_value(&d).map_err(|e| anyhow!("`delay`: {e}"))?;
+                }
+                Ok(th)
+            }
+            other => bail!(
+                "`thresholds`: expected a string like \"p95 < 200ms\", got {}",
+                api::show(other)
+            ),
+        }
+    };
+    let mut out = Vec::new();
+    for pair in t.pairs::<Value, Value>() {
+        let (k, v) = pair.map_err(|e| anyhow!("{e}"))?;
+        match (&k, &v) {
+            (Value::Integer(_), _) => out.push(entry(&v)?),
+            (Value::String(row), Value::Table(list)) => {
+                let row = row.to_string_lossy();
+                for item in list.sequence_values::<Value>() {
+                    let item = item.map_err(|e| anyhow!("{e}"))?;
+                    out.push(entry(&item)?.on_row(&row)?);
+                }
+            }
+            (Value::String(row), other) => {
+                bail!(
+                    "`thresholds[{row:?}]` must be a list like {{ \"p99 < 50ms\" }}, got {}",
+                    api::show(other)
+                )
+            }
+            (other, _) => bail!("`thresholds`: unexpected key {}", api::show(other)),
+        }
+    }
+    Ok(out)
+}
 
 /// Whether the source calls `http` or `sleep` (conservatively: any `http.`, `http[` or
 /// `sleep(` outside a longer name, in code, strings or comments alike).
@@ -604,7 +668,7 @@ impl UserState {
             // hook calls: thousands of users would otherwise each carry it.
             // The host holds endpoints, options and host as Rust data: the user's copies are
             // dead weight in every state.
-            for name in ["endpoints", "options", "host"] {
+            for name in ["endpoints", "options", "host", "wait_time", "thresholds"] {
                 lua.globals().raw_set(name, Value::Nil)?;
             }
             lua.gc_collect()?;

@@ -1,0 +1,279 @@
+//! Thresholds: pass/fail criteria on a run's numbers, k6-like. `p95 < 200ms`,
+//! `fail_rate < 1%`, `rps > 100`, `checks > 99%`, on the whole run or on one row
+//! (`GET /hello`). Any that fails makes the exit code 1; one marked `abort_on_fail` stops the
+//! run as soon as it fails at a tick (after its `delay`).
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::stats::{Aggregate, RowStats};
+
+/// What a threshold measures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Metric {
+    /// A latency percentile (0-100), in milliseconds.
+    Percentile(f64),
+    Avg,
+    Min,
+    Max,
+    /// Failed requests over requests, in percent.
+    FailRate,
+    /// Requests per second over the run.
+    Rps,
+    Requests,
+    Failures,
+    /// Passed checks over checks, in percent (the whole run only).
+    Checks,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Op {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// One criterion: `metric op value` on the whole run or on one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    /// `None`: the whole run; else the row's method and name (`"GET /hello"`).
+    pub row: Option<(String, String)>,
+    pub metric: Metric,
+    pub op: Op,
+    /// In the metric's unit: milliseconds, percent, per second, a count.
+    pub value: f64,
+    /// The text as written, for the report.
+    pub text: String,
+    pub abort_on_fail: bool,
+    /// With `abort_on_fail`: not judged before this much of the run has passed.
+    pub delay: Duration,
+}
+
+/// How a threshold came out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Verdict {
+    /// `"GET /hello"`, or absent for the whole run.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub row: Option<String>,
+    pub threshold: String,
+    /// The measured value (`null` when there was nothing to measure).
+    pub value: Option<f64>,
+    pub ok: bool,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+        })
+    }
+}
+
+/// Parses `metric op value`, e.g. `p95 < 200ms`, `fail_rate<1%`, `rps > 100`.
+pub fn parse(text: &str) -> Result<Threshold> {
+    let t = text.trim();
+    let at = t
+        .find(['<', '>'])
+        .ok_or_else(|| anyhow::anyhow!("threshold {text:?}: expected `metric < value` or `metric > value`"))?;
+    let (name, rest) = t.split_at(at);
+    let (op, value) = match rest.as_bytes() {
+        [b'<', b'=', ..] => (Op::Le, &rest[2..]),
+        [b'>', b'=', ..] => (Op::Ge, &rest[2..]),
+        [b'<', ..] => (Op::Lt, &rest[1..]),
+        _ => (Op::Gt, &rest[1..]),
+    };
+    let name = name.trim().to_ascii_lowercase();
+    let value = value.trim();
+    let metric = match name.as_str() {
+        "avg" => Metric::Avg,
+        "min" => Metric::Min,
+        "max" => Metric::Max,
+        "med" => Metric::Percentile(50.0),
+        "fail_rate" => Metric::FailRate,
+        "rps" => Metric::Rps,
+        "requests" => Metric::Requests,
+        "failures" => Metric::Failures,
+        "checks" => Metric::Checks,
+        p if p.starts_with('p') => {
+            let n = p[1..].trim_start_matches('(').trim_end_matches(')');
+            match n.parse::<f64>() {
+                Ok(n) if n > 0.0 && n <= 100.0 => Metric::Percentile(n),
+                _ => bail!("threshold {text:?}: a percentile is p1 to p100 (p95, p99.9)"),
+            }
+        }
+        other => bail!(
+            "threshold {text:?}: unknown metric {other:?} (known: p50, p90, p95, p99, p99.9 or any pN, avg, min, max, med, fail_rate, rps, requests, failures, checks)"
+        ),
+    };
+    let value = match metric {
+        Metric::Percentile(_) | Metric::Avg | Metric::Min | Metric::Max => latency_ms(value)
+            .ok_or_else(|| anyhow::anyhow!("threshold {text:?}: a latency is a duration like 200ms, 1.5s or 800us"))?,
+        Metric::FailRate | Metric::Checks => percent(value).ok_or_else(|| {
+            anyhow::anyhow!("threshold {text:?}: a rate is a percentage like 1% (or a fraction like 0.01)")
+        })?,
+        Metric::Rps | Metric::Requests | Metric::Failures => value
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .ok_or_else(|| anyhow::anyhow!("threshold {text:?}: expected a number"))?,
+    };
+    Ok(Threshold {
+        row: None,
+        metric,
+        op,
+        value,
+        text: t.to_string(),
+        abort_on_fail: false,
+        delay: Duration::ZERO,
+    })
+}
+
+/// A `--threshold` flag: `p95<200ms`, or on one row, `GET /hello: p99<50ms`.
+pub fn parse_flag(text: &str) -> Result<Threshold> {
+    match text.rsplit_once(':') {
+        Some((row, expr)) => parse(expr)?.on_row(row),
+        None => parse(text),
+    }
+}
+
+fn latency_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (n, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("us").or_else(|| s.strip_suffix("µs")) {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    n.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| v * scale)
+}
+
+fn percent(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let v = match s.strip_suffix('%') {
+        Some(n) => n.trim().parse::<f64>().ok()?,
+        None => s.parse::<f64>().ok()? * 100.0,
+    };
+    (v.is_finite() && (0.0..=100.0).contains(&v)).then_some(v)
+}
+
+impl Threshold {
+    /// The value this threshold measures in `agg`, if there is anything to measure.
+    pub fn measure(&self, agg: &Aggregate, elapsed: Duration) -> Option<f64> {
+        let total;
+        let stats: &RowStats = match &self.row {
+            None => {
+                total = agg.total();
+                &total
+            }
+            Some((method, name)) => agg.rows().find(|(id, _)| id.method == *method && id.name == *name)?.1,
+        };
+        let h = &stats.latency_us;
+        let ms = |us: u64| us as f64 / 1000.0;
+        match self.metric {
+            Metric::Percentile(p) => (!h.is_empty()).then(|| ms(h.value_at_quantile(p / 100.0))),
+            Metric::Avg => (!h.is_empty()).then(|| h.mean() / 1000.0),
+            Metric::Min => (!h.is_empty()).then(|| ms(h.min())),
+            Metric::Max => (!h.is_empty()).then(|| ms(h.max())),
+            Metric::FailRate => (stats.requests > 0).then(|| 100.0 * stats.failures as f64 / stats.requests as f64),
+            Metric::Rps => (elapsed > Duration::ZERO).then(|| stats.requests as f64 / elapsed.as_secs_f64()),
+            Metric::Requests => Some(stats.requests as f64),
+            Metric::Failures => Some(stats.failures as f64),
+            Metric::Checks => {
+                let (passes, fails) = agg.check_totals();
+                (passes + fails > 0).then(|| 100.0 * passes as f64 / (passes + fails) as f64)
+            }
+        }
+    }
+
+    /// Whether `value` meets the threshold. Nothing to measure fails it (a `p95 < 200ms`
+    /// on a run that got no response has not held).
+    pub fn holds(&self, value: Option<f64>) -> bool {
+        let Some(v) = value else { return false };
+        match self.op {
+            Op::Lt => v < self.value,
+            Op::Le => v <= self.value,
+            Op::Gt => v > self.value,
+            Op::Ge => v >= self.value,
+        }
+    }
+
+    pub fn judge(&self, agg: &Aggregate, elapsed: Duration) -> Verdict {
+        let value = self.measure(agg, elapsed);
+        Verdict {
+            row: self.row.as_ref().map(|(m, n)| format!("{m} {n}")),
+            threshold: self.text.clone(),
+            value: value.map(|v| (v * 1000.0).round() / 1000.0),
+            ok: self.holds(value),
+        }
+    }
+
+    /// A row key like `"GET /hello"` (or a bare name, then any method: `"/hello"`).
+    pub fn on_row(mut self, key: &str) -> Result<Self> {
+        let key = key.trim();
+        let (method, name) = match key.split_once(' ') {
+            Some((m, n)) if !m.is_empty() && m.chars().all(|c| c.is_ascii_alphabetic()) => {
+                (m.to_ascii_uppercase(), n.trim().to_string())
+            }
+            _ => bail!("thresholds: a row is named \"METHOD name\", like \"GET /hello\"; got {key:?}"),
+        };
+        if self.metric == Metric::Checks {
+            bail!("thresholds: `checks` is for the whole run, not for a row ({key:?})");
+        }
+        self.row = Some((method, name));
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_parse_with_their_units() {
+        let t = parse("p95 < 200ms").unwrap();
+        assert_eq!((t.metric, t.op, t.value), (Metric::Percentile(95.0), Op::Lt, 200.0));
+        let t = parse("p99.9<=1.5s").unwrap();
+        assert_eq!((t.metric, t.op, t.value), (Metric::Percentile(99.9), Op::Le, 1500.0));
+        assert_eq!(parse("fail_rate < 1%").unwrap().value, 1.0);
+        assert_eq!(parse("fail_rate < 0.05").unwrap().value, 5.0);
+        assert_eq!(parse("checks > 99%").unwrap().metric, Metric::Checks);
+        let t = parse("rps >= 100").unwrap();
+        assert_eq!((t.metric, t.op, t.value), (Metric::Rps, Op::Ge, 100.0));
+        assert_eq!(parse("avg < 800us").unwrap().value, 0.8);
+        for bad in [
+            "p95 200ms",
+            "p95 < 200",
+            "latency < 1s",
+            "p0 < 1ms",
+            "fail_rate < 200%",
+            "rps > lots",
+            "",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should not parse");
+        }
+        assert!(parse("p95 < 1s").unwrap().on_row("GET /hello").is_ok());
+        assert!(parse("p95 < 1s").unwrap().on_row("/hello").is_err());
+        assert!(parse("checks > 1%").unwrap().on_row("GET /x").is_err());
+    }
+
+    #[test]
+    fn nothing_measured_does_not_hold() {
+        let t = parse("p95 < 1s").unwrap();
+        assert!(!t.holds(None));
+        assert!(t.holds(Some(999.0)) && !t.holds(Some(1000.0)));
+    }
+}
