@@ -106,6 +106,13 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 /// Counts and latencies of one row (or of the total).
+///
+/// Two histograms: `service_us` from the moment the request was sent to its end, as measured;
+/// `latency_us` what a user of the service would have seen. In a closed model (users in a
+/// loop) a stall holds the users back, so it is measured once per user instead of once per
+/// request that should have gone out (coordinated omission): `latency_us` records each
+/// request corrected as HdrHistogram's `record_correct` does, with the user's expected
+/// interval. In the open model it runs from the time the request was scheduled.
 #[derive(Debug, Clone)]
 pub struct RowStats {
     pub requests: u64,
@@ -113,6 +120,7 @@ pub struct RowStats {
     /// Response body bytes read.
     pub bytes: u64,
     pub latency_us: Histogram<u64>,
+    pub service_us: Histogram<u64>,
 }
 
 impl Default for RowStats {
@@ -122,17 +130,27 @@ impl Default for RowStats {
             failures: 0,
             bytes: 0,
             latency_us: new_histogram(),
+            service_us: new_histogram(),
         }
     }
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
 impl RowStats {
-    fn record(&mut self, elapsed: Option<Duration>, failed: bool) {
+    fn record(&mut self, outcome: &Outcome) {
         self.requests += 1;
-        self.failures += u64::from(failed);
-        if let Some(elapsed) = elapsed {
-            let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
-            let _ = self.latency_us.record(us);
+        self.failures += u64::from(outcome.failure.is_some());
+        if let Some(elapsed) = outcome.elapsed {
+            let us = micros(elapsed);
+            let _ = self.service_us.record(us);
+            let _ = match outcome.correction {
+                Correction::None => self.latency_us.record(us),
+                Correction::Interval(every) => self.latency_us.record_correct(us, micros(every)),
+                Correction::Queued(waited) => self.latency_us.record(us.saturating_add(micros(waited))),
+            };
         }
     }
 
@@ -140,15 +158,39 @@ impl RowStats {
         self.requests += other.requests;
         self.failures += other.failures;
         self.bytes += other.bytes;
-        // Both histograms auto-resize, so `add` cannot fail on range.
+        // The histograms auto-resize, so `add` cannot fail on range.
         let _ = self.latency_us.add(&other.latency_us);
+        let _ = self.service_us.add(&other.service_us);
     }
+
+    fn fresh_like(&self) -> Self {
+        Self {
+            requests: 0,
+            failures: 0,
+            bytes: 0,
+            latency_us: Histogram::new_from(&self.latency_us),
+            service_us: Histogram::new_from(&self.service_us),
+        }
+    }
+}
+
+/// How a request's latency differs from its service time (see [`RowStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Correction {
+    /// The same (no expected interval known yet, or requests made inside `scenario`).
+    #[default]
+    None,
+    /// Closed model: the user meant to send one request per this interval.
+    Interval(Duration),
+    /// Open model: the request waited this long after its scheduled time before it was sent.
+    Queued(Duration),
 }
 
 /// What happened to one request. `elapsed` is `None` when nothing was sent (a hook failed first).
 pub struct Outcome {
     pub elapsed: Option<Duration>,
     pub failure: Option<Reason>,
+    pub correction: Correction,
 }
 
 /// A worker's recorder: rows are indexed by position, so recording a request for an endpoint
@@ -294,8 +336,7 @@ impl Recorder {
 
     /// Records an outcome that had no `begin` (nothing was in flight).
     pub fn record(&mut self, row: usize, outcome: Outcome) {
-        let failed = outcome.failure.is_some();
-        self.rows[row].1.record(outcome.elapsed, failed);
+        self.rows[row].1.record(&outcome);
         if let Some(reason) = outcome.failure {
             *self.failures.entry((self.rows[row].0.clone(), reason)).or_insert(0) += 1;
         }
@@ -350,12 +391,7 @@ impl Recorder {
             .iter_mut()
             .filter(|(_, s)| s.requests > 0)
             .map(|(id, s)| {
-                let fresh = RowStats {
-                    requests: 0,
-                    failures: 0,
-                    bytes: 0,
-                    latency_us: Histogram::new_from(&s.latency_us),
-                };
+                let fresh = s.fresh_like();
                 (id.clone(), std::mem::replace(s, fresh))
             })
             .collect();
@@ -581,8 +617,11 @@ pub struct RowSummary {
     #[serde(default)]
     pub bytes_received: u64,
     /// `None` (JSON `null`) when the row has no latency: every request failed before sending
-    /// or was aborted.
+    /// or was aborted. Corrected for coordinated omission (see `RowStats`).
     pub latency_ms: Option<Latency>,
+    /// As measured from each request's send, uncorrected.
+    #[serde(default)]
+    pub service_ms: Option<Latency>,
 }
 
 impl RowSummary {
@@ -599,6 +638,7 @@ impl RowSummary {
             },
             bytes_received: s.bytes,
             latency_ms: Latency::of(&s.latency_us),
+            service_ms: Latency::of(&s.service_us),
         }
     }
 
@@ -665,6 +705,7 @@ mod tests {
         Outcome {
             elapsed: Some(Duration::from_millis(ms)),
             failure: None,
+            correction: Correction::None,
         }
     }
 
@@ -681,6 +722,7 @@ mod tests {
             Outcome {
                 elapsed: Some(Duration::from_millis(7)),
                 failure: Some(Reason::Status(500)),
+                correction: Correction::None,
             },
         );
         let dynamic = rec.row_by_name("POST", "/x");
@@ -689,6 +731,7 @@ mod tests {
             Outcome {
                 elapsed: None,
                 failure: Some(Reason::Script("boom".into())),
+                correction: Correction::None,
             },
         );
 
@@ -736,6 +779,7 @@ mod tests {
                 Outcome {
                     elapsed: Some(Duration::from_millis(1)),
                     failure: Some(Reason::Status(404)),
+                    correction: Correction::None,
                 },
             );
             agg.add(rec.take());

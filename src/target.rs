@@ -27,6 +27,7 @@
 //! | `/fault/redirect-loop` | redirects to itself |
 //! | `GET /__stats` | `{"requests":N,"paths":{..}}`: what was received (not counted itself) |
 //! | `/__down?ms=N` | closes the listener and every connection for N ms (not counted) |
+//! | `/__stall?ms=N` | holds every answer for N ms from now (not counted) |
 //! | anything else | 404 |
 //!
 //! `stormlight target --idle-close 1s` closes connections idle for longer than that;
@@ -62,6 +63,8 @@ type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 pub const STATS_PATH: &str = "/__stats";
 /// Path of the "go down for a while" control; requests to it are not counted.
 pub const DOWN_PATH: &str = "/__down";
+/// Path of the "hold every answer for a while" control; not counted.
+pub const STALL_PATH: &str = "/__stall";
 
 /// What the target has received.
 #[derive(Default)]
@@ -126,15 +129,44 @@ struct State {
     /// Bumped when the target goes down: every open connection is dropped.
     generation: watch::Sender<u64>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    stall: Arc<Stall>,
     /// Logged-in sessions: session cookie -> (token, user).
     sessions: Mutex<HashMap<String, (String, String)>>,
     logins: AtomicU64,
+}
+
+/// A stall of the whole target: until it ends, no answer goes out (requests that arrive wait,
+/// and answers that are ready wait), as a server in a long GC pause or a blocked database.
+#[derive(Default)]
+pub struct Stall {
+    until: Mutex<Option<std::time::Instant>>,
+}
+
+impl Stall {
+    /// Stalls every answer from now for `pause`.
+    pub fn start(&self, pause: Duration) {
+        if let Ok(mut until) = self.until.lock() {
+            *until = Some(std::time::Instant::now() + pause);
+        }
+    }
+
+    /// Waits out the stall in progress, if any.
+    async fn wait(&self) {
+        let until = self.until.lock().ok().and_then(|u| *u);
+        if let Some(until) = until
+            && until > std::time::Instant::now()
+        {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
 }
 
 /// A running target. It serves until the runtime it was started on shuts down.
 pub struct Target {
     pub addr: SocketAddr,
     pub counts: Arc<Counts>,
+    /// Holds every answer for a while (`Stall::start`, or `/__stall?ms=N`).
+    pub stall: Arc<Stall>,
     /// With TLS: the self-signed certificate (PEM), to trust with `--ca-cert`.
     pub cert_pem: Option<String>,
 }
@@ -147,6 +179,7 @@ impl Target {
             .with_context(|| format!("cannot listen on {addr}"))?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(Counts::default());
+        let stall = Arc::new(Stall::default());
         let (down, mut down_rx) = watch::channel(None);
         let (generation, _) = watch::channel(0u64);
         let (tls, cert_pem) = match options.tls {
@@ -164,6 +197,7 @@ impl Target {
             tls,
             sessions: Mutex::new(HashMap::new()),
             logins: AtomicU64::new(0),
+            stall: stall.clone(),
         });
         tokio::spawn(async move {
             let mut listener = Some(listener);
@@ -199,7 +233,12 @@ impl Target {
                 }
             }
         });
-        Ok(Target { addr, counts, cert_pem })
+        Ok(Target {
+            addr,
+            counts,
+            cert_pem,
+            stall,
+        })
     }
 
     /// The base URL, e.g. `http://127.0.0.1:41234` (https with TLS).
@@ -472,6 +511,10 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
         let stats = serde_json::json!({ "requests": counts.requests(), "paths": paths, "protocols": protocols });
         return Ok(json(StatusCode::OK, stats));
     }
+    if path == STALL_PATH {
+        state.stall.start(Duration::from_millis(query_num(&req, "ms", 1000)));
+        return Ok(full(StatusCode::OK, "text/plain", "stalling\n"));
+    }
     if path == DOWN_PATH {
         let pause = Duration::from_millis(query_num(&req, "ms", 1000));
         let down = state.down.clone();
@@ -484,6 +527,8 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
     }
     counts.count(&path);
     counts.protocols[usize::from(req.version() == hyper::Version::HTTP_2)].fetch_add(1, Ordering::SeqCst);
+    // A request that arrives during a stall waits for its end; so does an answer ready during it.
+    state.stall.wait().await;
     let method = req.method().clone();
     let resp = match (method.as_str(), path.as_str()) {
         ("GET", "/hello") => json(StatusCode::OK, serde_json::json!({ "message": "Hello, World!" })),
@@ -628,6 +673,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
         }
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     };
+    state.stall.wait().await;
     Ok(resp)
 }
 

@@ -16,7 +16,7 @@ use crate::http;
 use crate::runner::{Plan, Shared};
 use crate::scenario::host::{self, LocalFuture, Reply, UserHost};
 use crate::scenario::{HookError, UserState, api};
-use crate::stats::{Outcome, Reason, Recorder};
+use crate::stats::{Correction, Outcome, Reason, Recorder};
 
 /// What every user of one worker thread shares.
 pub struct Worker {
@@ -37,7 +37,8 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
         worker.shared.user_started();
         while !worker.shared.stopping.load(Ordering::Relaxed) {
             let ep = &plan.endpoints[plan.pick(&mut rng)];
-            let outcome = send(&worker, &mut session, ep.row, &ep.request, false).await.1;
+            let mut outcome = send(&worker, &mut session, ep.row, &ep.request, false).await.1;
+            outcome.correction = think.correction();
             worker.recorder.borrow_mut().finish(ep.row, outcome);
             think.pause(&mut rng).await;
         }
@@ -82,7 +83,7 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
                 hook("scenario", state.run::<()>(f, state.user.clone()).await);
                 true
             }
-            None => iteration(&worker, &state, session, &mut rng).await,
+            None => iteration(&worker, &state, session, &mut rng, think.correction()).await,
         };
         if !sent && think.wait.is_none() {
             // Nothing was sent (skipped, or a hook failed): let the other users run.
@@ -238,6 +239,9 @@ struct Think {
     wait: Option<api::Wait>,
     started: std::time::Instant,
     stopped: tokio::sync::watch::Receiver<bool>,
+    /// The user's recent average time from one iteration's start to the next (an
+    /// exponentially weighted mean), for the coordinated-omission correction.
+    every: Option<Duration>,
 }
 
 impl Think {
@@ -246,20 +250,38 @@ impl Think {
             wait: worker.plan.scenario.wait,
             started: std::time::Instant::now(),
             stopped: worker.shared.stopped.subscribe(),
+            every: None,
         }
     }
 
     /// Waits as `wait_time` says after the iteration that began at the last call.
     async fn pause(&mut self, rng: &mut SmallRng) {
-        let Some(wait) = self.wait else { return };
-        let pause = wait.pause(self.started.elapsed(), rng.random::<f64>());
-        if !pause.is_zero() {
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                _ = self.stopped.wait_for(|s| *s) => {}
+        if let Some(wait) = self.wait {
+            let pause = wait.pause(self.started.elapsed(), rng.random::<f64>());
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = self.stopped.wait_for(|s| *s) => {}
+                }
             }
         }
-        self.started = std::time::Instant::now();
+        let now = std::time::Instant::now();
+        let cycle = now - self.started;
+        self.every = Some(match self.every {
+            None => cycle,
+            Some(every) => every.mul_f64(0.9) + cycle.mul_f64(0.1),
+        });
+        self.started = now;
+    }
+
+    /// How this user's request latencies are corrected: the user meant to send one every
+    /// pacing interval if it has one, else every (recent average) iteration.
+    fn correction(&self) -> Correction {
+        match (self.wait, self.every) {
+            (Some(api::Wait::Pacing(every)), _) => Correction::Interval(Duration::from_secs_f64(every)),
+            (_, Some(every)) => Correction::Interval(every),
+            _ => Correction::None,
+        }
     }
 }
 
@@ -280,6 +302,7 @@ async fn send(
             let outcome = Outcome {
                 elapsed: Some(resp.elapsed),
                 failure,
+                correction: Correction::None,
             };
             (Some(resp), outcome)
         }
@@ -288,13 +311,20 @@ async fn send(
             Outcome {
                 elapsed: Some(elapsed),
                 failure: Some(reason),
+                correction: Correction::None,
             },
         ),
     }
 }
 
 /// One iteration of a user whose scenario has hooks. Returns whether a request was sent.
-async fn iteration(worker: &Worker, state: &UserState, session: &RefCell<http::Session>, rng: &mut SmallRng) -> bool {
+async fn iteration(
+    worker: &Worker,
+    state: &UserState,
+    session: &RefCell<http::Session>,
+    rng: &mut SmallRng,
+    correction: Correction,
+) -> bool {
     let plan = &worker.plan;
     let index = plan.pick(rng);
     let ep = &plan.endpoints[index];
@@ -304,6 +334,7 @@ async fn iteration(worker: &Worker, state: &UserState, session: &RefCell<http::S
             Outcome {
                 elapsed: None,
                 failure: Some(reason),
+                correction: Correction::None,
             },
         );
     };
@@ -357,6 +388,7 @@ async fn iteration(worker: &Worker, state: &UserState, session: &RefCell<http::S
     let keep_body = state.after_response.is_some();
     let mut s = session.take();
     let (resp, mut outcome) = send(worker, &mut s, row, req, keep_body).await;
+    outcome.correction = correction;
     session.replace(s);
     if let (Some(f), Some(resp)) = (&state.after_response, resp) {
         state

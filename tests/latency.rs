@@ -1,0 +1,79 @@
+//! Issue 5: truthful latency. A closed model hides a stall (each user sees it once, then the
+//! users wait instead of sending); `latency` corrects for that, `service` keeps what was
+//! measured.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stormlight::config::{LiveMode, Overrides, RunConfig};
+use stormlight::runner::Plan;
+use stormlight::scenario::{self, sandbox::Limits};
+use stormlight::stats::Summary;
+use stormlight::target::Target;
+
+fn run(source: &str, host: &str, flags: Overrides) -> Summary {
+    let path = Path::new("latency.lua");
+    let scenario = scenario::load_source(path, source, Limits::default()).expect("scenario loads");
+    let flags = Overrides {
+        host: Some(host.to_string()),
+        spawn_rate: Some(1000.0),
+        ..flags
+    };
+    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
+    let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("plan");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
+        .expect("run")
+        .summary
+}
+
+#[test]
+fn a_stall_in_a_closed_model_shows_in_latency_not_just_once_per_user() {
+    let t = Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target");
+    let stall = t.stall.clone();
+    let stalled = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        stall.start(Duration::from_secs(1));
+    });
+    let users = 10u64;
+    let s = run(
+        r#"endpoints = { Task("GET", "/slow?ms=10", { name = "slow" }) }"#,
+        &t.url(),
+        Overrides {
+            users: Some(users as u32),
+            duration: Some(Duration::from_secs(8)),
+            ..Default::default()
+        },
+    );
+    stalled.join().unwrap();
+    let total = &s.total;
+    let service = total.service_ms.expect("service times");
+    let latency = total.latency_ms.expect("latencies");
+    // Measured: the stall is one request per user among hundreds, so p99 does not see it.
+    assert!(service.p99 < 20.0, "service p99 {} ms", service.p99);
+    assert!(service.max > 900.0, "the stalled requests are there: {service:?}");
+
+    // Corrected: each user's stalled request (~1 s) stands for the ones it would have sent
+    // every `interval` meanwhile: samples at S, S - I, S - 2I, ... down to I.
+    let interval = service.p50; // the users' usual cycle: no think time, ~10 ms requests
+    let stalled_ms = 1000.0 + interval / 2.0;
+    let synthetic_per_user = (stalled_ms / interval).floor() - 1.0;
+    let samples = total.requests as f64 + users as f64 * synthetic_per_user;
+    // The top 1 % of the samples, shared evenly by the users' synthetic series.
+    let from_top_per_user = 0.01 * samples / users as f64;
+    let expected_p99 = stalled_ms - from_top_per_user * interval;
+    assert!(
+        (latency.p99 - expected_p99).abs() <= expected_p99 * 0.1,
+        "latency p99 {} ms, expected ~{expected_p99:.0} ms (interval {interval} ms, {} requests)",
+        latency.p99,
+        total.requests
+    );
+    assert!(latency.p50 < 20.0, "most requests were not held: p50 {}", latency.p50);
+    eprintln!("service {service:?}\nlatency {latency:?}\nexpected p99 {expected_p99}");
+    assert_eq!(total.requests, t.counts.requests());
+}
