@@ -113,6 +113,10 @@ pub struct LoadArgs {
     /// Apache and uvicorn); 0: a new connection per request [default: 4s].
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub keepalive_idle: Option<Duration>,
+    /// Ramping stages instead of --users: DURATION:USERS,... (30s:100,1m:100,30s:0). Users
+    /// ramp linearly within each stage; the run lasts as long as the stages.
+    #[arg(long, value_name = "STAGES", value_parser = stages_value)]
+    pub stages: Option<Vec<crate::stages::Stage>>,
     /// A pass/fail criterion, repeatable: 'p95<200ms', 'fail_rate<1%', 'rps>100', 'checks>99%',
     /// or on one row 'GET /hello: p99<50ms'. Any that fails makes the exit code 1.
     #[arg(long = "threshold", value_name = "EXPR")]
@@ -148,6 +152,10 @@ pub struct LoadArgs {
     pub quiet: bool,
 }
 
+fn stages_value(s: &str) -> Result<Vec<crate::stages::Stage>, String> {
+    crate::stages::parse(s).map_err(|e| format!("{e:#}"))
+}
+
 fn bytes_size(s: &str) -> Result<u64, String> {
     crate::config::parse_bytes(s).map_err(|e| e.to_string())
 }
@@ -172,6 +180,7 @@ impl LoadArgs {
             max_names: self.max_names,
             thresholds: self.thresholds.clone(),
             scenario_thresholds: Vec::new(),
+            stages: self.stages.clone(),
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

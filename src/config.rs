@@ -29,6 +29,8 @@ pub struct Overrides {
     pub max_redirects: Option<u32>,
     pub keepalive_idle: Option<Duration>,
     pub max_names: Option<usize>,
+    /// Ramping stages (`--stages`, `options.stages`): they set the users over time.
+    pub stages: Option<Vec<crate::stages::Stage>>,
     /// `--threshold` (repeatable): added to the scenario's own.
     pub thresholds: Vec<String>,
     /// The scenario's `thresholds` (parsed when it loaded).
@@ -67,6 +69,8 @@ pub struct RunConfig {
     pub max_names: usize,
     /// The scenario's thresholds and the command line's.
     pub thresholds: Vec<crate::threshold::Threshold>,
+    /// Users over time; `users` is then their peak.
+    pub stages: Option<Vec<crate::stages::Stage>>,
 }
 
 /// How the live table is shown while the run goes.
@@ -90,7 +94,17 @@ impl RunConfig {
             Some(h) => Some(parse_host(h)?),
             None => None,
         };
-        let users = cli.users.or(scenario.users).unwrap_or(DEFAULT_USERS);
+        let stages = cli.stages.clone().or_else(|| scenario.stages.clone());
+        if let Some(s) = &stages {
+            crate::stages::check(s)?;
+            if cli.users.is_some() {
+                bail!("give --users or --stages, not both (stages set the users over time)");
+            }
+        }
+        let users = match &stages {
+            Some(s) => u32::try_from(crate::stages::peak(s)).unwrap_or(u32::MAX),
+            None => cli.users.or(scenario.users).unwrap_or(DEFAULT_USERS),
+        };
         if users == 0 {
             bail!("users must be at least 1 (got 0)");
         }
@@ -100,7 +114,11 @@ impl RunConfig {
         if !spawn_rate.is_finite() || spawn_rate <= 0.0 {
             bail!("spawn rate must be a positive number of users per second (got {spawn_rate})");
         }
-        let duration = cli.duration.or(scenario.duration);
+        // Stages last as long as they add up to (a --duration given too cuts them short).
+        let duration = cli
+            .duration
+            .or(stages.as_deref().map(crate::stages::total))
+            .or(scenario.duration);
         if duration == Some(Duration::ZERO) {
             bail!("duration must be more than 0");
         }
@@ -153,6 +171,7 @@ impl RunConfig {
             protocol,
             max_names,
             thresholds,
+            stages,
         })
     }
 }

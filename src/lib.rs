@@ -22,6 +22,7 @@ pub mod http;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod stages;
 pub mod stats;
 pub mod target;
 pub mod threshold;

@@ -46,9 +46,41 @@ pub struct Shared {
     pub stopped: tokio::sync::watch::Sender<bool>,
     /// What `setup()` returned: every user gets a copy as `user.setup`.
     pub setup_data: OnceLock<serde_json::Value>,
+    /// Each user's lifecycle (index: user id), for stages that add and retire users.
+    lives: Vec<std::sync::atomic::AtomicU8>,
 }
 
+/// A user's lifecycle (see `Shared::lives`).
+const NEW: u8 = 0;
+const RUNNING: u8 = 1;
+const RETIRING: u8 = 2;
+const EXITED: u8 = 3;
+
 impl Shared {
+    /// Whether user `id` goes on with another iteration: not once stages retired it.
+    pub fn keep(&self, id: u64) -> bool {
+        let Some(life) = self.lives.get(id as usize) else {
+            return true;
+        };
+        life.load(Ordering::Relaxed) != RETIRING
+            // Reactivated in the meantime: it goes on.
+            || life.compare_exchange(RETIRING, EXITED, Ordering::AcqRel, Ordering::Acquire).is_err()
+    }
+
+    /// Marks user `id` running; whether it must be spawned (it is new, or has exited).
+    fn activate(&self, id: u64) -> bool {
+        match self.lives.get(id as usize) {
+            Some(life) => matches!(life.swap(RUNNING, Ordering::AcqRel), NEW | EXITED),
+            None => true,
+        }
+    }
+
+    fn retire(&self, id: u64) {
+        if let Some(life) = self.lives.get(id as usize) {
+            let _ = life.compare_exchange(RUNNING, RETIRING, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
     /// Called by each user once it is ready to send.
     pub fn user_started(&self) {
         if self.started.fetch_add(1, Ordering::Relaxed) + 1 == self.users
@@ -180,6 +212,9 @@ pub async fn run_with(
         hurry: tokio::sync::watch::channel(false).0,
         stopped: tokio::sync::watch::channel(false).0,
         setup_data: OnceLock::new(),
+        lives: (0..=cfg.users as usize)
+            .map(|_| std::sync::atomic::AtomicU8::new(NEW))
+            .collect(),
     });
     let mut workers = Vec::with_capacity(cfg.workers);
     let names = crate::stats::NameCap::new(cfg.max_names);
@@ -235,12 +270,16 @@ pub async fn run_with(
     let mut spawned: u64 = 0;
     let mut ticker = tokio::time::interval_at(start + TICK, TICK);
 
-    // When user number `n` (0-based) is due.
+    // When user number `n` (0-based) is due; with stages, when to look at the ramp again.
     let due = |n: u64| start + Duration::from_secs_f64(n as f64 / cfg.spawn_rate);
+    let mut ramp_step = 0u32;
     let interrupted = setup_failed.is_none()
         && (interrupted_early
             || loop {
-                let next_spawn = (spawned < cfg.users as u64).then(|| due(spawned));
+                let next_spawn = match &cfg.stages {
+                    Some(_) => Some(start + RAMP_STEP * ramp_step),
+                    None => (spawned < cfg.users as u64).then(|| due(spawned)),
+                };
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break true,
@@ -260,12 +299,21 @@ pub async fn run_with(
                         }
                     }
                     () = sleep_until_opt(next_spawn) => {
-                        // Spawn everyone who is due: at high rates several users fall in one timer tick.
-                        let now = Instant::now();
-                        while spawned < cfg.users as u64 && due(spawned) <= now {
-                            let _ = workers[(spawned % workers.len() as u64) as usize].send(Cmd::Spawn(spawned + 1));
-                            spawned += 1;
-                        }
+                        let want = match &cfg.stages {
+                            Some(stages) => {
+                                ramp_step += 1;
+                                crate::stages::users_at(stages, start.elapsed())
+                            }
+                            // Everyone who is due: at high rates several users fall in one timer tick.
+                            None => {
+                                let (now, mut want) = (Instant::now(), spawned);
+                                while want < cfg.users as u64 && due(want) <= now {
+                                    want += 1;
+                                }
+                                want
+                            }
+                        };
+                        set_users(&workers, &shared, &mut spawned, want);
                     }
                 }
             });
@@ -307,6 +355,26 @@ pub async fn run_with(
         setup_failed,
         aborted_by,
     })
+}
+
+/// How often stages are looked at to add or retire users.
+const RAMP_STEP: Duration = Duration::from_millis(50);
+
+/// Brings the running users to ids `1..=want`: new ones are spawned (or, if still finishing
+/// after being retired, kept), the highest ones above `want` are retired (they finish their
+/// current iteration, then stop).
+fn set_users(workers: &[mpsc::UnboundedSender<Cmd>], shared: &Shared, active: &mut u64, want: u64) {
+    while *active < want {
+        *active += 1;
+        let id = *active;
+        if shared.activate(id) {
+            let _ = workers[((id - 1) % workers.len() as u64) as usize].send(Cmd::Spawn(id));
+        }
+    }
+    while *active > want {
+        shared.retire(*active);
+        *active -= 1;
+    }
 }
 
 /// Has every worker create its users' Lua states; user `u` lives on worker (u - 1) % workers.

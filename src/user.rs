@@ -35,7 +35,7 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
     let mut think = Think::new(&worker);
     if !plan.scenario.hooks.any() {
         worker.shared.user_started();
-        while !worker.shared.stopping.load(Ordering::Relaxed) {
+        while !worker.shared.stopping.load(Ordering::Relaxed) && worker.shared.keep(id) {
             let ep = &plan.endpoints[plan.pick(&mut rng)];
             let mut outcome = send(&worker, &mut session, ep.row, &ep.request, false).await.1;
             outcome.correction = think.correction();
@@ -77,7 +77,7 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
         hook("on_start", state.run::<()>(f, state.user.clone()).await);
     }
     worker.shared.user_started();
-    while !worker.shared.stopping.load(Ordering::Relaxed) {
+    while !worker.shared.stopping.load(Ordering::Relaxed) && worker.shared.keep(id) {
         let sent = match &state.scenario {
             Some(f) => {
                 hook("scenario", state.run::<()>(f, state.user.clone()).await);

@@ -77,3 +77,36 @@ fn a_stall_in_a_closed_model_shows_in_latency_not_just_once_per_user() {
     eprintln!("service {service:?}\nlatency {latency:?}\nexpected p99 {expected_p99}");
     assert_eq!(total.requests, t.counts.requests());
 }
+
+#[test]
+fn stages_ramp_users_up_and_down() {
+    let t = Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target");
+    // Up to 4 users for 1 s, 4 for 2 s, down to 0 in 1 s; each sends 10 requests a second.
+    let s = run(
+        r#"
+        options = { stages = { { duration = "1s", users = 4 }, { duration = "2s", users = 4 }, { duration = "1s", users = 0 } } }
+        wait_time = constant_pacing(0.1)
+        endpoints = { Task("GET", "/hello") }
+        function on_stop(user) http.get("/hello", { name = "stopped" }) end
+        "#,
+        &t.url(),
+        Overrides::default(),
+    );
+    // All four users ran and were retired (each ran on_stop once), and the run lasted 4 s.
+    let stopped = s
+        .endpoints
+        .iter()
+        .find(|r| r.name.as_deref() == Some("stopped"))
+        .expect("on_stop ran");
+    assert_eq!(stopped.requests, 4, "{:?}", s.endpoints);
+    assert!((s.duration_s - 4.0).abs() < 0.3, "{}", s.duration_s);
+    // ~4 users × 10/s for 2 s at full strength, plus the ramps (~half strength for 1 s each).
+    let hello = s
+        .endpoints
+        .iter()
+        .find(|r| r.name.as_deref() == Some("/hello"))
+        .unwrap()
+        .requests as f64;
+    assert!((hello - 120.0).abs() <= 120.0 * 0.2, "{hello} requests, expected ~120");
+    assert_eq!(s.total.requests, t.counts.requests());
+}

@@ -474,7 +474,7 @@ fn hook_defined(globals: &Table, name: &str, file: &str) -> Result<bool> {
     }
 }
 
-const OPTIONS: &[&str] = &["users", "spawn_rate", "duration", "timeout", "grace"];
+const OPTIONS: &[&str] = &["users", "spawn_rate", "duration", "timeout", "grace", "stages"];
 
 fn parse_options(t: &Table) -> Result<Overrides, String> {
     let mut o = Overrides::default();
@@ -513,12 +513,48 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
             }
             "timeout" => o.timeout = Some(api::duration_value(&v).map_err(|e| format!("`timeout`: {e}"))?),
             "grace" => o.grace = Some(api::duration_value(&v).map_err(|e| format!("`grace`: {e}"))?),
+            "stages" => o.stages = Some(stages_value(&v)?),
             other => {
                 return Err(format!("unknown option `{other}` (known: {})", OPTIONS.join(", ")));
             }
         }
     }
     Ok(o)
+}
+
+/// `options.stages = { { duration = "30s", users = 100 }, ... }`.
+fn stages_value(v: &Value) -> Result<Vec<crate::stages::Stage>, String> {
+    let Value::Table(list) = v else {
+        return Err(format!(
+            "`stages` must be a list like {{ {{ duration = \"30s\", users = 100 }} }}, got {}",
+            api::show(v)
+        ));
+    };
+    let mut stages = Vec::new();
+    for (i, item) in list.sequence_values::<Value>().enumerate() {
+        let item = item.map_err(|e| e.to_string())?;
+        let Value::Table(t) = item else {
+            return Err(format!(
+                "`stages[{}]` must be a table {{ duration = ..., users = ... }}",
+                i + 1
+            ));
+        };
+        let duration = api::duration_value(&t.raw_get::<Value>("duration").map_err(|e| e.to_string())?)
+            .map_err(|e| format!("`stages[{}].duration`: {e}", i + 1))?;
+        let users = match t.raw_get::<Value>("users").map_err(|e| e.to_string())? {
+            Value::Integer(n) if n >= 0 => n as u64,
+            other => {
+                return Err(format!(
+                    "`stages[{}].users` must be a whole number, got {}",
+                    i + 1,
+                    api::show(&other)
+                ));
+            }
+        };
+        stages.push(crate::stages::Stage { duration, users });
+    }
+    crate::stages::check(&stages).map_err(|e| format!("{e:#}"))?;
+    Ok(stages)
 }
 
 /// A Lua error from loading the file, as `file:line: message`.
