@@ -117,6 +117,14 @@ pub struct LoadArgs {
     /// ramp linearly within each stage; the run lasts as long as the stages.
     #[arg(long, value_name = "STAGES", value_parser = stages_value)]
     pub stages: Option<Vec<crate::stages::Stage>>,
+    /// Open model: start R iterations per second whatever the answers take (constant arrival
+    /// rate), with a pool of --max-users users; an iteration that finds no free user is dropped
+    /// and counted.
+    #[arg(long, value_name = "R")]
+    pub rate: Option<f64>,
+    /// With --rate: the pool of users [default: R, rounded up].
+    #[arg(long, value_name = "M")]
+    pub max_users: Option<u32>,
     /// A pass/fail criterion, repeatable: 'p95<200ms', 'fail_rate<1%', 'rps>100', 'checks>99%',
     /// or on one row 'GET /hello: p99<50ms'. Any that fails makes the exit code 1.
     #[arg(long = "threshold", value_name = "EXPR")]
@@ -181,6 +189,8 @@ impl LoadArgs {
             thresholds: self.thresholds.clone(),
             scenario_thresholds: Vec::new(),
             stages: self.stages.clone(),
+            rate: self.rate,
+            max_users: self.max_users,
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

@@ -31,6 +31,10 @@ pub struct Overrides {
     pub max_names: Option<usize>,
     /// Ramping stages (`--stages`, `options.stages`): they set the users over time.
     pub stages: Option<Vec<crate::stages::Stage>>,
+    /// Open model: iterations started per second (`--rate`), by a pool of users.
+    pub rate: Option<f64>,
+    /// The open model's pool of users (`--max-users`).
+    pub max_users: Option<u32>,
     /// `--threshold` (repeatable): added to the scenario's own.
     pub thresholds: Vec<String>,
     /// The scenario's `thresholds` (parsed when it loaded).
@@ -71,6 +75,8 @@ pub struct RunConfig {
     pub thresholds: Vec<crate::threshold::Threshold>,
     /// Users over time; `users` is then their peak.
     pub stages: Option<Vec<crate::stages::Stage>>,
+    /// Open model: iterations per second, started by the first free user of a pool of `users`.
+    pub rate: Option<f64>,
 }
 
 /// How the live table is shown while the run goes.
@@ -101,9 +107,23 @@ impl RunConfig {
                 bail!("give --users or --stages, not both (stages set the users over time)");
             }
         }
-        let users = match &stages {
-            Some(s) => u32::try_from(crate::stages::peak(s)).unwrap_or(u32::MAX),
-            None => cli.users.or(scenario.users).unwrap_or(DEFAULT_USERS),
+        let rate = cli.rate.or(scenario.rate);
+        if let Some(r) = rate {
+            if !r.is_finite() || r <= 0.0 {
+                bail!("--rate must be a positive number of iterations per second (got {r})");
+            }
+            if stages.is_some() {
+                bail!("give --rate or --stages, not both (stages with rates are not supported yet)");
+            }
+        }
+        let users = match (&stages, rate) {
+            (Some(s), _) => u32::try_from(crate::stages::peak(s)).unwrap_or(u32::MAX),
+            // The pool: one second's worth of iterations unless told.
+            (None, Some(r)) => cli
+                .max_users
+                .or(scenario.max_users)
+                .unwrap_or_else(|| r.ceil().min(u32::MAX as f64) as u32),
+            (None, None) => cli.users.or(scenario.users).unwrap_or(DEFAULT_USERS),
         };
         if users == 0 {
             bail!("users must be at least 1 (got 0)");
@@ -172,6 +192,7 @@ impl RunConfig {
             max_names,
             thresholds,
             stages,
+            rate,
         })
     }
 }

@@ -112,6 +112,13 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         let list: Vec<String> = s.protocols.iter().map(|(p, n)| format!("{p}: {n}")).collect();
         writeln!(w, "complete responses by protocol: {}", list.join(", "))?;
     }
+    if s.dropped_iterations > 0 {
+        writeln!(
+            w,
+            "{} scheduled iterations were dropped: no user of the pool was free (raise --max-users)",
+            s.dropped_iterations
+        )?;
+    }
     if s.script_errors > 0 {
         writeln!(
             w,

@@ -48,6 +48,8 @@ pub struct Shared {
     pub setup_data: OnceLock<serde_json::Value>,
     /// Each user's lifecycle (index: user id), for stages that add and retire users.
     lives: Vec<std::sync::atomic::AtomicU8>,
+    /// Open model (`--rate`): users take iterations from the schedule.
+    pub open: bool,
 }
 
 /// A user's lifecycle (see `Shared::lives`).
@@ -166,6 +168,8 @@ enum Cmd {
     /// spawn rate. Replies when done.
     Prepare(Vec<u64>, oneshot::Sender<()>),
     Spawn(u64),
+    /// Open model: the iteration scheduled at this instant, for a free user of this worker.
+    Iterate(std::time::Instant),
     Flush(oneshot::Sender<Snapshot>),
     /// Run the scenario's `setup()` (the first worker, before any user starts); reply with
     /// its data.
@@ -215,6 +219,7 @@ pub async fn run_with(
         lives: (0..=cfg.users as usize)
             .map(|_| std::sync::atomic::AtomicU8::new(NEW))
             .collect(),
+        open: cfg.rate.is_some(),
     });
     let mut workers = Vec::with_capacity(cfg.workers);
     let names = crate::stats::NameCap::new(cfg.max_names);
@@ -261,18 +266,38 @@ pub async fn run_with(
         );
     }
 
+    // The open model's pool is up and waiting before the schedule starts: an iteration due at
+    // the start must find its users ready.
+    let mut spawned: u64 = 0;
+    if cfg.rate.is_some() && setup_failed.is_none() && !interrupted_early {
+        set_users(&workers, &shared, &mut spawned, cfg.users as u64);
+        let ready_by = Instant::now() + Duration::from_secs(30);
+        while shared.started.load(Ordering::Relaxed) < cfg.users as u64 && Instant::now() < ready_by {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
     let started_at = SystemTime::now();
     let start = Instant::now();
     let _ = shared.t0.set(start.into_std());
+    if shared.started.load(Ordering::Relaxed) >= cfg.users as u64 {
+        // The open model's pool was up before the start.
+        let _ = shared.all_started_after.set(Duration::ZERO);
+    }
     let deadline = cfg.duration.map(|d| start + d);
     let mut agg = Aggregate::with_rows(&plan.rows);
     let mut live = report::Live::new(cfg.live == LiveMode::Auto);
-    let mut spawned: u64 = 0;
     let mut ticker = tokio::time::interval_at(start + TICK, TICK);
 
-    // When user number `n` (0-based) is due; with stages, when to look at the ramp again.
-    let due = |n: u64| start + Duration::from_secs_f64(n as f64 / cfg.spawn_rate);
+    // When user number `n` (0-based) is due (the open model's pool: all at once); with
+    // stages, when to look at the ramp again.
+    let due = |n: u64| match cfg.rate {
+        Some(_) => start,
+        None => start + Duration::from_secs_f64(n as f64 / cfg.spawn_rate),
+    };
     let mut ramp_step = 0u32;
+    // Open model: iteration `k` is scheduled at start + k / rate.
+    let mut scheduled: u64 = 0;
+    let iteration_at = |k: u64| cfg.rate.map(|r| iteration_time(start, r, k));
     let interrupted = setup_failed.is_none()
         && (interrupted_early
             || loop {
@@ -296,6 +321,16 @@ pub async fn run_with(
                         {
                             aborted_by = Some(t.text.clone());
                             break false;
+                        }
+                    }
+                    () = sleep_until_opt(iteration_at(scheduled)) => {
+                        // Every iteration that is due (a late timer tick may cover several),
+                        // each with its own scheduled time.
+                        let now = Instant::now();
+                        while let Some(at) = iteration_at(scheduled).filter(|at| *at <= now) {
+                            let w = &workers[(scheduled % workers.len() as u64) as usize];
+                            let _ = w.send(Cmd::Iterate(at.into_std()));
+                            scheduled += 1;
                         }
                     }
                     () = sleep_until_opt(next_spawn) => {
@@ -355,6 +390,11 @@ pub async fn run_with(
         setup_failed,
         aborted_by,
     })
+}
+
+/// When the open model's iteration `k` (0-based) is due: `k / rate` after the start.
+pub fn iteration_time(start: Instant, rate: f64, k: u64) -> Instant {
+    start + Duration::from_secs_f64(k as f64 / rate)
 }
 
 /// How often stages are looked at to add or retire users.
@@ -469,6 +509,7 @@ fn worker_thread(
             client,
             recorder,
             shared,
+            idle: Default::default(),
         });
         let mut users = tokio::task::JoinSet::new();
         let mut prepared = std::collections::HashMap::new();
@@ -487,6 +528,7 @@ fn worker_thread(
                 Cmd::Spawn(id) => {
                     users.spawn_local(user::run(worker.clone(), id, prepared.remove(&id)));
                 }
+                Cmd::Iterate(at) => worker.dispatch(at),
                 Cmd::Flush(reply) => {
                     let _ = reply.send(worker.recorder.borrow_mut().take());
                 }
@@ -534,4 +576,46 @@ fn worker_thread(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The open model's schedule under virtual time: a rate of 10/s for 950 ms schedules
+    /// iterations at 0, 100, .., 900 ms; with the pool blocked every one is dropped, with three
+    /// users free three are taken.
+    #[tokio::test(start_paused = true)]
+    async fn the_schedule_drops_what_no_free_user_takes() {
+        for free in [0usize, 3] {
+            let start = Instant::now();
+            let end = start + Duration::from_millis(950);
+            let mut idle = std::collections::VecDeque::new();
+            let mut waiting = Vec::new();
+            for _ in 0..free {
+                let (tx, rx) = oneshot::channel();
+                idle.push_back(tx);
+                waiting.push(rx);
+            }
+            let (mut k, mut dropped, mut taken) = (0u64, 0u64, 0u64);
+            loop {
+                let at = iteration_time(start, 10.0, k);
+                if at >= end {
+                    break;
+                }
+                tokio::time::sleep_until(at).await;
+                if user::hand_out(&mut idle, at.into_std()) {
+                    taken += 1;
+                } else {
+                    dropped += 1;
+                }
+                k += 1;
+            }
+            assert_eq!(k, 10, "iterations at 0, 100, .., 900 ms");
+            assert_eq!((taken, dropped), (free as u64, 10 - free as u64));
+            for rx in waiting {
+                assert!(rx.await.is_ok(), "each free user got an iteration");
+            }
+        }
+    }
 }

@@ -210,6 +210,8 @@ pub struct Recorder {
     checks: HashMap<String, [u64; 2]>,
     /// Errors outside any request (see [`Recorder::error`]).
     errors: u64,
+    /// Open model: iterations that found no free user.
+    pub dropped: u64,
     cap: Arc<NameCap>,
 }
 
@@ -221,6 +223,7 @@ pub struct Snapshot {
     pub protocols: [u64; 2],
     pub checks: Vec<(String, [u64; 2])>,
     pub errors: u64,
+    pub dropped: u64,
 }
 
 /// The name of the row that requests with names past the cap count under.
@@ -282,6 +285,7 @@ impl Recorder {
             protocols: [0; 2],
             checks: HashMap::new(),
             errors: 0,
+            dropped: 0,
             cap,
         };
         for row in rows {
@@ -402,6 +406,7 @@ impl Recorder {
             protocols: std::mem::take(&mut self.protocols),
             checks: self.checks.drain().collect(),
             errors: std::mem::take(&mut self.errors),
+            dropped: std::mem::take(&mut self.dropped),
         }
     }
 }
@@ -420,6 +425,7 @@ pub struct Aggregate {
     /// Checks by name.
     checks: std::collections::BTreeMap<String, [u64; 2]>,
     errors: u64,
+    dropped: u64,
 }
 
 impl Aggregate {
@@ -455,6 +461,7 @@ impl Aggregate {
         self.protocols[0] += snap.protocols[0];
         self.protocols[1] += snap.protocols[1];
         self.errors += snap.errors;
+        self.dropped += snap.dropped;
         for (name, [passes, fails]) in snap.checks {
             let counts = self.checks.entry(name).or_default();
             counts[0] += passes;
@@ -535,6 +542,7 @@ impl Aggregate {
                 .map(|(p, n)| (p.to_string(), n))
                 .collect(),
             script_errors: self.errors,
+            dropped_iterations: self.dropped,
             thresholds: Vec::new(),
             checks: self
                 .checks
@@ -590,6 +598,9 @@ pub struct Summary {
     /// `teardown`): listed in `failures` under `HOOK <name>` rows, not in the request totals.
     #[serde(default)]
     pub script_errors: u64,
+    /// Open model: scheduled iterations that found no free user in the pool (not sent).
+    #[serde(default)]
+    pub dropped_iterations: u64,
     pub config: ConfigSummary,
     pub total: RowSummary,
     pub endpoints: Vec<RowSummary>,

@@ -139,22 +139,47 @@ struct State {
 /// and answers that are ready wait), as a server in a long GC pause or a blocked database.
 #[derive(Default)]
 pub struct Stall {
-    until: Mutex<Option<std::time::Instant>>,
+    /// From when to when answers are held.
+    window: Mutex<Option<(std::time::Instant, std::time::Instant)>>,
+    /// A stall to place `delay` after the next request, lasting `pause`.
+    armed: Mutex<Option<(Duration, Duration)>>,
 }
 
 impl Stall {
     /// Stalls every answer from now for `pause`.
     pub fn start(&self, pause: Duration) {
-        if let Ok(mut until) = self.until.lock() {
-            *until = Some(std::time::Instant::now() + pause);
+        let now = std::time::Instant::now();
+        if let Ok(mut window) = self.window.lock() {
+            *window = Some((now, now + pause));
+        }
+    }
+
+    /// Stalls every answer for `pause`, starting `delay` after the next request arrives (so a
+    /// test can place a stall at a moment of a run without knowing when the run starts).
+    pub fn after_first_request(&self, delay: Duration, pause: Duration) {
+        if let Ok(mut armed) = self.armed.lock() {
+            *armed = Some((delay, pause));
+        }
+    }
+
+    /// Called for every request: places an armed stall.
+    fn request_arrived(&self) {
+        let Some((delay, pause)) = self.armed.lock().ok().and_then(|mut a| a.take()) else {
+            return;
+        };
+        let from = std::time::Instant::now() + delay;
+        if let Ok(mut window) = self.window.lock() {
+            *window = Some((from, from + pause));
         }
     }
 
     /// Waits out the stall in progress, if any.
     async fn wait(&self) {
-        let until = self.until.lock().ok().and_then(|u| *u);
-        if let Some(until) = until
-            && until > std::time::Instant::now()
+        let window = self.window.lock().ok().and_then(|w| *w);
+        let now = std::time::Instant::now();
+        if let Some((from, until)) = window
+            && from <= now
+            && now < until
         {
             tokio::time::sleep_until(until.into()).await;
         }
@@ -528,6 +553,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
     counts.count(&path);
     counts.protocols[usize::from(req.version() == hyper::Version::HTTP_2)].fetch_add(1, Ordering::SeqCst);
     // A request that arrives during a stall waits for its end; so does an answer ready during it.
+    state.stall.request_arrived();
     state.stall.wait().await;
     let method = req.method().clone();
     let resp = match (method.as_str(), path.as_str()) {

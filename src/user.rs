@@ -24,6 +24,32 @@ pub struct Worker {
     pub client: http::Client,
     pub recorder: RefCell<Recorder>,
     pub shared: Arc<Shared>,
+    /// Open model: the users of this worker waiting for an iteration, first come first served.
+    pub idle: RefCell<std::collections::VecDeque<tokio::sync::oneshot::Sender<std::time::Instant>>>,
+}
+
+impl Worker {
+    /// Open model: hands the iteration scheduled at `at` to a free user; none free, it is
+    /// dropped and counted.
+    pub fn dispatch(&self, at: std::time::Instant) {
+        if !hand_out(&mut self.idle.borrow_mut(), at) {
+            self.recorder.borrow_mut().dropped += 1;
+        }
+    }
+}
+
+/// Gives the iteration scheduled at `at` to the first free user; `false` if none was free.
+pub fn hand_out(
+    idle: &mut std::collections::VecDeque<tokio::sync::oneshot::Sender<std::time::Instant>>,
+    at: std::time::Instant,
+) -> bool {
+    while let Some(user) = idle.pop_front() {
+        // A user gone (the run is stopping) does not take it.
+        if user.send(at).is_ok() {
+            return true;
+        }
+    }
+    false
 }
 
 /// Runs one user until the run stops. `prepared` is its Lua state, made before the test
@@ -36,6 +62,9 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
     if !plan.scenario.hooks.any() {
         worker.shared.user_started();
         while !worker.shared.stopping.load(Ordering::Relaxed) && worker.shared.keep(id) {
+            if !think.begin(&worker).await {
+                break;
+            }
             let ep = &plan.endpoints[plan.pick(&mut rng)];
             let mut outcome = send(&worker, &mut session, ep.row, &ep.request, false).await.1;
             outcome.correction = think.correction();
@@ -78,6 +107,9 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
     }
     worker.shared.user_started();
     while !worker.shared.stopping.load(Ordering::Relaxed) && worker.shared.keep(id) {
+        if !think.begin(&worker).await {
+            break;
+        }
         let sent = match &state.scenario {
             Some(f) => {
                 hook("scenario", state.run::<()>(f, state.user.clone()).await);
@@ -242,6 +274,10 @@ struct Think {
     /// The user's recent average time from one iteration's start to the next (an
     /// exponentially weighted mean), for the coordinated-omission correction.
     every: Option<Duration>,
+    /// Open model: iterations come from the schedule, not from the user's own loop.
+    open: bool,
+    /// Open model: how long after its scheduled time the current iteration began.
+    late: Duration,
 }
 
 impl Think {
@@ -251,11 +287,36 @@ impl Think {
             started: std::time::Instant::now(),
             stopped: worker.shared.stopped.subscribe(),
             every: None,
+            open: worker.shared.open,
+            late: Duration::ZERO,
+        }
+    }
+
+    /// Waits for the next iteration: at once in the closed model; in the open model, until the
+    /// schedule hands this user one. `false`: the run stopped meanwhile.
+    async fn begin(&mut self, worker: &Worker) -> bool {
+        if !self.open {
+            return true;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        worker.idle.borrow_mut().push_back(tx);
+        tokio::select! {
+            at = rx => match at {
+                Ok(at) => {
+                    self.late = at.elapsed();
+                    true
+                }
+                Err(_) => false,
+            },
+            _ = self.stopped.wait_for(|s| *s) => false,
         }
     }
 
     /// Waits as `wait_time` says after the iteration that began at the last call.
     async fn pause(&mut self, rng: &mut SmallRng) {
+        if self.open {
+            return;
+        }
         if let Some(wait) = self.wait {
             let pause = wait.pause(self.started.elapsed(), rng.random::<f64>());
             if !pause.is_zero() {
@@ -277,6 +338,9 @@ impl Think {
     /// How this user's request latencies are corrected: the user meant to send one every
     /// pacing interval if it has one, else every (recent average) iteration.
     fn correction(&self) -> Correction {
+        if self.open {
+            return Correction::Queued(self.late);
+        }
         match (self.wait, self.every) {
             (Some(api::Wait::Pacing(every)), _) => Correction::Interval(Duration::from_secs_f64(every)),
             (_, Some(every)) => Correction::Interval(every),

@@ -110,3 +110,91 @@ fn stages_ramp_users_up_and_down() {
     assert!((hello - 120.0).abs() <= 120.0 * 0.2, "{hello} requests, expected ~120");
     assert_eq!(s.total.requests, t.counts.requests());
 }
+
+/// The latencies an open model at `rate` for `secs` should show against a `base` ms endpoint
+/// with a stall of `pause` s starting `at` s after the first request: a request scheduled
+/// during the stall waits for its end; one in flight when it began is held to its end.
+fn expected_open_latencies(rate: f64, secs: f64, base: f64, at: f64, pause: f64) -> Vec<f64> {
+    let n = (rate * secs).round() as usize;
+    (0..n)
+        .map(|k| {
+            let t = k as f64 / rate;
+            let end = at + pause;
+            if (at..end).contains(&t) {
+                (end - t) * 1000.0 + base
+            } else if t < at && t + base / 1000.0 > at {
+                (end - t) * 1000.0
+            } else {
+                base
+            }
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    // HdrHistogram's value at a quantile: the smallest value with at least p of the samples at
+    // or below it.
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+#[test]
+fn an_open_model_measures_a_stall_from_the_schedule_and_counts_drops() {
+    let (rate, secs) = (100.0, 6.0);
+    let run_open = |pool: u32| {
+        let t = Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target");
+        t.stall
+            .after_first_request(Duration::from_secs(2), Duration::from_secs(1));
+        let s = run(
+            r#"endpoints = { Task("GET", "/slow?ms=10", { name = "slow" }) }"#,
+            &t.url(),
+            Overrides {
+                rate: Some(rate),
+                max_users: Some(pool),
+                duration: Some(Duration::from_secs_f64(secs)),
+                ..Default::default()
+            },
+        );
+        (s, t)
+    };
+
+    // A pool large enough that nothing is dropped.
+    let (s, t) = run_open(300);
+    assert_eq!(s.dropped_iterations, 0);
+    assert_eq!(s.total.requests, (rate * secs) as u64, "every scheduled iteration ran");
+    assert_eq!(s.total.requests, t.counts.requests());
+    let latency = s.total.latency_ms.expect("latencies");
+    let base = latency.p50;
+    eprintln!("open model, pool 300: {latency:?}");
+    let mut expected = expected_open_latencies(rate, secs, base, 2.0, 1.0);
+    expected.sort_by(f64::total_cmp);
+    for (p, got) in [(0.5, latency.p50), (0.95, latency.p95), (0.99, latency.p99)] {
+        let want = percentile(&expected, p);
+        assert!(
+            (got - want).abs() <= (want * 0.05).max(2.0),
+            "p{}: {got} ms, expected {want:.1} ms ({latency:?})",
+            p * 100.0
+        );
+    }
+
+    // A pool of 20: during the stall the users are soon all held, and what is scheduled after
+    // that finds nobody free until the stall ends and the held requests come back.
+    let pool = 20.0;
+    let (s, t) = run_open(pool as u32);
+    let base_s = s.total.latency_ms.expect("latencies").p50 / 1000.0;
+    let in_flight = rate * base_s; // users already busy when the stall begins
+    let used_up_at = (pool - in_flight) / rate; // into the stall
+    let free_again_at = 1.0 + base_s;
+    let want = ((free_again_at - used_up_at) * rate).round();
+    eprintln!(
+        "open model, pool 20: {} dropped (computed {want})",
+        s.dropped_iterations
+    );
+    assert!(
+        (s.dropped_iterations as f64 - want).abs() <= 2.0,
+        "{} dropped, expected {want}",
+        s.dropped_iterations
+    );
+    assert_eq!(s.total.requests + s.dropped_iterations, (rate * secs) as u64);
+    assert_eq!(s.total.requests, t.counts.requests());
+}

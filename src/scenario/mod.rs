@@ -474,7 +474,16 @@ fn hook_defined(globals: &Table, name: &str, file: &str) -> Result<bool> {
     }
 }
 
-const OPTIONS: &[&str] = &["users", "spawn_rate", "duration", "timeout", "grace", "stages"];
+const OPTIONS: &[&str] = &[
+    "users",
+    "spawn_rate",
+    "duration",
+    "timeout",
+    "grace",
+    "stages",
+    "rate",
+    "max_users",
+];
 
 fn parse_options(t: &Table) -> Result<Overrides, String> {
     let mut o = Overrides::default();
@@ -514,6 +523,20 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
             "timeout" => o.timeout = Some(api::duration_value(&v).map_err(|e| format!("`timeout`: {e}"))?),
             "grace" => o.grace = Some(api::duration_value(&v).map_err(|e| format!("`grace`: {e}"))?),
             "stages" => o.stages = Some(stages_value(&v)?),
+            "rate" => match v {
+                Value::Integer(n) if n > 0 => o.rate = Some(n as f64),
+                Value::Number(n) if n.is_finite() && n > 0.0 => o.rate = Some(n),
+                other => return Err(format!("`rate` must be a positive number, got {}", api::show(&other))),
+            },
+            "max_users" => match v {
+                Value::Integer(n) if n >= 1 && n <= u32::MAX as i64 => o.max_users = Some(n as u32),
+                other => {
+                    return Err(format!(
+                        "`max_users` must be a positive integer, got {}",
+                        api::show(&other)
+                    ));
+                }
+            },
             other => {
                 return Err(format!("unknown option `{other}` (known: {})", OPTIONS.join(", ")));
             }
