@@ -113,10 +113,11 @@ pub struct LoadArgs {
     /// Apache and uvicorn); 0: a new connection per request [default: 4s].
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub keepalive_idle: Option<Duration>,
-    /// Ramping stages instead of --users: DURATION:USERS,... (30s:100,1m:100,30s:0). Users
-    /// ramp linearly within each stage; the run lasts as long as the stages.
+    /// Ramping stages instead of --users: DURATION:USERS,... (30s:100,1m:100,30s:0), or of an
+    /// open model's rate: DURATION:RATE/s,... (30s:100/s,1m:200/s). Linear within each stage;
+    /// the run lasts as long as the stages.
     #[arg(long, value_name = "STAGES", value_parser = stages_value)]
-    pub stages: Option<Vec<crate::stages::Stage>>,
+    pub stages: Option<Stages>,
     /// Open model: start R iterations per second whatever the answers take (constant arrival
     /// rate), with a pool of --max-users users; an iteration that finds no free user is dropped
     /// and counted.
@@ -160,8 +161,18 @@ pub struct LoadArgs {
     pub quiet: bool,
 }
 
-fn stages_value(s: &str) -> Result<Vec<crate::stages::Stage>, String> {
-    crate::stages::parse(s).map_err(|e| format!("{e:#}"))
+/// `--stages`: of users, or of rates.
+#[derive(Debug, Clone)]
+pub enum Stages {
+    Users(Vec<crate::stages::Stage>),
+    Rates(Vec<crate::stages::RateStage>),
+}
+
+fn stages_value(s: &str) -> Result<Stages, String> {
+    match crate::stages::parse_rates(s) {
+        Some(rates) => rates.map(Stages::Rates).map_err(|e| format!("{e:#}")),
+        None => crate::stages::parse(s).map(Stages::Users).map_err(|e| format!("{e:#}")),
+    }
 }
 
 fn bytes_size(s: &str) -> Result<u64, String> {
@@ -188,7 +199,14 @@ impl LoadArgs {
             max_names: self.max_names,
             thresholds: self.thresholds.clone(),
             scenario_thresholds: Vec::new(),
-            stages: self.stages.clone(),
+            stages: match &self.stages {
+                Some(Stages::Users(s)) => Some(s.clone()),
+                _ => None,
+            },
+            rate_stages: match &self.stages {
+                Some(Stages::Rates(s)) => Some(s.clone()),
+                _ => None,
+            },
             rate: self.rate,
             max_users: self.max_users,
             protocol: if self.http1 {

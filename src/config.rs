@@ -33,6 +33,8 @@ pub struct Overrides {
     pub stages: Option<Vec<crate::stages::Stage>>,
     /// Open model: iterations started per second (`--rate`), by a pool of users.
     pub rate: Option<f64>,
+    /// Open model with a rate that changes by stages (`--stages 30s:100/s,...`).
+    pub rate_stages: Option<Vec<crate::stages::RateStage>>,
     /// The open model's pool of users (`--max-users`).
     pub max_users: Option<u32>,
     /// `--threshold` (repeatable): added to the scenario's own.
@@ -77,6 +79,8 @@ pub struct RunConfig {
     pub stages: Option<Vec<crate::stages::Stage>>,
     /// Open model: iterations per second, started by the first free user of a pool of `users`.
     pub rate: Option<f64>,
+    /// Open model with the rate changing by stages.
+    pub rate_stages: Option<Vec<crate::stages::RateStage>>,
 }
 
 /// How the live table is shown while the run goes.
@@ -108,21 +112,34 @@ impl RunConfig {
             }
         }
         let rate = cli.rate.or(scenario.rate);
+        let rate_stages = cli.rate_stages.clone().or_else(|| scenario.rate_stages.clone());
         if let Some(r) = rate {
             if !r.is_finite() || r <= 0.0 {
                 bail!("--rate must be a positive number of iterations per second (got {r})");
             }
-            if stages.is_some() {
-                bail!("give --rate or --stages, not both (stages with rates are not supported yet)");
+            if stages.is_some() || rate_stages.is_some() {
+                bail!("give --rate or --stages, not both (rates by stage: --stages 30s:100/s,...)");
             }
         }
-        let users = match (&stages, rate) {
+        if let Some(s) = &rate_stages {
+            crate::stages::check_rates(s)?;
+            if stages.is_some() {
+                bail!("stages are of users or of rates, not both");
+            }
+        }
+        // The open model's highest rate, for its pool.
+        let peak_rate = rate.or_else(|| {
+            rate_stages
+                .as_ref()
+                .map(|s| s.iter().map(|s| s.rate).fold(0.0, f64::max))
+        });
+        let users = match (&stages, peak_rate) {
             (Some(s), _) => u32::try_from(crate::stages::peak(s)).unwrap_or(u32::MAX),
             // The pool: one second's worth of iterations unless told.
             (None, Some(r)) => cli
                 .max_users
                 .or(scenario.max_users)
-                .unwrap_or_else(|| r.ceil().min(u32::MAX as f64) as u32),
+                .unwrap_or_else(|| r.ceil().clamp(1.0, u32::MAX as f64) as u32),
             (None, None) => cli.users.or(scenario.users).unwrap_or(DEFAULT_USERS),
         };
         if users == 0 {
@@ -138,6 +155,7 @@ impl RunConfig {
         let duration = cli
             .duration
             .or(stages.as_deref().map(crate::stages::total))
+            .or(rate_stages.as_ref().map(|s| s.iter().map(|s| s.duration).sum()))
             .or(scenario.duration);
         if duration == Some(Duration::ZERO) {
             bail!("duration must be more than 0");
@@ -193,7 +211,15 @@ impl RunConfig {
             thresholds,
             stages,
             rate,
+            rate_stages,
         })
+    }
+}
+
+impl RunConfig {
+    /// Whether the run is an open model (`--rate`, or stages of rates).
+    pub fn open(&self) -> bool {
+        self.rate.is_some() || self.rate_stages.is_some()
     }
 }
 

@@ -219,7 +219,7 @@ pub async fn run_with(
         lives: (0..=cfg.users as usize)
             .map(|_| std::sync::atomic::AtomicU8::new(NEW))
             .collect(),
-        open: cfg.rate.is_some(),
+        open: cfg.open(),
     });
     let mut workers = Vec::with_capacity(cfg.workers);
     let names = crate::stats::NameCap::new(cfg.max_names);
@@ -269,7 +269,7 @@ pub async fn run_with(
     // The open model's pool is up and waiting before the schedule starts: an iteration due at
     // the start must find its users ready.
     let mut spawned: u64 = 0;
-    if cfg.rate.is_some() && setup_failed.is_none() && !interrupted_early {
+    if cfg.open() && setup_failed.is_none() && !interrupted_early {
         set_users(&workers, &shared, &mut spawned, cfg.users as u64);
         let ready_by = Instant::now() + Duration::from_secs(30);
         while shared.started.load(Ordering::Relaxed) < cfg.users as u64 && Instant::now() < ready_by {
@@ -290,14 +290,18 @@ pub async fn run_with(
 
     // When user number `n` (0-based) is due (the open model's pool: all at once); with
     // stages, when to look at the ramp again.
-    let due = |n: u64| match cfg.rate {
-        Some(_) => start,
-        None => start + Duration::from_secs_f64(n as f64 / cfg.spawn_rate),
+    let due = |n: u64| match cfg.open() {
+        true => start,
+        false => start + Duration::from_secs_f64(n as f64 / cfg.spawn_rate),
     };
     let mut ramp_step = 0u32;
     // Open model: iteration `k` is scheduled at start + k / rate.
     let mut scheduled: u64 = 0;
-    let iteration_at = |k: u64| cfg.rate.map(|r| iteration_time(start, r, k));
+    let iteration_at = |k: u64| match (&cfg.rate_stages, cfg.rate) {
+        (Some(stages), _) => crate::stages::iteration_time(stages, 0.0, k).map(|d| start + d),
+        (None, Some(r)) => Some(iteration_time(start, r, k)),
+        (None, None) => None,
+    };
     let interrupted = setup_failed.is_none()
         && (interrupted_early
             || loop {

@@ -198,3 +198,20 @@ fn an_open_model_measures_a_stall_from_the_schedule_and_counts_drops() {
     assert_eq!(s.total.requests + s.dropped_iterations, (rate * secs) as u64);
     assert_eq!(s.total.requests, t.counts.requests());
 }
+
+#[test]
+fn rates_ramp_by_stages_in_the_open_model() {
+    let t = Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target");
+    // 0 -> 50/s over 1 s (25 iterations), then 50/s for 1 s (50 more).
+    let s = run(
+        r#"
+        options = { stages = { { duration = "1s", rate = 50 }, { duration = "1s", rate = 50 } }, max_users = 20 }
+        endpoints = { Task("GET", "/hello") }
+        "#,
+        &t.url(),
+        Overrides::default(),
+    );
+    assert_eq!(s.dropped_iterations, 0);
+    assert_eq!(s.total.requests, 75);
+    assert_eq!(s.total.requests, t.counts.requests());
+}

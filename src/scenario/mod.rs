@@ -522,7 +522,10 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
             }
             "timeout" => o.timeout = Some(api::duration_value(&v).map_err(|e| format!("`timeout`: {e}"))?),
             "grace" => o.grace = Some(api::duration_value(&v).map_err(|e| format!("`grace`: {e}"))?),
-            "stages" => o.stages = Some(stages_value(&v)?),
+            "stages" => match stages_value(&v)? {
+                Ok(users) => o.stages = Some(users),
+                Err(rates) => o.rate_stages = Some(rates),
+            },
             "rate" => match v {
                 Value::Integer(n) if n > 0 => o.rate = Some(n as f64),
                 Value::Number(n) if n.is_finite() && n > 0.0 => o.rate = Some(n),
@@ -545,8 +548,11 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
     Ok(o)
 }
 
-/// `options.stages = { { duration = "30s", users = 100 }, ... }`.
-fn stages_value(v: &Value) -> Result<Vec<crate::stages::Stage>, String> {
+/// `options.stages = { { duration = "30s", users = 100 }, ... }` (`Ok`), or of rates,
+/// `{ { duration = "1m", rate = 200 }, ... }` (`Err`).
+type StagesOf = Result<Vec<crate::stages::Stage>, Vec<crate::stages::RateStage>>;
+
+fn stages_value(v: &Value) -> Result<StagesOf, String> {
     let Value::Table(list) = v else {
         return Err(format!(
             "`stages` must be a list like {{ {{ duration = \"30s\", users = 100 }} }}, got {}",
@@ -554,30 +560,58 @@ fn stages_value(v: &Value) -> Result<Vec<crate::stages::Stage>, String> {
         ));
     };
     let mut stages = Vec::new();
+    let mut rates = Vec::new();
     for (i, item) in list.sequence_values::<Value>().enumerate() {
         let item = item.map_err(|e| e.to_string())?;
         let Value::Table(t) = item else {
             return Err(format!(
-                "`stages[{}]` must be a table {{ duration = ..., users = ... }}",
+                "`stages[{}]` must be a table {{ duration = ..., users = ... }} (or rate = ...)",
                 i + 1
             ));
         };
         let duration = api::duration_value(&t.raw_get::<Value>("duration").map_err(|e| e.to_string())?)
             .map_err(|e| format!("`stages[{}].duration`: {e}", i + 1))?;
-        let users = match t.raw_get::<Value>("users").map_err(|e| e.to_string())? {
-            Value::Integer(n) if n >= 0 => n as u64,
-            other => {
-                return Err(format!(
-                    "`stages[{}].users` must be a whole number, got {}",
-                    i + 1,
-                    api::show(&other)
-                ));
-            }
+        let bad = |what: &str, other: &Value| {
+            format!(
+                "`stages[{}].{what}` must be a whole number, got {}",
+                i + 1,
+                api::show(other)
+            )
         };
-        stages.push(crate::stages::Stage { duration, users });
+        match (
+            t.raw_get::<Value>("users").map_err(|e| e.to_string())?,
+            t.raw_get::<Value>("rate").map_err(|e| e.to_string())?,
+        ) {
+            (Value::Integer(n), Value::Nil) if n >= 0 => stages.push(crate::stages::Stage {
+                duration,
+                users: n as u64,
+            }),
+            (Value::Nil, Value::Integer(n)) if n >= 0 => rates.push(crate::stages::RateStage {
+                duration,
+                rate: n as f64,
+            }),
+            (Value::Nil, Value::Number(n)) if n.is_finite() && n >= 0.0 => {
+                rates.push(crate::stages::RateStage { duration, rate: n })
+            }
+            (Value::Nil, Value::Nil) => {
+                return Err(format!("`stages[{}]` needs `users` (or an open model's `rate`)", i + 1));
+            }
+            (users, Value::Nil) => return Err(bad("users", &users)),
+            (Value::Nil, rate) => return Err(bad("rate", &rate)),
+            _ => return Err(format!("`stages[{}]`: give `users` or `rate`, not both", i + 1)),
+        }
     }
-    crate::stages::check(&stages).map_err(|e| format!("{e:#}"))?;
-    Ok(stages)
+    match (stages.is_empty(), rates.is_empty()) {
+        (false, false) => Err("`stages` are of users or of rates, not both".into()),
+        (true, false) => {
+            crate::stages::check_rates(&rates).map_err(|e| format!("{e:#}"))?;
+            Ok(Err(rates))
+        }
+        _ => {
+            crate::stages::check(&stages).map_err(|e| format!("{e:#}"))?;
+            Ok(Ok(stages))
+        }
+    }
 }
 
 /// A Lua error from loading the file, as `file:line: message`.
