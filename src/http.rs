@@ -543,17 +543,10 @@ impl Conn {
             return Idle::Expired;
         }
         let closed = Idle::ClosedByServer(idle);
-        let tcp = match &self.link {
-            Link::H2(h2) if h2.sender.is_closed() => return closed,
-            Link::H2(_) => return Idle::Usable,
-            Link::H1(H1 {
-                stream: Stream::Plain(tcp),
-                ..
-            }) => tcp,
-            Link::H1(H1 {
-                stream: Stream::Tls(tls),
-                ..
-            }) => tls.get_ref().0,
+        let tcp = match (&self.link, self.tcp()) {
+            (Link::H2(h2), _) if h2.sender.is_closed() => return closed,
+            (_, Some(tcp)) => tcp,
+            _ => return Idle::Usable,
         };
         let mut probe = [0u8; 1];
         // WouldBlock: open and quiet. 0 bytes: closed. Data or an error: unusable either way.
@@ -567,18 +560,24 @@ impl Conn {
     /// side keeps its port in TIME_WAIT for a minute, and a run that replaces idle connections
     /// at thousands a second would run out of ports.
     fn abandon(self) {
-        let tcp = match &self.link {
+        if let Some(tcp) = self.tcp() {
+            let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+        }
+    }
+
+    /// The TCP socket under an HTTP/1.1 connection (HTTP/2's belongs to its task).
+    fn tcp(&self) -> Option<&TcpStream> {
+        match &self.link {
             Link::H1(H1 {
                 stream: Stream::Plain(tcp),
                 ..
-            }) => tcp,
+            }) => Some(tcp),
             Link::H1(H1 {
                 stream: Stream::Tls(tls),
                 ..
-            }) => tls.get_ref().0,
-            Link::H2(_) => return,
-        };
-        let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+            }) => Some(tls.get_ref().0),
+            Link::H2(_) => None,
+        }
     }
 }
 

@@ -519,6 +519,15 @@ fn logged_in(req: &Request<Incoming>, state: &State) -> Option<String> {
     (*expected == token).then(|| user.clone())
 }
 
+/// A request's whole body (empty if it cannot be read).
+async fn body_of(req: Request<Incoming>) -> Bytes {
+    req.into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
+}
+
 fn redirect(to: &str) -> Response<Body> {
     let mut resp = full(StatusCode::FOUND, "text/plain", "");
     if let Ok(location) = to.parse() {
@@ -559,12 +568,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
     let resp = match (method.as_str(), path.as_str()) {
         ("GET", "/hello") => json(StatusCode::OK, serde_json::json!({ "message": "Hello, World!" })),
         ("POST", "/login") => {
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = body_of(req).await;
             let user = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v.get("user").and_then(|u| u.as_str().map(str::to_string)));
@@ -597,12 +601,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
             ),
             Some(user) if path == "/account" => json(StatusCode::OK, serde_json::json!({ "user": user })),
             Some(user) => {
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
+                let body = body_of(req).await;
                 match serde_json::from_slice::<serde_json::Value>(&body) {
                     Ok(order) => json(StatusCode::CREATED, serde_json::json!({ "user": user, "order": order })),
                     Err(_) => json(
@@ -613,12 +612,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
             }
         },
         ("POST", "/api/upload") => {
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = body_of(req).await;
             match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(v) => json(StatusCode::OK, serde_json::json!({ "received": v })),
                 Err(e) => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() })),

@@ -4,43 +4,22 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stormlight::config::{LiveMode, Overrides, RunConfig};
-use stormlight::runner::Plan;
-use stormlight::scenario::{self, sandbox::Limits};
-use stormlight::stats::{RowSummary, Summary};
+use stormlight::config::Overrides;
+use stormlight::scenario::sandbox::Limits;
+use stormlight::stats::Summary;
 use stormlight::target::Target;
 
-fn target() -> Target {
-    Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target starts")
-}
+mod common;
+use common::{row, target};
 
 fn run(source: &str, host: &str, flags: Overrides) -> Summary {
-    let path = Path::new("faults.lua");
-    let scenario = scenario::load_source(path, source, Limits::default()).expect("scenario loads");
     let flags = Overrides {
         host: Some(host.to_string()),
-        spawn_rate: Some(1000.0),
         ..flags
     };
-    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
-    let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("plan");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
-        .expect("run")
-        .summary
-}
-
-fn row<'a>(s: &'a Summary, name: &str) -> &'a RowSummary {
-    s.endpoints
-        .iter()
-        .find(|r| r.name.as_deref() == Some(name))
-        .unwrap_or_else(|| panic!("no row {name}"))
+    common::run_scenario(Path::new("faults.lua"), source, Limits::default(), flags)
 }
 
 /// Reasons per row name.

@@ -4,32 +4,21 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use stormlight::config::{LiveMode, Overrides, RunConfig};
-use stormlight::runner::Plan;
-use stormlight::scenario::{self, sandbox::Limits};
+use stormlight::config::Overrides;
+use stormlight::scenario::sandbox::Limits;
 use stormlight::stats::Summary;
 use stormlight::target::Target;
 
+mod common;
+
 fn run(source: &str, host: &str, flags: Overrides) -> Summary {
-    let path = Path::new("latency.lua");
-    let scenario = scenario::load_source(path, source, Limits::default()).expect("scenario loads");
     let flags = Overrides {
         host: Some(host.to_string()),
-        spawn_rate: Some(1000.0),
         ..flags
     };
-    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
-    let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("plan");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
-        .expect("run")
-        .summary
+    common::run_scenario(Path::new("latency.lua"), source, Limits::default(), flags)
 }
 
 #[test]

@@ -2,51 +2,28 @@
 //! compared with what the target actually received.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stormlight::config::{LiveMode, Overrides, RunConfig};
-use stormlight::runner::Plan;
-use stormlight::scenario::{self, sandbox::Limits};
+use stormlight::config::{LiveMode, Overrides};
+use stormlight::scenario::sandbox::Limits;
 use stormlight::stats::Summary;
-use stormlight::target::Target;
 
-fn target() -> Target {
-    Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target starts")
-}
+mod common;
+use common::{row, target};
 
 /// Runs `source` for `secs` with `users` users against `host`, with the given sandbox limits.
 fn run(source: &str, host: &str, users: u32, secs: f64, limits: Limits) -> Summary {
-    let path = Path::new("test.lua");
-    let scenario = scenario::load_source(path, source, limits).expect("scenario loads");
     let flags = Overrides {
         host: Some(host.to_string()),
         users: Some(users),
-        spawn_rate: Some(1000.0),
         duration: Some(Duration::from_secs_f64(secs)),
         grace: Some(Duration::from_secs(2)),
         ..Default::default()
     };
-    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
-    let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("endpoints bind to the host");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let result = rt
-        .block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
-        .expect("run completes");
-    assert!(!result.interrupted);
-    result.summary
-}
-
-fn row<'a>(s: &'a Summary, name: &str) -> &'a stormlight::stats::RowSummary {
-    s.endpoints
-        .iter()
-        .find(|r| r.name.as_deref() == Some(name))
-        .unwrap_or_else(|| panic!("no row {name} in {:?}", s.endpoints))
+    common::run_scenario(Path::new("test.lua"), source, limits, flags)
 }
 
 fn reasons(s: &Summary) -> HashMap<String, u64> {

@@ -1,20 +1,15 @@
 //! Issue 4: multi-step flows in Lua. Every request a script makes is counted once, checks are
 //! counted by name, and errors, runaways and stops inside `scenario` leave the run going.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stormlight::config::{LiveMode, Overrides, RunConfig};
-use stormlight::runner::Plan;
+use stormlight::config::Overrides;
 use stormlight::scenario::{self, sandbox::Limits};
-use stormlight::stats::{RowSummary, Summary};
-use stormlight::target::Target;
+use stormlight::stats::Summary;
 
-fn target() -> Target {
-    Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target starts")
-}
+mod common;
+use common::{row, target};
 
 fn run(source: &str, host: &str, users: u32, secs: f64, limits: Limits) -> Summary {
     run_at(
@@ -29,31 +24,14 @@ fn run(source: &str, host: &str, users: u32, secs: f64, limits: Limits) -> Summa
 }
 
 fn run_at(path: &Path, source: &str, host: &str, users: u32, secs: f64, limits: Limits, more: Overrides) -> Summary {
-    let scenario = scenario::load_source(path, source, limits).expect("scenario loads");
     let flags = Overrides {
         host: Some(host.to_string()),
         users: Some(users),
-        spawn_rate: Some(1000.0),
         duration: Some(Duration::from_secs_f64(secs)),
         grace: Some(Duration::from_secs(2)),
         ..more
     };
-    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
-    let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("plan");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
-        .expect("run")
-        .summary
-}
-
-fn row<'a>(s: &'a Summary, name: &str) -> &'a RowSummary {
-    s.endpoints
-        .iter()
-        .find(|r| r.name.as_deref() == Some(name))
-        .unwrap_or_else(|| panic!("no row {name}: {:?}", s.endpoints))
+    common::run_scenario(path, source, limits, flags)
 }
 
 fn check(s: &Summary, name: &str) -> (u64, u64) {

@@ -1,0 +1,46 @@
+//! What the in-process test files share: a target on an ephemeral loopback port, a run of a
+//! scenario against it, and lookups in the summary. (Each test file uses part of it.)
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use stormlight::config::{LiveMode, Overrides, RunConfig};
+use stormlight::runner::Plan;
+use stormlight::scenario::{self, sandbox::Limits};
+use stormlight::stats::{RowSummary, Summary};
+use stormlight::target::Target;
+
+pub fn target() -> Target {
+    Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0))).expect("target starts")
+}
+
+/// Loads `source` as the scenario at `path` and runs it in process with `flags` (users
+/// started at 1000/s unless the flags say otherwise); the run must end by itself.
+pub fn run_scenario(path: &Path, source: &str, limits: Limits, flags: Overrides) -> Summary {
+    let scenario = scenario::load_source(path, source, limits).expect("scenario loads");
+    let flags = Overrides {
+        spawn_rate: flags.spawn_rate.or(Some(1000.0)),
+        ..flags
+    };
+    let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
+    let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("endpoints bind to the host");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt
+        .block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
+        .expect("run completes");
+    assert!(!result.interrupted);
+    result.summary
+}
+
+/// The row named `name`.
+pub fn row<'a>(s: &'a Summary, name: &str) -> &'a RowSummary {
+    s.endpoints
+        .iter()
+        .find(|r| r.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no row {name}: {:?}", s.endpoints))
+}
