@@ -112,6 +112,20 @@ impl RunConfig {
             }
         }
         let rate = cli.rate.or(scenario.rate);
+        // Flags that would be ignored are refused instead.
+        let open = rate.is_some() || cli.rate_stages.is_some() || scenario.rate_stages.is_some();
+        if cli.max_users.is_some() && !open {
+            bail!("--max-users is the open model's pool: give it with --rate (or rate stages)");
+        }
+        if open && cli.users.is_some() {
+            bail!("in the open model (--rate) the pool is --max-users, not --users");
+        }
+        if cli.spawn_rate.is_some() && (open || stages.is_some()) {
+            bail!("--spawn-rate does not apply with --rate or --stages (they set when users run)");
+        }
+        if cli.max_users == Some(0) {
+            bail!("--max-users must be at least 1");
+        }
         let rate_stages = cli.rate_stages.clone().or_else(|| scenario.rate_stages.clone());
         if let Some(r) = rate {
             if !r.is_finite() || r <= 0.0 {
@@ -151,12 +165,15 @@ impl RunConfig {
         if !spawn_rate.is_finite() || spawn_rate <= 0.0 {
             bail!("spawn rate must be a positive number of users per second (got {spawn_rate})");
         }
-        // Stages last as long as they add up to (a --duration given too cuts them short).
-        let duration = cli
-            .duration
-            .or(stages.as_deref().map(crate::stages::total))
-            .or(rate_stages.as_ref().map(|s| s.iter().map(|s| s.duration).sum()))
-            .or(scenario.duration);
+        // Stages last as long as they add up to; a --duration too may only cut them short.
+        let staged = stages
+            .as_deref()
+            .map(crate::stages::total)
+            .or(rate_stages.as_ref().map(|s| s.iter().map(|s| s.duration).sum()));
+        let duration = match (cli.duration, staged) {
+            (Some(d), Some(s)) => Some(d.min(s)),
+            (d, s) => d.or(s).or(scenario.duration),
+        };
         if duration == Some(Duration::ZERO) {
             bail!("duration must be more than 0");
         }
@@ -220,6 +237,33 @@ impl RunConfig {
     /// Whether the run is an open model (`--rate`, or stages of rates).
     pub fn open(&self) -> bool {
         self.rate.is_some() || self.rate_stages.is_some()
+    }
+}
+
+/// The load model in words, for the run's first line and the summary file.
+pub fn describe_load(cfg: &RunConfig) -> String {
+    let users = |n: u32| format!("{n} user{}", if n == 1 { "" } else { "s" });
+    let secs = |d: Duration| format_duration(d);
+    if let Some(r) = cfg.rate {
+        format!("{r} iterations/s (open model, a pool of {})", users(cfg.users))
+    } else if let Some(stages) = &cfg.rate_stages {
+        let list: Vec<String> = stages
+            .iter()
+            .map(|s| format!("{}:{}/s", secs(s.duration), s.rate))
+            .collect();
+        format!(
+            "rate stages {} (open model, a pool of {})",
+            list.join(","),
+            users(cfg.users)
+        )
+    } else if let Some(stages) = &cfg.stages {
+        let list: Vec<String> = stages
+            .iter()
+            .map(|s| format!("{}:{}", secs(s.duration), s.users))
+            .collect();
+        format!("stages {} (up to {})", list.join(","), users(cfg.users))
+    } else {
+        format!("{} at {}/s", users(cfg.users), cfg.spawn_rate)
     }
 }
 

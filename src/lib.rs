@@ -126,11 +126,10 @@ pub async fn run(
         .map(config::format_duration)
         .unwrap_or_else(|| "until Ctrl-C".into());
     let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let load = config::describe_load(&cfg);
     eprintln!(
-        "stormlight {}: {} at {}/s for {duration} against {host} ({}; {})",
+        "stormlight {}: {load} for {duration} against {host} ({}; {})",
         env!("CARGO_PKG_VERSION"),
-        plural(cfg.users as usize, "user"),
-        cfg.spawn_rate,
         cfg.script.display(),
         plural(cfg.workers, "worker thread"),
     );

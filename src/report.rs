@@ -127,7 +127,10 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
         )?;
     }
     let due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
+    // With stages or the open model, users come and go by the plan: no spawn to judge.
+    let planned = s.config.load.starts_with("stages") || s.config.load.contains("open model");
     match s.all_users_started_s {
+        _ if planned => {}
         Some(t) if s.config.users == 1 => writeln!(w, "the user was running after {t:.2}s")?,
         Some(t) => writeln!(
             w,
@@ -149,7 +152,12 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
     if !s.thresholds.is_empty() {
         writeln!(w, "\nThresholds")?;
         for v in &s.thresholds {
-            let value = v.value.map_or("no data".to_string(), |x| format!("{x}"));
+            let value = match (v.value, &v.row) {
+                (Some(x), _) if v.unit == "ms" => format!("{x} ms"),
+                (Some(x), _) => format!("{x}{}", v.unit),
+                (None, Some(row)) => format!("no data: no response in row {row} (is the row's name right?)"),
+                (None, None) => "no data".to_string(),
+            };
             let on = v.row.as_ref().map_or(String::new(), |r| format!("{r}: "));
             let mark = if v.ok { "pass" } else { "FAIL" };
             writeln!(w, "  {mark}  {on}{} (measured: {value})", v.threshold)?;

@@ -385,9 +385,11 @@ pub async fn run_with(
             users: cfg.users,
             spawn_rate: cfg.spawn_rate,
             script: cfg.script.display().to_string(),
+            load: crate::config::describe_load(cfg),
         },
     });
     summary.thresholds = cfg.thresholds.iter().map(|t| t.judge(&agg, measured)).collect();
+    summary.aborted_by = aborted_by.clone();
     Ok(RunResult {
         summary,
         interrupted,

@@ -544,6 +544,7 @@ impl Aggregate {
             script_errors: self.errors,
             dropped_iterations: self.dropped,
             thresholds: Vec::new(),
+            aborted_by: None,
             checks: self
                 .checks
                 .iter()
@@ -594,6 +595,9 @@ pub struct Summary {
     /// The thresholds and how they came out (exit 1 if any did not hold).
     #[serde(default)]
     pub thresholds: Vec<crate::threshold::Verdict>,
+    /// The threshold (`abort_on_fail`) that stopped the run early, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted_by: Option<String>,
     /// Script errors outside any request (a failing `scenario`, `on_start`, `on_stop`,
     /// `teardown`): listed in `failures` under `HOOK <name>` rows, not in the request totals.
     #[serde(default)]
@@ -613,6 +617,10 @@ pub struct ConfigSummary {
     pub users: u32,
     pub spawn_rate: f64,
     pub script: String,
+    /// The load model in words (`10 users at 10/s`, `stages 30s:100,...`, `50 iterations/s
+    /// (open model, ...)`).
+    #[serde(default)]
+    pub load: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

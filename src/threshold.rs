@@ -62,6 +62,9 @@ pub struct Verdict {
     pub threshold: String,
     /// The measured value (`null` when there was nothing to measure).
     pub value: Option<f64>,
+    /// The value's unit: `ms`, `%`, `/s`, or empty for counts.
+    #[serde(default)]
+    pub unit: String,
     pub ok: bool,
 }
 
@@ -115,9 +118,8 @@ pub fn parse(text: &str) -> Result<Threshold> {
     let value = match metric {
         Metric::Percentile(_) | Metric::Avg | Metric::Min | Metric::Max => latency_ms(value)
             .ok_or_else(|| anyhow::anyhow!("threshold {text:?}: a latency is a duration like 200ms, 1.5s or 800us"))?,
-        Metric::FailRate | Metric::Checks => percent(value).ok_or_else(|| {
-            anyhow::anyhow!("threshold {text:?}: a rate is a percentage like 1% (or a fraction like 0.01)")
-        })?,
+        Metric::FailRate | Metric::Checks => percent(value)
+            .ok_or_else(|| anyhow::anyhow!("threshold {text:?}: a rate is a percentage with its %, like 1%"))?,
         Metric::Rps | Metric::Requests | Metric::Failures => value
             .parse::<f64>()
             .ok()
@@ -161,12 +163,9 @@ fn latency_ms(s: &str) -> Option<f64> {
         .map(|v| v * scale)
 }
 
+/// A percentage, with its `%` (a bare `1` could mean 1 % or 100 %).
 fn percent(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let v = match s.strip_suffix('%') {
-        Some(n) => n.trim().parse::<f64>().ok()?,
-        None => s.parse::<f64>().ok()? * 100.0,
-    };
+    let v = s.trim().strip_suffix('%')?.trim().parse::<f64>().ok()?;
     (v.is_finite() && (0.0..=100.0).contains(&v)).then_some(v)
 }
 
@@ -217,6 +216,13 @@ impl Threshold {
             row: self.row.as_ref().map(|(m, n)| format!("{m} {n}")),
             threshold: self.text.clone(),
             value: value.map(|v| (v * 1000.0).round() / 1000.0),
+            unit: match self.metric {
+                Metric::Percentile(_) | Metric::Avg | Metric::Min | Metric::Max => "ms",
+                Metric::FailRate | Metric::Checks => "%",
+                Metric::Rps => "/s",
+                Metric::Requests | Metric::Failures => "",
+            }
+            .to_string(),
             ok: self.holds(value),
         }
     }
@@ -249,7 +255,7 @@ mod tests {
         let t = parse("p99.9<=1.5s").unwrap();
         assert_eq!((t.metric, t.op, t.value), (Metric::Percentile(99.9), Op::Le, 1500.0));
         assert_eq!(parse("fail_rate < 1%").unwrap().value, 1.0);
-        assert_eq!(parse("fail_rate < 0.05").unwrap().value, 5.0);
+        assert!(parse("fail_rate < 1").is_err(), "1 % or 100 %? the % is required");
         assert_eq!(parse("checks > 99%").unwrap().metric, Metric::Checks);
         let t = parse("rps >= 100").unwrap();
         assert_eq!((t.metric, t.op, t.value), (Metric::Rps, Op::Ge, 100.0));

@@ -38,6 +38,9 @@ host = nil
 ---@field duration? number|string
 ---@field timeout? number|string
 ---@field grace? number|string
+---@field stages? { duration: number|string, users?: integer, rate?: number }[] Users (or, with `rate`, iterations per second) over time.
+---@field rate? number Open model: iterations started per second.
+---@field max_users? integer Open model: the pool of users (default: the rate, rounded up).
 
 ---@type stormlight.Options
 options = {}

@@ -222,6 +222,11 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         teardown: hook_defined(&globals, "teardown", &file)?,
     };
     let mut warnings = Vec::new();
+    for (found, meant) in near_misses(&globals, &["endpoints", "options", "wait_time", "thresholds"]) {
+        warnings.push(format!(
+            "{file}: `{found}` is not a setting; did you mean `{meant}`? (it is ignored)"
+        ));
+    }
     for (found, meant) in near_misses(&globals, &HOOK_NAMES) {
         warnings.push(format!(
             "{file}: `{found}` is not a hook; did you mean `{meant}`? (it will never be called)"
@@ -269,6 +274,17 @@ fn thresholds_value(v: &Value) -> Result<Vec<crate::threshold::Threshold>> {
         match v {
             Value::String(s) => parse(&s.to_string_lossy()),
             Value::Table(e) => {
+                for pair in e.pairs::<Value, Value>() {
+                    let (k, _) = pair.map_err(|e| anyhow!("{e}"))?;
+                    let known = matches!(&k, Value::Integer(1))
+                        || matches!(&k, Value::String(s) if ["abort_on_fail", "delay"].iter().any(|o| s.as_bytes() == o.as_bytes()));
+                    if !known {
+                        bail!(
+                            "`thresholds`: in {{ \"…\", abort_on_fail = true, delay = \"10s\" }}, unexpected {} (one text per table; list more in the outer table)",
+                            api::show(&k)
+                        );
+                    }
+                }
                 let text: String = e.raw_get(1).map_err(|_| {
                     anyhow!(
                         "`thresholds`: a table entry starts with its text: {{ \"p95 < 200ms\", abort_on_fail = true }}"
@@ -653,6 +669,21 @@ impl Scenario {
         if let Some(g) = o.grace {
             opts.push(format!("grace={}", crate::config::format_duration(g)));
         }
+        if let Some(r) = o.rate {
+            opts.push(format!("rate={r}/s"));
+        }
+        if let Some(m) = o.max_users {
+            opts.push(format!("max_users={m}"));
+        }
+        let fmt = crate::config::format_duration;
+        if let Some(st) = &o.stages {
+            let list: Vec<String> = st.iter().map(|s| format!("{}:{}", fmt(s.duration), s.users)).collect();
+            opts.push(format!("stages={}", list.join(",")));
+        }
+        if let Some(st) = &o.rate_stages {
+            let list: Vec<String> = st.iter().map(|s| format!("{}:{}/s", fmt(s.duration), s.rate)).collect();
+            opts.push(format!("stages={}", list.join(",")));
+        }
         let _ = writeln!(
             s,
             "  options: {}",
@@ -707,7 +738,14 @@ impl Scenario {
             }
         );
         if let Some(w) = self.wait {
-            let _ = writeln!(s, "  wait_time: {w}");
+            let open = o.rate.is_some() || o.rate_stages.is_some();
+            let note = if open { " (not used in the open model)" } else { "" };
+            let _ = writeln!(s, "  wait_time: {w}{note}");
+        }
+        for t in &o.scenario_thresholds {
+            let on = t.row.as_ref().map_or(String::new(), |(m, n)| format!("{m} {n}: "));
+            let abort = if t.abort_on_fail { " (abort_on_fail)" } else { "" };
+            let _ = writeln!(s, "  threshold: {on}{}{abort}", t.text);
         }
         for w in &self.warnings {
             let _ = writeln!(s, "  warning: {w}");
@@ -925,6 +963,15 @@ mod tests {
         assert!(err("endpoints = { Task('GET', '/', { json = {}, body = 'x' }) }").contains("at most one"));
         assert!(err("error('boom')").contains("t.lua:1: boom"));
         assert!(err("endpoints = { Task('GET', '/') }\nwait_time = between(3, 1)").contains("a <= b"));
+        let warned = load_str("endpoints = { Task('GET', '/') }\nthreshold = { 'p95 < 1ms' }").unwrap();
+        assert!(
+            warned
+                .warnings
+                .iter()
+                .any(|w| w.contains("`threshold`") && w.contains("`thresholds`")),
+            "{:?}",
+            warned.warnings
+        );
         assert!(err("endpoints = { Task('GET', '/') }\nwait_time = 5").contains("wait_time"));
         assert!(err("endpoints = { Task('GET', '/') }\nwait_time = constant_throughput(0)").contains("n > 0"));
         // A plain table's error points at the entry, not at the end of `endpoints`.
