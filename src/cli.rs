@@ -41,6 +41,19 @@ pub enum Command {
     )]
     Demo(DemoArgs),
     /// Run the built-in target alone, for trying scenarios by hand.
+    /// Print the summary of result files (--out), merging several exactly: counts summed,
+    /// histograms added, time series aligned by second.
+    #[command(
+        after_help = "Examples:\n  stormlight report result.json\n  stormlight report gen1.json gen2.json --out merged.json"
+    )]
+    Report {
+        /// Result files written by `run --out`.
+        #[arg(required = true, value_name = "FILE.json")]
+        files: Vec<PathBuf>,
+        /// Write the merged result to this file.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     #[command(
         after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received), /__down?ms=N (refuse connections for N ms),\n/__stall?ms=N (hold every answer for N ms),\n/fault/... (resets, trickles, hangs, huge or endless bodies, a bad status line,\nredirect chains; see the README).\nLogin flows: POST /login {\"user\": NAME} gives a token and a session cookie; /account and\nPOST /orders need both (else 401)."
     )]

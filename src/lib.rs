@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod merge;
 pub mod report;
 pub mod runner;
 pub mod scenario;

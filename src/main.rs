@@ -37,6 +37,19 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             print!("{}", stormlight::check(&script)?);
             Ok(Exit::Success)
         }
+        Command::Report { files, out } => {
+            let read: Vec<_> = files
+                .iter()
+                .map(|f| stormlight::merge::read(f))
+                .collect::<anyhow::Result<_>>()?;
+            let merged = stormlight::merge::merge(&read)?;
+            stormlight::report::write_summary(&mut std::io::stdout().lock(), &merged)?;
+            if let Some(out) = out {
+                stormlight::report::write_json(&out, &merged)?;
+                eprintln!("merged result written to {}", out.display());
+            }
+            Ok(Exit::Success)
+        }
         Command::Run(args) => {
             let req = RunRequest {
                 script: args.script.clone(),

@@ -27,7 +27,7 @@ use crate::stats::{Aggregate, ConfigSummary, Recorder, RowId, Snapshot, Summary,
 use crate::{http, report, user};
 
 /// How often workers hand their counts over and the live table is redrawn.
-pub const TICK: Duration = Duration::from_secs(2);
+pub const TICK: Duration = Duration::from_secs(1);
 
 /// State shared by the control side and every worker.
 pub struct Shared {
@@ -60,6 +60,14 @@ const EXITED: u8 = 3;
 
 impl Shared {
     /// Whether user `id` goes on with another iteration: not once stages retired it.
+    /// Users running now (started, not retired).
+    pub fn running(&self) -> u64 {
+        self.lives
+            .iter()
+            .filter(|l| l.load(Ordering::Relaxed) == RUNNING)
+            .count() as u64
+    }
+
     pub fn keep(&self, id: u64) -> bool {
         let Some(life) = self.lives.get(id as usize) else {
             return true;
@@ -315,7 +323,7 @@ pub async fn run_with(
                     () = sleep_until_opt(deadline) => break false,
                     _ = ticker.tick() => {
                         flush(&workers, &mut agg).await;
-                        agg.end_tick();
+                        agg.end_tick(start.elapsed(), shared.running());
                         live.draw(&agg, start.elapsed(), spawned, cfg);
                         let elapsed = start.elapsed();
                         if let Some(t) = cfg
@@ -374,6 +382,8 @@ pub async fn run_with(
         }
     }
     live.clear();
+    // The last, partial tick (and what the grace period finished) closes the series.
+    agg.end_tick(measured, shared.running());
 
     let mut summary = agg.summary(SummaryMeta {
         started_at,

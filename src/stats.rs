@@ -99,6 +99,47 @@ impl fmt::Display for Reason {
     }
 }
 
+/// A histogram in HdrHistogram's interchange encoding (V2, deflate-compressed), in base64: what
+/// HdrHistogram's own tools read.
+pub fn encode_histogram(h: &Histogram<u64>) -> String {
+    use base64::Engine as _;
+    let mut bytes = Vec::new();
+    // Writing into memory cannot fail.
+    use hdrhistogram::serialization::Serializer as _;
+    let _ = hdrhistogram::serialization::V2DeflateSerializer::new().serialize(h, &mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Reads what [`encode_histogram`] wrote.
+pub fn decode_histogram(text: &str) -> Result<Histogram<u64>, String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| format!("a histogram is not base64: {e}"))?;
+    let mut h: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("a histogram does not decode: {e:?}"))?;
+    h.auto(true);
+    Ok(h)
+}
+
+/// One point of a run's time series: one tick (a second) of requests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SeriesPoint {
+    /// When the tick ended, in seconds since the start.
+    pub t_s: f64,
+    pub requests: u64,
+    pub failures: u64,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Users running at the end of the tick.
+    pub users: u64,
+    /// The tick's latencies (see [`encode_histogram`]), so series merge exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_hist: Option<String>,
+}
+
 /// A fresh latency histogram: microseconds, 3 significant digits, growing as values need.
 pub fn new_histogram() -> Histogram<u64> {
     // `new` auto-resizes, so a row only pays for the range its latencies actually reach.
@@ -422,6 +463,9 @@ pub struct Aggregate {
     tick: HashMap<RowId, u64>,
     last_tick: HashMap<RowId, u64>,
     protocols: [u64; 2],
+    /// The current tick's requests, all rows together, and the series of closed ticks.
+    tick_stats: RowStats,
+    series: Vec<SeriesPoint>,
     /// Checks by name.
     checks: std::collections::BTreeMap<String, [u64; 2]>,
     errors: u64,
@@ -454,6 +498,7 @@ impl Aggregate {
         for (id, stats) in snap.rows {
             self.row_mut(&id).merge(&stats);
             *self.tick.entry((*id).clone()).or_insert(0) += stats.requests;
+            self.tick_stats.merge(&stats);
         }
         for (id, reason, n) in snap.failures {
             *self.failures.entry(((*id).clone(), reason)).or_insert(0) += n;
@@ -469,9 +514,23 @@ impl Aggregate {
         }
     }
 
-    /// Closes the current tick: its counts become the "current" ones.
-    pub fn end_tick(&mut self) {
+    /// Closes the current tick: its counts become the "current" ones, and a point of the time
+    /// series (`at`: since the start; `users` running).
+    pub fn end_tick(&mut self, at: Duration, users: u64) {
         self.last_tick = std::mem::take(&mut self.tick);
+        let stats = std::mem::take(&mut self.tick_stats);
+        let h = &stats.latency_us;
+        let q = |p: f64| (!h.is_empty()).then(|| h.value_at_quantile(p) as f64 / 1000.0);
+        self.series.push(SeriesPoint {
+            t_s: round3(at.as_secs_f64()),
+            requests: stats.requests,
+            failures: stats.failures,
+            p50_ms: q(0.5),
+            p95_ms: q(0.95),
+            p99_ms: q(0.99),
+            users,
+            latency_hist: (!h.is_empty()).then(|| encode_histogram(h)),
+        });
     }
 
     /// Requests of `id` in the last closed tick (all rows when `None`).
@@ -542,6 +601,7 @@ impl Aggregate {
                 .map(|(p, n)| (p.to_string(), n))
                 .collect(),
             script_errors: self.errors,
+            series: self.series.clone(),
             dropped_iterations: self.dropped,
             thresholds: Vec::new(),
             aborted_by: None,
@@ -605,6 +665,9 @@ pub struct Summary {
     /// Open model: scheduled iterations that found no free user in the pool (not sent).
     #[serde(default)]
     pub dropped_iterations: u64,
+    /// Per tick (a second): requests, failures, percentiles, users.
+    #[serde(default)]
+    pub series: Vec<SeriesPoint>,
     pub config: ConfigSummary,
     pub total: RowSummary,
     pub endpoints: Vec<RowSummary>,
@@ -641,6 +704,12 @@ pub struct RowSummary {
     /// As measured from each request's send, uncorrected.
     #[serde(default)]
     pub service_ms: Option<Latency>,
+    /// The whole latency and service histograms (see [`encode_histogram`]): exact merging of
+    /// result files, and HdrHistogram's tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_hist: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_hist: Option<String>,
 }
 
 impl RowSummary {
@@ -658,6 +727,8 @@ impl RowSummary {
             bytes_received: s.bytes,
             latency_ms: Latency::of(&s.latency_us),
             service_ms: Latency::of(&s.service_us),
+            latency_hist: (!s.latency_us.is_empty()).then(|| encode_histogram(&s.latency_us)),
+            service_hist: (!s.service_us.is_empty()).then(|| encode_histogram(&s.service_us)),
         }
     }
 
@@ -803,7 +874,7 @@ mod tests {
             );
             agg.add(rec.take());
         }
-        agg.end_tick();
+        agg.end_tick(Duration::from_secs(1), 1);
         assert_eq!(agg.last_tick_requests(None), 202);
         let names: Vec<_> = agg.rows().map(|(id, _)| id.name.clone()).collect();
         assert_eq!(names, ["/b", "/a"]);

@@ -22,10 +22,14 @@ pub fn run_scenario(path: &Path, source: &str, limits: Limits, flags: Overrides)
     let scenario = scenario::load_source(path, source, limits).expect("scenario loads");
     // (Stages and the open model set when users run: no spawn rate there.)
     let o = &scenario.options;
-    let planned = [flags.rate.is_some(), flags.stages.is_some(), flags.rate_stages.is_some()]
-        .into_iter()
-        .chain([o.rate.is_some(), o.stages.is_some(), o.rate_stages.is_some()])
-        .any(|b| b);
+    let planned = [
+        flags.rate.is_some(),
+        flags.stages.is_some(),
+        flags.rate_stages.is_some(),
+    ]
+    .into_iter()
+    .chain([o.rate.is_some(), o.stages.is_some(), o.rate_stages.is_some()])
+    .any(|b| b);
     let flags = Overrides {
         spawn_rate: flags.spawn_rate.or((!planned).then_some(1000.0)),
         ..flags
