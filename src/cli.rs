@@ -166,6 +166,10 @@ pub struct LoadArgs {
     /// The private key (PEM) of --cert.
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<std::path::PathBuf>,
+    /// Write the summary as Locust's CSV files too: PREFIX_stats.csv, PREFIX_stats_history.csv,
+    /// PREFIX_failures.csv (Locust's columns).
+    #[arg(long, value_name = "PREFIX")]
+    pub csv: Option<PathBuf>,
     /// Write the final summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -222,6 +226,7 @@ impl LoadArgs {
             },
             rate: self.rate,
             max_users: self.max_users,
+            csv: self.csv.clone(),
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

@@ -37,6 +37,8 @@ pub struct Overrides {
     pub rate_stages: Option<Vec<crate::stages::RateStage>>,
     /// The open model's pool of users (`--max-users`).
     pub max_users: Option<u32>,
+    /// `--csv PREFIX`: Locust-style CSV files.
+    pub csv: Option<PathBuf>,
     /// `--threshold` (repeatable): added to the scenario's own.
     pub thresholds: Vec<String>,
     /// The scenario's `thresholds` (parsed when it loaded).
@@ -81,6 +83,8 @@ pub struct RunConfig {
     pub rate: Option<f64>,
     /// Open model with the rate changing by stages.
     pub rate_stages: Option<Vec<crate::stages::RateStage>>,
+    /// Locust-style CSV files: `PREFIX_stats.csv`, `PREFIX_stats_history.csv`, `PREFIX_failures.csv`.
+    pub csv: Option<PathBuf>,
 }
 
 /// How the live table is shown while the run goes.
@@ -229,6 +233,7 @@ impl RunConfig {
             stages,
             rate,
             rate_stages,
+            csv: cli.csv.clone(),
         })
     }
 }

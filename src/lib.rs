@@ -18,6 +18,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod csv_out;
 pub mod http;
 pub mod merge;
 pub mod report;
@@ -85,7 +86,12 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
         req.live,
     )?;
     if let Some(out) = &cfg.out {
-        check_writable(out)?;
+        check_writable(out, "--out")?;
+    }
+    if let Some(prefix) = &cfg.csv {
+        for path in csv_out::paths(prefix) {
+            check_writable(&path, "--csv")?;
+        }
     }
     // Binding the endpoints to the host is the last check that can fail on bad input.
     let plan = runner::Plan::new(Arc::new(scenario), cfg.host.clone())?;
@@ -93,10 +99,10 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
 }
 
 /// Fails early if `path` cannot be written, so a long run does not end with nowhere to write.
-fn check_writable(path: &Path) -> Result<()> {
+fn check_writable(path: &Path, flag: &str) -> Result<()> {
     if path.is_dir() {
         bail!(
-            "cannot write --out {}: it is a directory (give a file name)",
+            "cannot write {flag} {}: it is a directory (give a file name)",
             path.display()
         );
     }
@@ -105,7 +111,7 @@ fn check_writable(path: &Path) -> Result<()> {
         _ => PathBuf::from("."),
     };
     let probe = dir.join(format!(".stormlight-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("cannot write --out {}", path.display()))?;
+    std::fs::write(&probe, b"").with_context(|| format!("cannot write {flag} {}", path.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
@@ -156,6 +162,13 @@ pub async fn run(
                 return Ok(Exit::OutputFailed);
             }
         }
+    }
+    if let Some(prefix) = &cfg.csv {
+        if let Err(e) = csv_out::write(prefix, &result.summary) {
+            eprintln!("error: {e:#}");
+            return Ok(Exit::OutputFailed);
+        }
+        eprintln!("CSV written to {}_*.csv", prefix.display());
     }
     if let Some(why) = &result.setup_failed {
         eprintln!("error: setup() failed, so no user was started: {why}");

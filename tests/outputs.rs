@@ -82,3 +82,106 @@ fn result_files_carry_histograms_and_a_series_and_merge_exactly() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn csv_files_have_locusts_columns_and_match_the_json() {
+    let t = common::target();
+    let dir = std::env::temp_dir().join(format!("stormlight-csv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("s.lua");
+    std::fs::write(
+        &script,
+        r#"endpoints = { Task("GET", "/hello"), Task("GET", "/status/500", { name = "broken" }) }"#,
+    )
+    .unwrap();
+    let (prefix, out) = (dir.join("run"), dir.join("run.json"));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_stormlight"))
+        .args([
+            "run",
+            script.to_str().unwrap(),
+            "--host",
+            &t.url(),
+            "-u",
+            "2",
+            "-t",
+            "2s",
+            "-q",
+        ])
+        .args(["--csv", prefix.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let json = stormlight::merge::read(&out).unwrap();
+    let read = |suffix: &str| {
+        let text = std::fs::read_to_string(dir.join(format!("run_{suffix}.csv"))).unwrap();
+        let mut r = csv::Reader::from_reader(text.as_bytes());
+        let head: Vec<String> = r.headers().unwrap().iter().map(str::to_string).collect();
+        let rows: Vec<Vec<String>> = r
+            .records()
+            .map(|r| r.unwrap().iter().map(str::to_string).collect())
+            .collect();
+        (head, rows)
+    };
+    // Locust's columns, as its CSV writer has them.
+    let pct = [
+        "50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%",
+    ];
+    let mut stats_head = vec![
+        "Type",
+        "Name",
+        "Request Count",
+        "Failure Count",
+        "Median Response Time",
+        "Average Response Time",
+        "Min Response Time",
+        "Max Response Time",
+        "Average Content Size",
+        "Requests/s",
+        "Failures/s",
+    ];
+    stats_head.extend(pct);
+    let mut history_head = vec!["Timestamp", "User Count", "Type", "Name", "Requests/s", "Failures/s"];
+    history_head.extend(pct);
+    history_head.extend([
+        "Total Request Count",
+        "Total Failure Count",
+        "Total Median Response Time",
+        "Total Average Response Time",
+        "Total Min Response Time",
+        "Total Max Response Time",
+        "Total Average Content Size",
+    ]);
+    let (head, stats) = read("stats");
+    assert_eq!(head, stats_head);
+    let (head, history) = read("stats_history");
+    assert_eq!(head, history_head);
+    let (head, failures) = read("failures");
+    assert_eq!(head, ["Method", "Name", "Error", "Occurrences"]);
+
+    // Rows match the JSON: one per endpoint, then Aggregated.
+    assert_eq!(stats.len(), json.endpoints.len() + 1);
+    for (row, e) in stats.iter().zip(&json.endpoints) {
+        assert_eq!(row[1], e.name.clone().unwrap());
+        assert_eq!(row[2], e.requests.to_string());
+        assert_eq!(row[3], e.failures.to_string());
+        let p99: f64 = row[18].parse().unwrap();
+        assert!((p99 - e.latency_ms.unwrap().p99).abs() < 0.01, "{row:?}");
+    }
+    let total = stats.last().unwrap();
+    assert_eq!(
+        (total[1].as_str(), total[2].clone()),
+        ("Aggregated", json.total.requests.to_string())
+    );
+    assert_eq!(
+        history.last().unwrap()[17],
+        json.total.requests.to_string(),
+        "the history ends at the total"
+    );
+    assert_eq!(failures.len(), 1);
+    assert_eq!(
+        (failures[0][1].as_str(), failures[0][2].as_str()),
+        ("broken", "HTTP 500")
+    );
+    assert_eq!(failures[0][3], json.failures[0].count.to_string());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
