@@ -241,8 +241,23 @@ impl Live {
             Some(d) => format!(", {:.0}s left", d.saturating_sub(elapsed).as_secs_f64()),
             None => ", until Ctrl-C".into(),
         };
+        // A progress bar when the run has an end; coloured only on a terminal, never with
+        // NO_COLOR set.
+        let bar = match cfg.duration {
+            Some(d) if !d.is_zero() => {
+                let done = ((secs / d.as_secs_f64()).clamp(0.0, 1.0) * 20.0).round() as usize;
+                let bar = format!("{}{}", "#".repeat(done), "-".repeat(20 - done));
+                let colour = self.terminal && std::env::var_os("NO_COLOR").is_none();
+                if colour {
+                    format!("\x1b[32m[{bar}]\x1b[0m ")
+                } else {
+                    format!("[{bar}] ")
+                }
+            }
+            _ => String::new(),
+        };
         let text = format!(
-            "{:.0}s elapsed{remaining} | users {users}/{}\n{}\n",
+            "{bar}{:.0}s elapsed{remaining} | users {users}/{}\n{}\n",
             secs,
             cfg.users,
             stats_table(&rows, &total)

@@ -587,7 +587,7 @@ impl Aggregate {
             .rows
             .iter()
             .filter(|(_, s)| s.requests > 0)
-            .map(|(id, s)| RowSummary::new(&id.method, &id.name, s, secs))
+            .map(|(id, s)| RowSummary::new(&id.method, &id.name, s, secs).with_histograms(s))
             .collect();
         Summary {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -615,7 +615,12 @@ impl Aggregate {
                 })
                 .collect(),
             config: meta.config,
-            total: RowSummary::new("", "Aggregated", &self.total(), secs).into_total(),
+            total: {
+                let total = self.total();
+                RowSummary::new("", "Aggregated", &total, secs)
+                    .with_histograms(&total)
+                    .into_total()
+            },
             endpoints,
             failures: self.failures(),
         }
@@ -727,9 +732,16 @@ impl RowSummary {
             bytes_received: s.bytes,
             latency_ms: Latency::of(&s.latency_us),
             service_ms: Latency::of(&s.service_us),
-            latency_hist: (!s.latency_us.is_empty()).then(|| encode_histogram(&s.latency_us)),
-            service_hist: (!s.service_us.is_empty()).then(|| encode_histogram(&s.service_us)),
+            latency_hist: None,
+            service_hist: None,
         }
+    }
+
+    /// With the whole histograms too (for result files; the live view does without).
+    pub fn with_histograms(mut self, s: &RowStats) -> Self {
+        self.latency_hist = (!s.latency_us.is_empty()).then(|| encode_histogram(&s.latency_us));
+        self.service_hist = (!s.service_us.is_empty()).then(|| encode_histogram(&s.service_us));
+        self
     }
 
     fn into_total(mut self) -> Self {

@@ -1181,3 +1181,25 @@ fn abort_on_fail_stops_the_run_early_and_still_writes_the_summary() {
     assert_eq!(json["thresholds"][0]["ok"], false, "{json:#}");
     assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
 }
+
+#[test]
+fn the_live_view_shows_progress_without_colour_off_a_terminal() {
+    let target = target();
+    let dir = TempDir::new("live");
+    let script = dir.write("scenario.lua", GOOD_SCENARIO);
+    let f = run(
+        &run_args(&script, &target.url(), &["-u", "1", "-t", "2500ms"]),
+        Duration::from_secs(15),
+    );
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    assert!(
+        f.stderr.contains("s elapsed, ") && f.stderr.contains("[########"),
+        "{}",
+        f.show()
+    );
+    assert!(
+        !f.stderr.contains('\x1b'),
+        "no escape codes when stderr is not a terminal:\n{}",
+        f.show()
+    );
+}
