@@ -53,6 +53,9 @@ pub enum Command {
         /// Write the merged result to this file.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Write an HTML report of it.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
     #[command(
         after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received), /__down?ms=N (refuse connections for N ms),\n/__stall?ms=N (hold every answer for N ms),\n/fault/... (resets, trickles, hangs, huge or endless bodies, a bad status line,\nredirect chains; see the README).\nLogin flows: POST /login {\"user\": NAME} gives a token and a session cookie; /account and\nPOST /orders need both (else 401)."
@@ -170,6 +173,10 @@ pub struct LoadArgs {
     /// PREFIX_failures.csv (Locust's columns).
     #[arg(long, value_name = "PREFIX")]
     pub csv: Option<PathBuf>,
+    /// Write an HTML report to FILE: one self-contained page (charts over time, tables), no
+    /// network needed to view it.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
     /// Write the final summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -227,6 +234,7 @@ impl LoadArgs {
             rate: self.rate,
             max_users: self.max_users,
             csv: self.csv.clone(),
+            html: self.html.clone(),
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

@@ -39,6 +39,8 @@ pub struct Overrides {
     pub max_users: Option<u32>,
     /// `--csv PREFIX`: Locust-style CSV files.
     pub csv: Option<PathBuf>,
+    /// `--html FILE`: a self-contained report.
+    pub html: Option<PathBuf>,
     /// `--threshold` (repeatable): added to the scenario's own.
     pub thresholds: Vec<String>,
     /// The scenario's `thresholds` (parsed when it loaded).
@@ -85,6 +87,8 @@ pub struct RunConfig {
     pub rate_stages: Option<Vec<crate::stages::RateStage>>,
     /// Locust-style CSV files: `PREFIX_stats.csv`, `PREFIX_stats_history.csv`, `PREFIX_failures.csv`.
     pub csv: Option<PathBuf>,
+    /// A self-contained HTML report.
+    pub html: Option<PathBuf>,
 }
 
 /// How the live table is shown while the run goes.
@@ -234,6 +238,7 @@ impl RunConfig {
             rate,
             rate_stages,
             csv: cli.csv.clone(),
+            html: cli.html.clone(),
         })
     }
 }

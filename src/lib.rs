@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod config;
 pub mod csv_out;
+pub mod html;
 pub mod http;
 pub mod merge;
 pub mod report;
@@ -92,6 +93,9 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
         for path in csv_out::paths(prefix) {
             check_writable(&path, "--csv")?;
         }
+    }
+    if let Some(html) = &cfg.html {
+        check_writable(html, "--html")?;
     }
     // Binding the endpoints to the host is the last check that can fail on bad input.
     let plan = runner::Plan::new(Arc::new(scenario), cfg.host.clone())?;
@@ -169,6 +173,13 @@ pub async fn run(
             return Ok(Exit::OutputFailed);
         }
         eprintln!("CSV written to {}_*.csv", prefix.display());
+    }
+    if let Some(path) = &cfg.html {
+        if let Err(e) = report::write_file(path, html::render(&result.summary).as_bytes()) {
+            eprintln!("error: {e:#}");
+            return Ok(Exit::OutputFailed);
+        }
+        eprintln!("HTML report written to {}", path.display());
     }
     if let Some(why) = &result.setup_failed {
         eprintln!("error: setup() failed, so no user was started: {why}");

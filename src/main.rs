@@ -37,7 +37,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             print!("{}", stormlight::check(&script)?);
             Ok(Exit::Success)
         }
-        Command::Report { files, out } => {
+        Command::Report { files, out, html } => {
             let read: Vec<_> = files
                 .iter()
                 .map(|f| stormlight::merge::read(f))
@@ -47,6 +47,10 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             if let Some(out) = out {
                 stormlight::report::write_json(&out, &merged)?;
                 eprintln!("merged result written to {}", out.display());
+            }
+            if let Some(html) = html {
+                stormlight::report::write_file(&html, stormlight::html::render(&merged).as_bytes())?;
+                eprintln!("HTML report written to {}", html.display());
             }
             Ok(Exit::Success)
         }

@@ -185,12 +185,17 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
 /// Writes the summary as JSON, atomically: to a temporary file beside it, then renamed.
 pub fn write_json(path: &Path, s: &Summary) -> Result<()> {
     let json = serde_json::to_vec_pretty(s).context("cannot encode the summary")?;
+    write_file(path, &json)
+}
+
+/// Writes `bytes` to `path` atomically: to a temporary file beside it, then renamed.
+pub fn write_file(path: &Path, json: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.tmp-{}",
         path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         std::process::id()
     ));
-    let written = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, path));
+    let written = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

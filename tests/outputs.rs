@@ -94,7 +94,7 @@ fn csv_files_have_locusts_columns_and_match_the_json() {
         r#"endpoints = { Task("GET", "/hello"), Task("GET", "/status/500", { name = "broken" }) }"#,
     )
     .unwrap();
-    let (prefix, out) = (dir.join("run"), dir.join("run.json"));
+    let (prefix, out, html) = (dir.join("run"), dir.join("run.json"), dir.join("run.html"));
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_stormlight"))
         .args([
             "run",
@@ -108,6 +108,7 @@ fn csv_files_have_locusts_columns_and_match_the_json() {
             "-q",
         ])
         .args(["--csv", prefix.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(["--html", html.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
@@ -183,5 +184,37 @@ fn csv_files_have_locusts_columns_and_match_the_json() {
         ("broken", "HTTP 500")
     );
     assert_eq!(failures[0][3], json.failures[0].count.to_string());
+
+    // The HTML report: self-contained (nothing fetched), drawn charts, the rows.
+    let page = std::fs::read_to_string(&html).unwrap();
+    for fetch in ["src=", "href=", "<script", "<link", "@import", "url("] {
+        assert!(!page.contains(fetch), "self-contained: {fetch} found");
+    }
+    for chart in ["rps", "latency", "users", "failures"] {
+        let at = page
+            .find(&format!("data-chart=\"{chart}\""))
+            .unwrap_or_else(|| panic!("no {chart} chart"));
+        let svg = &page[at..at + page[at..].find("</svg>").unwrap()];
+        let points = svg
+            .split("points=\"")
+            .nth(1)
+            .expect("a drawn line")
+            .split('"')
+            .next()
+            .unwrap();
+        assert_eq!(
+            points.split(' ').count(),
+            json.series.len(),
+            "{chart}: a point a second"
+        );
+    }
+    for e in &json.endpoints {
+        assert!(
+            page.contains(&format!("<td>{}</td><td>{}</td>", e.requests, e.failures)),
+            "{:?}",
+            e.name
+        );
+    }
+    assert!(page.contains("data-table=\"failures\"") && page.contains("HTTP 500"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
