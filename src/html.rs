@@ -23,7 +23,7 @@ struct Line<'a> {
 
 const W: f64 = 640.0;
 const H: f64 = 220.0;
-const LEFT: f64 = 56.0;
+const LEFT: f64 = 60.0;
 const BOTTOM: f64 = 28.0;
 const TOP: f64 = 12.0;
 const RIGHT: f64 = 12.0;
@@ -37,9 +37,9 @@ fn chart(id: &str, title: &str, unit: &str, lines: &[Line]) -> String {
     let ymax = lines
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.1))
-        .fold(0.0_f64, f64::max)
-        .max(1e-9)
-        * 1.1;
+        .fold(0.0_f64, f64::max);
+    // All zero (no failures): a scale of 0 to 1, not a grid of zeros.
+    let ymax = if ymax > 0.0 { ymax * 1.1 } else { 1.1 };
     let x = |v: f64| LEFT + v / xmax * (W - LEFT - RIGHT);
     let y = |v: f64| TOP + (1.0 - v / ymax) * (H - TOP - BOTTOM);
     let mut svg = String::new();
@@ -65,10 +65,14 @@ fn chart(id: &str, title: &str, unit: &str, lines: &[Line]) -> String {
         let v = xmax * i as f64 / 4.0;
         let _ = write!(
             svg,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle" class="tick">{:.0}s</text>"#,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle" class="tick">{}s</text>"#,
             x(v),
             H - 8.0,
-            v
+            if xmax < 20.0 && v.fract() != 0.0 {
+                format!("{v:.1}")
+            } else {
+                format!("{v:.0}")
+            }
         );
     }
     let _ = write!(
@@ -109,7 +113,7 @@ fn chart(id: &str, title: &str, unit: &str, lines: &[Line]) -> String {
 fn short(v: f64, unit: &str) -> String {
     let n = if v >= 1000.0 {
         format!("{:.1}k", v / 1000.0)
-    } else if v >= 10.0 || v == 0.0 {
+    } else if v >= 10.0 || v.fract() == 0.0 {
         format!("{v:.0}")
     } else {
         format!("{v:.2}")
@@ -310,7 +314,7 @@ main{max-width:1360px;margin:0 auto;padding:24px}h1{font-size:22px;margin:0 0 4p
 border-radius:8px;padding:10px 16px;color:#4b5563}.cards b{display:block;font-size:20px;color:#111827}\
 .charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:16px;margin-top:16px}\
 figure{margin:0;background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px}figcaption{font-weight:600;margin-bottom:6px}\
-svg{width:100%;height:auto}.tick{font-size:11px;fill:#6b7280}.legend{display:flex;gap:14px;color:#374151;font-size:12px}\
+svg{width:100%;height:auto}.tick{font-size:13px;fill:#6b7280}.legend{display:flex;gap:14px;color:#374151;font-size:12px}\
 .legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px}\
 table{border-collapse:collapse;background:#fff;border:1px solid #e5e7eb;width:100%}th,td{padding:6px 10px;border-bottom:1px solid #f3f4f6;text-align:right}\
 th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}tfoot td{font-weight:600}tr.fail td:first-child{color:#dc2626;font-weight:600}\

@@ -218,3 +218,68 @@ fn csv_files_have_locusts_columns_and_match_the_json() {
     assert!(page.contains("data-table=\"failures\"") && page.contains("HTTP 500"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Headless Chromium, if there is one (CI installs it: there the test must run).
+fn chromium() -> Option<&'static str> {
+    let found = ["chromium", "chromium-browser", "google-chrome"].into_iter().find(|b| {
+        std::process::Command::new(b)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Chromium (.ci/run installs it)"
+        );
+        eprintln!("skipped: no Chromium here (CI installs it)");
+    }
+    found
+}
+
+#[test]
+fn the_html_report_opens_in_headless_chromium_with_rows_and_drawn_charts() {
+    let Some(browser) = chromium() else { return };
+    let t = common::target();
+    let s = common::run_scenario(
+        Path::new("html.lua"),
+        r#"endpoints = { Task("GET", "/hello"), Task("GET", "/status/503", { name = "down" }) }"#,
+        Limits::default(),
+        Overrides {
+            host: Some(t.url()),
+            users: Some(2),
+            duration: Some(Duration::from_millis(2500)),
+            ..Default::default()
+        },
+    );
+    let dir = std::env::temp_dir().join(format!("stormlight-html-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let page = dir.join("report.html");
+    stormlight::report::write_file(&page, stormlight::html::render(&s).as_bytes()).unwrap();
+    // No network: the page must not need any.
+    let out = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--proxy-server=127.0.0.1:9",
+            "--dump-dom",
+        ])
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("<table data-table=\"endpoints\""), "{dom}");
+    for e in &s.endpoints {
+        assert!(
+            dom.contains(&format!(">{}</td>", e.name.as_deref().unwrap())),
+            "{:?}",
+            e.name
+        );
+    }
+    assert!(dom.contains("HTTP 503"), "the failures are listed");
+    let drawn = dom.matches("<polyline").count();
+    assert!(drawn >= 6, "every chart has its lines: {drawn}");
+    assert!(!dom.contains("points=\"\""), "no empty line");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
