@@ -40,7 +40,6 @@ pub enum Command {
         after_help = "Examples:\n  stormlight demo\n  stormlight demo -t 30s --out demo.json\n\nWithout flags: 10 users, 5 started per second, for 10 s."
     )]
     Demo(DemoArgs),
-    /// Run the built-in target alone, for trying scenarios by hand.
     /// Print the summary of result files (--out), merging several exactly: counts summed,
     /// histograms added, time series aligned by second.
     #[command(
@@ -57,6 +56,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
     },
+    /// Run the built-in target alone, for trying scenarios by hand.
     #[command(
         after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received), /__down?ms=N (refuse connections for N ms),\n/__stall?ms=N (hold every answer for N ms),\n/fault/... (resets, trickles, hangs, huge or endless bodies, a bad status line,\nredirect chains; see the README).\nLogin flows: POST /login {\"user\": NAME} gives a token and a session cookie; /account and\nPOST /orders need both (else 401)."
     )]

@@ -511,8 +511,39 @@ fn help_shows_examples() {
         );
     }
     let f = run(&["run", "--help"], QUICK);
-    for flag in ["--host", "--users", "--spawn-rate", "--duration", "--out"] {
+    for flag in [
+        "--host",
+        "--users",
+        "--spawn-rate",
+        "--duration",
+        "--out",
+        "--csv",
+        "--html",
+        "--stages",
+        "--rate",
+        "--threshold",
+    ] {
         assert!(f.stdout.contains(flag), "run --help lacks {flag}\n{}", f.show());
+    }
+    // Every command says what it does, beside its own name.
+    let f = run(&["--help"], QUICK);
+    for (command, says) in [
+        ("run", "Run a scenario"),
+        ("check", "validate"),
+        ("demo", "built-in target"),
+        ("report", "result files"),
+        ("target", "built-in target alone"),
+    ] {
+        let line = f
+            .stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(command))
+            .unwrap_or_default();
+        assert!(
+            line.contains(says),
+            "`{command}` is described as {line:?}\n{}",
+            f.show()
+        );
     }
 }
 
