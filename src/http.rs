@@ -58,6 +58,8 @@ pub struct Prepared {
     body: Bytes,
     /// The absolute URI HTTP/2 needs (`:scheme`, `:authority`, `:path`).
     h2_uri: Uri,
+    /// The same, parsed once: cookies are matched against it and redirects resolved from it.
+    url: Arc<Url>,
 }
 
 /// The URL a request goes to: `host` + path (+ query), or its absolute `url` (+ query).
@@ -118,7 +120,7 @@ impl Prepared {
             origin,
             Arc::from(target),
             host_header,
-            h2_uri,
+            (h2_uri, Arc::new(url)),
             spec.clone(),
         ))
     }
@@ -130,7 +132,7 @@ impl Prepared {
             self.origin.clone(),
             self.target.clone(),
             self.host_header.clone(),
-            self.h2_uri.clone(),
+            (self.h2_uri.clone(), self.url.clone()),
             spec,
         )
     }
@@ -169,20 +171,14 @@ impl Prepared {
             headers,
             body: self.body.clone(),
             h2_uri: self.h2_uri.clone(),
+            url: self.url.clone(),
         }
     }
 
     /// The request a redirect to `location` asks for: GET without a body after 303, and after
     /// 301/302 to a POST (as browsers do); the same method and body otherwise.
     fn redirected(&self, status: u16, location: &str) -> Option<Self> {
-        let scheme = if self.origin.https { "https" } else { "http" };
-        let here = Url::parse(&format!(
-            "{scheme}://{}{}",
-            self.host_header.to_str().ok()?,
-            self.target
-        ))
-        .ok()?;
-        let there = here.join(location).ok()?;
+        let there = self.url.join(location).ok()?;
         let to_get = status == 303 || (matches!(status, 301 | 302) && self.method == Method::POST);
         let mut headers = self.headers.clone();
         headers.remove(HOST);
@@ -210,7 +206,7 @@ impl Prepared {
         origin: Arc<Origin>,
         target: Arc<str>,
         host_header: HeaderValue,
-        h2_uri: Uri,
+        (h2_uri, url): (Uri, Arc<Url>),
         spec: RequestSpec,
     ) -> Self {
         use std::io::Write as _;
@@ -253,6 +249,7 @@ impl Prepared {
             headers: spec.headers,
             body,
             h2_uri,
+            url,
         }
     }
 }
@@ -602,22 +599,21 @@ impl Session {
         if req.headers.contains_key(hyper::header::COOKIE) {
             return None;
         }
-        let url = Url::parse(&req.h2_uri.to_string()).ok()?;
-        let pairs: Vec<String> = jar.get_request_values(&url).map(|(n, v)| format!("{n}={v}")).collect();
+        let pairs: Vec<String> = jar
+            .get_request_values(&req.url)
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
         (!pairs.is_empty()).then(|| pairs.join("; "))
     }
 
     /// Keeps the cookies a response to `req` set.
     fn store_cookies(&mut self, req: &Prepared, set_cookies: &[String]) {
-        let Ok(url) = Url::parse(&req.h2_uri.to_string()) else {
-            return;
-        };
         let cookies = set_cookies
             .iter()
             .filter_map(|v| cookie_store::RawCookie::parse(v.clone()).ok());
         self.cookies
             .get_or_insert_with(Default::default)
-            .store_response_cookies(cookies, &url);
+            .store_response_cookies(cookies, &req.url);
     }
 }
 

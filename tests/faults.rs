@@ -31,6 +31,25 @@ fn reasons(s: &Summary) -> HashMap<String, Vec<(String, u64)>> {
     out
 }
 
+/// Every request of each named row failed exactly once, with the expected class (or, cut off at
+/// the end of the run, as aborted).
+fn each_fails_as(s: &Summary, expect: &[(&str, &str)]) {
+    let r = reasons(s);
+    for &(name, reason) in expect {
+        let row = row(s, name);
+        assert!(row.requests > 0, "{name} was never sent");
+        let got = r.get(name).unwrap_or_else(|| panic!("no failures for {name}"));
+        let (main, aborted): (Vec<_>, Vec<_>) = got.iter().partition(|(why, _)| why == reason);
+        assert!(
+            aborted.iter().all(|(why, _)| why.starts_with("aborted")),
+            "{name}: expected {reason}, got {got:?}"
+        );
+        let total: u64 = got.iter().map(|(_, n)| n).sum();
+        assert_eq!(total, row.requests, "{name}: every request failed, once: {got:?}");
+        assert!(!main.is_empty(), "{name}: expected {reason}, got {got:?}");
+    }
+}
+
 #[test]
 fn each_fault_has_its_class_and_one_outcome_per_request() {
     let t = target();
@@ -68,32 +87,20 @@ fn each_fault_has_its_class_and_one_outcome_per_request() {
         "the run ended on time: {:?}",
         started.elapsed()
     );
-    let r = reasons(&s);
-    let expect = [
-        ("/fault/reset-after-headers", "connection reset"),
-        ("reset-after", "connection reset"),
-        ("trickle", "request timeout"),
-        ("/fault/hang", "request timeout"),
-        ("huge", "body too large"),
-        ("/fault/endless", "body too large"),
-        ("/fault/bad-status", "protocol error"),
-        ("/fault/wrong-length", "connection closed before response"),
-        ("/status/503", "HTTP 503"),
-    ];
-    for (name, reason) in expect {
-        let row = row(&s, name);
-        assert!(row.requests > 0, "{name} was never sent");
-        let got = r.get(name).unwrap_or_else(|| panic!("no failures for {name}"));
-        // Requests cut off at the end of the run may be aborted; everything else is this class.
-        let (main, aborted): (Vec<_>, Vec<_>) = got.iter().partition(|(why, _)| why == reason);
-        assert!(
-            aborted.iter().all(|(why, _)| why.starts_with("aborted")),
-            "{name}: {got:?}"
-        );
-        let total: u64 = got.iter().map(|(_, n)| n).sum();
-        assert_eq!(total, row.requests, "{name}: every request failed, once: {got:?}");
-        assert!(!main.is_empty(), "{name}: expected {reason}, got {got:?}");
-    }
+    each_fails_as(
+        &s,
+        &[
+            ("/fault/reset-after-headers", "connection reset"),
+            ("reset-after", "connection reset"),
+            ("trickle", "request timeout"),
+            ("/fault/hang", "request timeout"),
+            ("huge", "body too large"),
+            ("/fault/endless", "body too large"),
+            ("/fault/bad-status", "protocol error"),
+            ("/fault/wrong-length", "connection closed before response"),
+            ("/status/503", "HTTP 503"),
+        ],
+    );
     assert_eq!(row(&s, "/hello").failures, 0);
     // Every request sent reached a target (none was refused): the counts agree exactly.
     assert_eq!(s.total.requests, t.counts.requests() + raw.counts.requests());
@@ -540,27 +547,19 @@ fn faults_over_http2_have_their_class_and_one_outcome_per_request() {
         "ended on time: {:?}",
         started.elapsed()
     );
-    let r = reasons(&s);
-    let expect = [
-        ("/fault/reset-after-headers", "stream reset"),
-        ("trickle", "request timeout"),
-        ("/fault/hang", "request timeout"),
-        ("huge", "body too large"),
-        ("/fault/endless", "body too large"),
-        // HTTP/2 checks the length a response promised: a short body is malformed.
-        ("/fault/wrong-length", "protocol error"),
-        ("/status/503", "HTTP 503"),
-    ];
-    for (name, reason) in expect {
-        let row = row(&s, name);
-        let got = r.get(name).unwrap_or_else(|| panic!("no failures for {name}"));
-        let total: u64 = got.iter().map(|(_, n)| n).sum();
-        assert_eq!(total, row.requests, "{name}: every request failed, once: {got:?}");
-        assert!(
-            got.iter().all(|(why, _)| why == reason || why.starts_with("aborted")),
-            "{name}: expected {reason}, got {got:?}"
-        );
-    }
+    each_fails_as(
+        &s,
+        &[
+            ("/fault/reset-after-headers", "stream reset"),
+            ("trickle", "request timeout"),
+            ("/fault/hang", "request timeout"),
+            ("huge", "body too large"),
+            ("/fault/endless", "body too large"),
+            // HTTP/2 checks the length a response promised: a short body is malformed.
+            ("/fault/wrong-length", "protocol error"),
+            ("/status/503", "HTTP 503"),
+        ],
+    );
     assert_eq!(row(&s, "/hello").failures, 0);
     assert!(s.protocols.get("HTTP/2").is_some_and(|n| *n > 0), "{:?}", s.protocols);
     assert_eq!(s.total.requests, t.counts.requests());

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use stormlight::config::{LiveMode, Overrides};
@@ -253,13 +252,7 @@ fn r2_scenario_host_is_used_without_a_flag() {
         cfg.host.as_ref().map(|h| h.as_str().trim_end_matches('/')),
         Some(t.url().as_str())
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let result = rt
-        .block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
-        .unwrap();
+    let result = common::run_plan(&cfg, plan);
     assert!(result.summary.total.requests > 0);
     assert_eq!(result.summary.total.requests, t.counts.requests());
 }

@@ -36,15 +36,19 @@ pub fn run_scenario(path: &Path, source: &str, limits: Limits, flags: Overrides)
     };
     let cfg = RunConfig::resolve(path.into(), &flags, &scenario.options, None, LiveMode::Off).expect("config");
     let plan = Plan::new(Arc::new(scenario), cfg.host.clone()).expect("endpoints bind to the host");
+    let result = run_plan(&cfg, plan);
+    assert!(!result.interrupted);
+    result.summary
+}
+
+/// Runs a prepared plan in process until it ends by itself.
+pub fn run_plan(cfg: &RunConfig, plan: Plan) -> stormlight::runner::RunResult {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let result = rt
-        .block_on(stormlight::runner::run(&cfg, Arc::new(plan), std::future::pending()))
-        .expect("run completes");
-    assert!(!result.interrupted);
-    result.summary
+    rt.block_on(stormlight::runner::run(cfg, Arc::new(plan), std::future::pending()))
+        .expect("run completes")
 }
 
 /// The row named `name`.
