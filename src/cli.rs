@@ -180,6 +180,14 @@ pub struct LoadArgs {
     /// Write the final summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Serve a live dashboard (charts, tables, a Stop button) and Prometheus metrics
+    /// (/metrics) at ADDR while the test runs; ADDR is IP:PORT or a port on 127.0.0.1
+    /// [default: 127.0.0.1:8089].
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8089", value_parser = web_addr)]
+    pub web: Option<std::net::SocketAddr>,
+    /// With --web: keep serving the dashboard and /metrics after the run, until Ctrl-C.
+    #[arg(long, requires = "web")]
+    pub linger: bool,
     /// No live table (the final summary still goes to stdout).
     #[arg(short, long)]
     pub quiet: bool,
@@ -196,6 +204,15 @@ fn stages_value(s: &str) -> Result<Stages, String> {
     match crate::stages::parse_rates(s) {
         Some(rates) => rates.map(Stages::Rates).map_err(|e| format!("{e:#}")),
         None => crate::stages::parse(s).map(Stages::Users).map_err(|e| format!("{e:#}")),
+    }
+}
+
+fn web_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    let port = s.strip_prefix(':').unwrap_or(s);
+    match (s.parse(), port.parse::<u16>()) {
+        (Ok(addr), _) => Ok(addr),
+        (_, Ok(port)) => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        _ => Err("expected IP:PORT (127.0.0.1:8089, [::1]:8089) or a port".into()),
     }
 }
 
@@ -235,6 +252,8 @@ impl LoadArgs {
             max_users: self.max_users,
             csv: self.csv.clone(),
             html: self.html.clone(),
+            web: self.web,
+            linger: self.linger,
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

@@ -41,6 +41,10 @@ pub struct Overrides {
     pub csv: Option<PathBuf>,
     /// `--html FILE`: a self-contained report.
     pub html: Option<PathBuf>,
+    /// `--web ADDR`: the live dashboard and /metrics.
+    pub web: Option<std::net::SocketAddr>,
+    /// `--linger`: keep serving `--web` after the run, until Ctrl-C.
+    pub linger: bool,
     /// `--threshold` (repeatable): added to the scenario's own.
     pub thresholds: Vec<String>,
     /// The scenario's `thresholds` (parsed when it loaded).
@@ -89,6 +93,10 @@ pub struct RunConfig {
     pub csv: Option<PathBuf>,
     /// A self-contained HTML report.
     pub html: Option<PathBuf>,
+    /// Where the live dashboard and /metrics are served.
+    pub web: Option<std::net::SocketAddr>,
+    /// Keep serving them after the run, until Ctrl-C.
+    pub linger: bool,
 }
 
 /// How the live table is shown while the run goes.
@@ -239,6 +247,8 @@ impl RunConfig {
             rate_stages,
             csv: cli.csv.clone(),
             html: cli.html.clone(),
+            web: cli.web,
+            linger: cli.linger,
         })
     }
 }

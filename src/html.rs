@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use crate::stats::{Latency, RowSummary, Summary};
 
 /// HTML-escapes text.
-fn esc(s: &str) -> String {
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -38,10 +38,16 @@ fn chart(id: &str, title: &str, unit: &str, lines: &[Line]) -> String {
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.1))
         .fold(0.0_f64, f64::max);
-    // All zero (no failures): a scale of 0 to 1, not a grid of zeros.
-    let ymax = if ymax > 0.0 { ymax * 1.1 } else { 1.1 };
+    // Round steps on both axes; the y scale ends on a step above the highest point, and an
+    // all-zero chart (no failures) gets a scale of 0 to 1, not a grid of zeros.
+    let ystep = nice_step(if ymax > 0.0 { ymax / 4.0 } else { 0.25 }, &[1.0, 2.0, 2.5, 5.0]);
+    let ytop = ((ymax / ystep).floor() + 1.0) * ystep;
+    let xstep = match xmax / 4.0 {
+        d if d <= 60.0 => nice_step(d, &[1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0]).max(1.0),
+        d => 60.0 * nice_step(d / 60.0, &[1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0]),
+    };
     let x = |v: f64| LEFT + v / xmax * (W - LEFT - RIGHT);
-    let y = |v: f64| TOP + (1.0 - v / ymax) * (H - TOP - BOTTOM);
+    let y = |v: f64| TOP + (1.0 - v / ytop) * (H - TOP - BOTTOM);
     let mut svg = String::new();
     let _ = write!(
         svg,
@@ -49,8 +55,8 @@ fn chart(id: &str, title: &str, unit: &str, lines: &[Line]) -> String {
         esc(title),
         esc(title)
     );
-    for i in 0..=4 {
-        let v = ymax / 1.1 * i as f64 / 4.0;
+    let mut v = 0.0;
+    while v <= ytop + ystep / 1e6 {
         let _ = write!(
             svg,
             r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#e5e7eb"/><text x="{}" y="{:.1}" text-anchor="end" class="tick">{}</text>"##,
@@ -60,20 +66,24 @@ fn chart(id: &str, title: &str, unit: &str, lines: &[Line]) -> String {
             short(v, unit),
             y = y(v)
         );
+        v += ystep;
     }
-    for i in 0..=4 {
-        let v = xmax * i as f64 / 4.0;
+    let mut v = 0.0;
+    while v <= xmax + 1e-9 {
+        // The last label ends at the axis' end rather than running past it.
+        let anchor = if x(v) > W - RIGHT - 20.0 { "end" } else { "middle" };
+        let label = match v {
+            v if v >= 120.0 && v % 60.0 == 0.0 => format!("{}m", v / 60.0),
+            v if v >= 120.0 => format!("{}m{}s", (v / 60.0).floor(), v % 60.0),
+            v => format!("{v}s"),
+        };
         let _ = write!(
             svg,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle" class="tick">{}s</text>"#,
+            r#"<text x="{:.1}" y="{}" text-anchor="{anchor}" class="tick">{label}</text>"#,
             x(v),
             H - 8.0,
-            if xmax < 20.0 && v.fract() != 0.0 {
-                format!("{v:.1}")
-            } else {
-                format!("{v:.0}")
-            }
         );
+        v += xstep;
     }
     let _ = write!(
         svg,
@@ -110,13 +120,24 @@ fn chart(id: &str, title: &str, unit: &str, lines: &[Line]) -> String {
     svg
 }
 
+/// The smallest of `steps` (times a power of ten) that is at least `raw`.
+fn nice_step(raw: f64, steps: &[f64]) -> f64 {
+    let magnitude = 10f64.powf(raw.log10().floor());
+    for m in [magnitude, magnitude * 10.0] {
+        if let Some(s) = steps.iter().map(|s| s * m).find(|s| *s >= raw * (1.0 - 1e-9)) {
+            return s;
+        }
+    }
+    raw
+}
+
 fn short(v: f64, unit: &str) -> String {
     let n = if v >= 1000.0 {
         format!("{:.1}k", v / 1000.0)
     } else if v >= 10.0 || v.fract() == 0.0 {
         format!("{v:.0}")
     } else {
-        format!("{v:.2}")
+        format!("{v:.2}").trim_end_matches('0').to_string()
     };
     format!("{n}{unit}")
 }
@@ -144,22 +165,6 @@ fn row_cells(r: &RowSummary, method: &str, name: &str) -> String {
 
 /// The page.
 pub fn render(s: &Summary) -> String {
-    let mut last = 0.0;
-    let mut rps = Vec::new();
-    let mut fps = Vec::new();
-    let (mut p50, mut p95, mut p99, mut users) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for p in &s.series {
-        let length = (p.t_s - last).max(1e-3);
-        last = p.t_s;
-        rps.push((p.t_s, p.requests as f64 / length));
-        fps.push((p.t_s, p.failures as f64 / length));
-        users.push((p.t_s, p.users as f64));
-        for (v, into) in [(p.p50_ms, &mut p50), (p.p95_ms, &mut p95), (p.p99_ms, &mut p99)] {
-            if let Some(v) = v {
-                into.push((p.t_s, v));
-            }
-        }
-    }
     let mut page = String::new();
     let title = format!("stormlight: {}", s.config.script);
     let _ = write!(
@@ -177,6 +182,31 @@ pub fn render(s: &Summary) -> String {
         if s.interrupted { " (interrupted)" } else { "" },
         esc(s.config.host.as_deref().unwrap_or("(urls in the scenario)"))
     );
+    page.push_str(&sections(s));
+    page.push_str("</main></body></html>\n");
+    page
+}
+
+/// The report's body: cards, charts and tables (also what the live dashboard shows each
+/// second, see `web`).
+pub fn sections(s: &Summary) -> String {
+    let mut last = 0.0;
+    let mut rps = Vec::new();
+    let mut fps = Vec::new();
+    let (mut p50, mut p95, mut p99, mut users) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for p in &s.series {
+        let length = (p.t_s - last).max(1e-3);
+        last = p.t_s;
+        rps.push((p.t_s, p.requests as f64 / length));
+        fps.push((p.t_s, p.failures as f64 / length));
+        users.push((p.t_s, p.users as f64));
+        for (v, into) in [(p.p50_ms, &mut p50), (p.p95_ms, &mut p95), (p.p99_ms, &mut p99)] {
+            if let Some(v) = v {
+                into.push((p.t_s, v));
+            }
+        }
+    }
+    let mut page = String::new();
     let t = &s.total;
     let _ = write!(
         page,
@@ -304,11 +334,11 @@ pub fn render(s: &Summary) -> String {
         esc(&s.config.load),
         esc(&s.version)
     );
-    page.push_str("</main></body></html>\n");
     page
 }
 
-const STYLE: &str = "body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;color:#111827;background:#f9fafb;margin:0}\
+/// The report's stylesheet (the dashboard's too).
+pub const STYLE: &str = "body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;color:#111827;background:#f9fafb;margin:0}\
 main{max-width:1360px;margin:0 auto;padding:24px}h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px}\
 .run{color:#4b5563;margin:0 0 16px}.cards{display:flex;gap:12px;flex-wrap:wrap}.cards div{background:#fff;border:1px solid #e5e7eb;\
 border-radius:8px;padding:10px 16px;color:#4b5563}.cards b{display:block;font-size:20px;color:#111827}\
@@ -318,4 +348,36 @@ svg{width:100%;height:auto}.tick{font-size:13px;fill:#6b7280}.legend{display:fle
 .legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px}\
 table{border-collapse:collapse;background:#fff;border:1px solid #e5e7eb;width:100%}th,td{padding:6px 10px;border-bottom:1px solid #f3f4f6;text-align:right}\
 th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}tfoot td{font-weight:600}tr.fail td:first-child{color:#dc2626;font-weight:600}\
-tr.pass td:first-child{color:#16a34a}";
+tr.pass td:first-child{color:#16a34a}\
+table[data-table=failures] :is(th,td){text-align:left}table[data-table=failures] :is(th,td):first-child{text-align:right;width:6em}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axes_step_by_round_numbers() {
+        let y = [1.0, 2.0, 2.5, 5.0];
+        assert_eq!(nice_step(242.0, &y), 250.0);
+        assert_eq!(nice_step(0.25, &y), 0.25);
+        assert_eq!(nice_step(3.1, &y), 5.0);
+        assert_eq!(nice_step(1000.0, &y), 1000.0);
+        let secs = [1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0];
+        assert_eq!(nice_step(2.75, &secs), 5.0);
+        assert_eq!(nice_step(12.0, &secs), 20.0);
+        let svg = chart(
+            "c",
+            "t",
+            "",
+            &[Line {
+                name: "l",
+                colour: "#000",
+                points: vec![(1.0, 90.0), (11.0, 969.0)],
+            }],
+        );
+        for tick in [">0<", ">250<", ">500<", ">750<", ">1.0k<", ">0s<", ">5s<", ">10s<"] {
+            assert!(svg.contains(tick), "{tick} in {svg}");
+        }
+        assert!(!svg.contains(">11s<"), "ticks fall on the steps");
+    }
+}

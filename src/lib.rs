@@ -12,6 +12,7 @@
 //! - [`stats`]: per-worker recorders, the merged aggregate, the summary schema.
 //! - [`report`]: live table, final tables, JSON file.
 //! - [`target`]: the built-in HTTP target used by `demo`, by hand and by the tests.
+//! - [`web`]: `--web`, the live dashboard, its Stop button and `/metrics`.
 //!
 //! This crate never exits the process: commands return an [`Exit`] or an error, and `main`
 //! chooses the exit code.
@@ -30,8 +31,8 @@ pub mod stats;
 pub mod target;
 pub mod threshold;
 pub mod user;
+pub mod web;
 
-use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -120,13 +121,48 @@ fn check_writable(path: &Path, flag: &str) -> Result<()> {
     Ok(())
 }
 
-/// `stormlight run` (and `demo`): runs, prints the summary to stdout, writes `--out`.
-pub async fn run(
-    cfg: RunConfig,
-    plan: runner::Plan,
-    shutdown: impl Future<Output = ()>,
-    hurry: impl Future<Output = ()>,
-) -> Result<Exit> {
+/// Interrupts (Ctrl-C, SIGTERM) counted as they arrive: the first stops the run, the second
+/// cuts its grace period short; with `--linger`, one after the run ends the process. `main`
+/// feeds it from the signals; tests and embedders from their own sender.
+#[derive(Clone)]
+pub struct Signals(tokio::sync::watch::Receiver<u32>);
+
+impl Signals {
+    pub fn new(count: tokio::sync::watch::Receiver<u32>) -> Self {
+        Self(count)
+    }
+
+    /// Interrupts that never come.
+    pub fn none() -> Self {
+        Self(tokio::sync::watch::channel(0).1)
+    }
+
+    /// How many have arrived.
+    pub fn count(&self) -> u32 {
+        *self.0.borrow()
+    }
+
+    /// Resolves once `n` interrupts in all have arrived (never, if no more can come).
+    pub async fn nth(&self, n: u32) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|count| *count >= n).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// `stormlight run` (and `demo`): runs, prints the summary to stdout, writes the outputs.
+pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result<Exit> {
+    // The dashboard's address is checked (bound) before anything else happens.
+    let web = match cfg.web {
+        Some(addr) => {
+            let board = web::Board::new();
+            let bound = web::serve(addr, board.clone()).await?;
+            Some((board, bound))
+        }
+        None => None,
+    };
+    let board = web.as_ref().map(|(b, _)| b.as_ref());
     let host = cfg
         .host
         .as_ref()
@@ -152,7 +188,56 @@ pub async fn run(
             "warning: no host (--host, or `host` in the scenario): http calls given a path rather than a full URL will fail"
         );
     }
-    let result = runner::run_with(&cfg, Arc::new(plan), shutdown, hurry).await?;
+    if let Some((_, bound)) = &web {
+        eprintln!("dashboard: http://{bound}/ (Prometheus metrics: http://{bound}/metrics)");
+    }
+    let shutdown = async {
+        tokio::select! {
+            () = signals.nth(1) => eprintln!(
+                "\ninterrupted: stopping users, finishing requests in flight (Ctrl-C again to skip)..."
+            ),
+            () = web::Board::stop_requested(board) => eprintln!(
+                "\nStop pressed on the dashboard: stopping users, finishing requests in flight (Ctrl-C to skip)..."
+            ),
+        }
+    };
+    let hurry = async {
+        // First polled once the run has ended: the next interrupt hurries (the second after a
+        // Ctrl-C, the first after the Stop button or the end of the duration).
+        signals.nth(signals.count() + 1).await;
+        eprintln!("\ninterrupted again: counting what is in flight as aborted, writing the summary now");
+    };
+    let result = runner::run_with(&cfg, Arc::new(plan), shutdown, hurry, board).await?;
+    let exit = write_outputs(&cfg, &result, board);
+    if let Some((_, bound)) = &web {
+        if cfg.linger {
+            eprintln!("--linger: the dashboard stays up at http://{bound}/ until Ctrl-C");
+            let seen = signals.count();
+            signals.nth(seen + 1).await;
+        } else {
+            // A moment for open pages to receive the last event.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    Ok(exit)
+}
+
+/// Prints the summary, writes every requested output, and says how the run ended.
+fn write_outputs(cfg: &RunConfig, result: &runner::RunResult, board: Option<&web::Board>) -> Exit {
+    let mut written = Vec::new();
+    let exit = write_files(cfg, result, &mut written);
+    if let Some(board) = board {
+        let note = match exit {
+            Exit::OutputFailed => "an output could not be written: see the terminal".to_string(),
+            _ if written.is_empty() => "the summary is on the terminal (no --out, --csv or --html)".to_string(),
+            _ => format!("written: {}", written.join(", ")),
+        };
+        board.add_note(&note);
+    }
+    exit
+}
+
+fn write_files(cfg: &RunConfig, result: &runner::RunResult, written: &mut Vec<String>) -> Exit {
     scenario::host::flush_log();
     let mut stdout = std::io::stdout().lock();
     let _ = report::write_summary(&mut stdout, &result.summary);
@@ -160,42 +245,47 @@ pub async fn run(
     if let Some(out) = &cfg.out {
         // The summary is on stdout already: a failure here loses nothing measured.
         match report::write_json(out, &result.summary) {
-            Ok(()) => eprintln!("summary written to {}", out.display()),
+            Ok(()) => {
+                eprintln!("summary written to {}", out.display());
+                written.push(out.display().to_string());
+            }
             Err(e) => {
                 eprintln!("error: {e:#}");
-                return Ok(Exit::OutputFailed);
+                return Exit::OutputFailed;
             }
         }
     }
     if let Some(prefix) = &cfg.csv {
         if let Err(e) = csv_out::write(prefix, &result.summary) {
             eprintln!("error: {e:#}");
-            return Ok(Exit::OutputFailed);
+            return Exit::OutputFailed;
         }
         eprintln!("CSV written to {}_*.csv", prefix.display());
+        written.push(format!("{}_*.csv", prefix.display()));
     }
     if let Some(path) = &cfg.html {
         if let Err(e) = report::write_file(path, html::render(&result.summary).as_bytes()) {
             eprintln!("error: {e:#}");
-            return Ok(Exit::OutputFailed);
+            return Exit::OutputFailed;
         }
         eprintln!("HTML report written to {}", path.display());
+        written.push(path.display().to_string());
     }
     if let Some(why) = &result.setup_failed {
         eprintln!("error: setup() failed, so no user was started: {why}");
-        return Ok(Exit::SetupFailed);
+        return Exit::SetupFailed;
     }
     if let Some(t) = &result.aborted_by {
         eprintln!("the run was stopped early: threshold {t:?} failed (abort_on_fail)");
     }
     if result.aborted_by.is_some() || result.summary.thresholds.iter().any(|v| !v.ok) {
-        return Ok(Exit::ThresholdFailed);
+        return Exit::ThresholdFailed;
     }
-    Ok(if result.interrupted {
+    if result.interrupted {
         Exit::Interrupted
     } else {
         Exit::Success
-    })
+    }
 }
 
 /// `stormlight check`: what the scenario defines.
@@ -205,13 +295,7 @@ pub fn check(path: &Path) -> Result<String> {
 
 /// `stormlight demo`: the built-in target on an ephemeral loopback port, and the bundled
 /// scenario against it (10 users, spawn rate 5, 10 s unless flags say otherwise).
-pub async fn demo(
-    mut flags: Overrides,
-    out: Option<PathBuf>,
-    live: LiveMode,
-    shutdown: impl Future<Output = ()>,
-    hurry: impl Future<Output = ()>,
-) -> Result<Exit> {
+pub async fn demo(mut flags: Overrides, out: Option<PathBuf>, live: LiveMode, signals: Signals) -> Result<Exit> {
     let target = target::Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     eprintln!("built-in target listening on {}", target.url());
     flags.host = Some(target.url());
@@ -225,7 +309,7 @@ pub async fn demo(
         live,
     };
     let (cfg, plan) = prepare(&req, Some(DEMO_SCENARIO))?;
-    let exit = run(cfg, plan, shutdown, hurry).await?;
+    let exit = run(cfg, plan, signals).await?;
     eprintln!("the target received {} requests", target.counts.requests());
     Ok(exit)
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use stormlight::cli::{Cli, Command};
-use stormlight::{Exit, RunRequest};
+use stormlight::{Exit, RunRequest, Signals};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -62,17 +62,14 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 live: args.load.live(),
             };
             let (cfg, plan) = stormlight::prepare(&req, None)?;
-            let (stop, hurry) = interrupts();
-            stormlight::run(cfg, plan, stop, hurry).await
+            stormlight::run(cfg, plan, signals()).await
         }
         Command::Demo(args) => {
-            let (stop, hurry) = interrupts();
             stormlight::demo(
                 args.load.overrides(None),
                 args.load.out.clone(),
                 args.load.live(),
-                stop,
-                hurry,
+                signals(),
             )
             .await
         }
@@ -107,36 +104,22 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
     }
 }
 
-/// The interrupts, as two futures: the first Ctrl-C or SIGTERM stops the run (summary and
-/// outputs after the grace period), a second one cuts the grace period short (summary and
-/// outputs at once), a third exits without them.
-fn interrupts() -> (
-    impl std::future::Future<Output = ()>,
-    impl std::future::Future<Output = ()>,
-) {
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
-    let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
+/// The interrupts (Ctrl-C, SIGTERM), counted: the first stops the run (summary and outputs
+/// after the grace period), a second cuts the grace period short (summary and outputs at
+/// once), a third exits without them.
+fn signals() -> Signals {
+    let (count, rx) = tokio::sync::watch::channel(0u32);
     tokio::spawn(async move {
-        signal().await;
-        let _ = first_tx.send(());
-        signal().await;
-        let _ = second_tx.send(());
-        signal().await;
-        eprintln!("\nthird interrupt: exiting without a summary");
-        std::process::exit(130);
-    });
-    let first = async move {
-        let _ = first_rx.await;
-        eprintln!("\ninterrupted: stopping users, finishing requests in flight (Ctrl-C again to skip)...");
-    };
-    let second = async move {
-        if second_rx.await.is_ok() {
-            eprintln!("\nsecond interrupt: counting what is in flight as aborted, writing the summary now");
-        } else {
-            std::future::pending::<()>().await;
+        loop {
+            signal().await;
+            count.send_modify(|n| *n += 1);
+            if *count.borrow() >= 3 {
+                eprintln!("\nthird interrupt: exiting without a summary");
+                std::process::exit(130);
+            }
         }
-    };
-    (first, second)
+    });
+    Signals::new(rx)
 }
 
 async fn signal() {

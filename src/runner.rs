@@ -204,16 +204,18 @@ pub struct RunResult {
 /// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
 /// `plan` comes from [`Plan::new`] with the same host as `cfg`.
 pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output = ()>) -> Result<RunResult> {
-    run_with(cfg, plan, shutdown, std::future::pending()).await
+    run_with(cfg, plan, shutdown, std::future::pending(), None).await
 }
 
 /// [`run`], where `hurry` resolving (a second Ctrl-C) during the final grace period ends it at
-/// once: what is still in flight counts as aborted, and the summary is made as usual.
+/// once: what is still in flight counts as aborted, and the summary is made as usual; and
+/// the numbers are published to `board` (`--web`) each tick and at the end.
 pub async fn run_with(
     cfg: &RunConfig,
     plan: Arc<Plan>,
     shutdown: impl Future<Output = ()>,
     hurry: impl Future<Output = ()>,
+    board: Option<&crate::web::Board>,
 ) -> Result<RunResult> {
     let shared = Arc::new(Shared {
         stopping: AtomicBool::new(false),
@@ -295,6 +297,34 @@ pub async fn run_with(
     let mut agg = Aggregate::with_rows(&plan.rows);
     let mut live = report::Live::new(cfg.live == LiveMode::Auto);
     let mut ticker = tokio::time::interval_at(start + TICK, TICK);
+    // The live dashboard's view: the counts so far, each tick.
+    let publish = |agg: &Aggregate, phase: crate::web::Phase, summary: Option<&crate::stats::Summary>| {
+        let Some(board) = board else { return };
+        let elapsed = start.elapsed();
+        let (rps_now, fails_now) = agg.last_tick_rates();
+        let status = crate::web::Status {
+            phase,
+            elapsed: summary.map_or(elapsed, |s| Duration::from_secs_f64(s.duration_s)),
+            duration: cfg.duration,
+            users: shared.running(),
+            rps_now,
+            fails_now,
+        };
+        match summary {
+            Some(s) => board.publish(s, agg, &status),
+            None => {
+                let light = agg.summary_light(SummaryMeta {
+                    started_at,
+                    duration: elapsed,
+                    interrupted: false,
+                    all_users_started: shared.all_started_after.get().copied(),
+                    config: config_summary(cfg),
+                });
+                board.publish(&light, agg, &status);
+            }
+        }
+    };
+    publish(&agg, crate::web::Phase::Running, None);
 
     // When user number `n` (0-based) is due (the open model's pool: all at once); with
     // stages, when to look at the ramp again.
@@ -325,6 +355,7 @@ pub async fn run_with(
                         flush(&workers, &mut agg).await;
                         agg.end_tick(start.elapsed(), shared.running());
                         live.draw(&agg, start.elapsed(), spawned, cfg);
+                        publish(&agg, crate::web::Phase::Running, None);
                         let elapsed = start.elapsed();
                         if let Some(t) = cfg
                             .thresholds
@@ -369,6 +400,7 @@ pub async fn run_with(
     // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
     shared.stopping.store(true, Ordering::Relaxed);
     shared.stopped.send_replace(true);
+    publish(&agg, crate::web::Phase::Stopping, None);
     {
         let finishing = finish(&workers, Instant::now() + cfg.grace, cfg.grace, &mut agg);
         tokio::pin!(finishing);
@@ -390,22 +422,32 @@ pub async fn run_with(
         duration: measured,
         interrupted,
         all_users_started: shared.all_started_after.get().copied(),
-        config: ConfigSummary {
-            host: cfg.host.as_ref().map(|h| h.as_str().trim_end_matches('/').to_string()),
-            users: cfg.users,
-            spawn_rate: cfg.spawn_rate,
-            script: cfg.script.display().to_string(),
-            load: crate::config::describe_load(cfg),
-        },
+        config: config_summary(cfg),
     });
     summary.thresholds = cfg.thresholds.iter().map(|t| t.judge(&agg, measured)).collect();
     summary.aborted_by = aborted_by.clone();
+    let phase = match interrupted || aborted_by.is_some() {
+        true => crate::web::Phase::Stopped,
+        false => crate::web::Phase::Finished,
+    };
+    publish(&agg, phase, Some(&summary));
     Ok(RunResult {
         summary,
         interrupted,
         setup_failed,
         aborted_by,
     })
+}
+
+/// The run's configuration as the summary records it.
+fn config_summary(cfg: &RunConfig) -> ConfigSummary {
+    ConfigSummary {
+        host: cfg.host.as_ref().map(|h| h.as_str().trim_end_matches('/').to_string()),
+        users: cfg.users,
+        spawn_rate: cfg.spawn_rate,
+        script: cfg.script.display().to_string(),
+        load: crate::config::describe_load(cfg),
+    }
 }
 
 /// When the open model's iteration `k` (0-based) is due: `k / rate` after the start.

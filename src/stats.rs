@@ -541,6 +541,17 @@ impl Aggregate {
         }
     }
 
+    /// Requests and failures per second in the last closed tick (the last one may be short).
+    pub fn last_tick_rates(&self) -> (f64, f64) {
+        let n = self.series.len();
+        let Some(last) = self.series.last() else {
+            return (0.0, 0.0);
+        };
+        let before = if n >= 2 { self.series[n - 2].t_s } else { 0.0 };
+        let secs = (last.t_s - before).max(1e-3);
+        (last.requests as f64 / secs, last.failures as f64 / secs)
+    }
+
     pub fn rows(&self) -> impl Iterator<Item = (&RowId, &RowStats)> {
         self.rows.iter().map(|(id, s)| (id, s))
     }
@@ -582,12 +593,26 @@ impl Aggregate {
 
     /// The final, serializable summary. Rows that never saw a request are left out.
     pub fn summary(&self, meta: SummaryMeta) -> Summary {
+        self.summary_with(meta, true)
+    }
+
+    /// The summary without the encoded histograms (rows' and the series'): what the live
+    /// dashboard shows each second, at a fraction of the cost.
+    pub fn summary_light(&self, meta: SummaryMeta) -> Summary {
+        self.summary_with(meta, false)
+    }
+
+    fn summary_with(&self, meta: SummaryMeta, histograms: bool) -> Summary {
         let secs = meta.duration.as_secs_f64();
+        let row = |method: &str, name: &str, s: &RowStats| {
+            let r = RowSummary::new(method, name, s, secs);
+            if histograms { r.with_histograms(s) } else { r }
+        };
         let endpoints = self
             .rows
             .iter()
             .filter(|(_, s)| s.requests > 0)
-            .map(|(id, s)| RowSummary::new(&id.method, &id.name, s, secs).with_histograms(s))
+            .map(|(id, s)| row(&id.method, &id.name, s))
             .collect();
         Summary {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -601,7 +626,17 @@ impl Aggregate {
                 .map(|(p, n)| (p.to_string(), n))
                 .collect(),
             script_errors: self.errors,
-            series: self.series.clone(),
+            series: match histograms {
+                true => self.series.clone(),
+                false => self
+                    .series
+                    .iter()
+                    .map(|p| SeriesPoint {
+                        latency_hist: None,
+                        ..p.clone()
+                    })
+                    .collect(),
+            },
             dropped_iterations: self.dropped,
             thresholds: Vec::new(),
             aborted_by: None,
@@ -617,9 +652,7 @@ impl Aggregate {
             config: meta.config,
             total: {
                 let total = self.total();
-                RowSummary::new("", "Aggregated", &total, secs)
-                    .with_histograms(&total)
-                    .into_total()
+                row("", "Aggregated", &total).into_total()
             },
             endpoints,
             failures: self.failures(),

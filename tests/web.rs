@@ -1,0 +1,490 @@
+//! `--web`: the live dashboard, its Stop button and `/metrics`, against the real binary and
+//! the built-in target. The browser test drives Debian's Chromium through chromedriver
+//! (WebDriver is plain HTTP and JSON); it is skipped with a message where they are missing,
+//! and required under CI (`.ci/run` installs them).
+//!
+//! Every child is bounded: the runs are stopped by the test (or end by their `-t`), and a
+//! child still running when its test ends is killed.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stormlight");
+
+/// The binary running with `--web`; its stderr collected as it comes.
+struct Run {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    web: SocketAddr,
+}
+
+impl Run {
+    fn start(args: &[&str]) -> Run {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start stormlight");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (pipe, into) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = into.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut run = Run {
+            child,
+            stderr,
+            web: "0.0.0.0:0".parse().unwrap(),
+        };
+        let line = run.wait_for_stderr("dashboard: http://", Duration::from_secs(20));
+        let addr = line
+            .split("dashboard: http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .expect("the dashboard's address");
+        run.web = addr.parse().expect("a socket address");
+        run
+    }
+
+    /// Waits until stderr has a line containing `text`; returns that line.
+    fn wait_for_stderr(&mut self, text: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self.stderr.lock().unwrap().lines().find(|l| l.contains(text)) {
+                return line.to_string();
+            }
+            if Instant::now() > deadline || self.child.try_wait().unwrap().is_some() {
+                panic!("no {text:?} on stderr:\n{}", self.stderr.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("still running after {limit:?}:\n{}", self.stderr.lock().unwrap());
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the status and the (de-chunked) body.
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    // Read the head, then the body by its length (a server may keep the connection open).
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16384];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut buf).expect("read a response");
+        assert!(n > 0, "the connection closed before a response head");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status");
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse::<usize>().unwrap());
+    let chunked = head.contains("transfer-encoding: chunked");
+    loop {
+        let have = raw.len() - head_end;
+        let done = match length {
+            Some(n) => have >= n,
+            None if chunked => raw.ends_with(b"0\r\n\r\n"),
+            None => false,
+        };
+        if done {
+            break;
+        }
+        match s.read(&mut buf).expect("read a response body") {
+            0 => break,
+            n => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    let rest = String::from_utf8_lossy(&raw[head_end..]).into_owned();
+    let body = if chunked {
+        let (mut out, mut rest) = (String::new(), rest.as_str());
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        rest
+    };
+    (status, body)
+}
+
+fn scenario(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = dir.join("web.lua");
+    std::fs::write(
+        &script,
+        r#"endpoints = { Task("GET", "/hello"), Task("GET", "/status/503", { name = "down", weight = 1 }) }
+wait_time = constant(0.01)
+"#,
+    )
+    .unwrap();
+    script
+}
+
+fn temp_dir(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("stormlight-web-{what}-{}", std::process::id()))
+}
+
+/// The sum of a counter family's samples.
+fn counter_sum(text: &str, name: &str) -> f64 {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("parses as Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is not a counter or gauge"),
+        })
+        .sum()
+}
+
+#[test]
+fn metrics_parse_and_their_request_counter_equals_the_summary_total() {
+    let t = common::target();
+    let dir = temp_dir("metrics");
+    let script = scenario(&dir);
+    let out = dir.join("out.json");
+    let mut run = Run::start(&[
+        "run",
+        script.to_str().unwrap(),
+        "--host",
+        &t.url(),
+        "-u",
+        "4",
+        "-t",
+        "60s",
+        "-q",
+        "--web",
+        "127.0.0.1:0",
+        "--linger",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, during) = http(run.web, "GET", "/metrics", &[], "");
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(during.lines().map(|l| Ok(l.to_string()))).expect("parses");
+    let names: std::collections::BTreeSet<_> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    for name in [
+        "stormlight_requests_total",
+        "stormlight_failures_total",
+        "stormlight_failure_reasons_total",
+        "stormlight_request_duration_seconds",
+        "stormlight_request_latency_seconds",
+        "stormlight_users",
+        "stormlight_running",
+    ] {
+        assert!(names.contains(name), "{name} missing from\n{during}");
+    }
+    assert!(counter_sum(&during, "stormlight_requests_total") > 0.0, "{during}");
+    // Histograms: buckets that only grow, ending at the count.
+    for sample in scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "stormlight_request_duration_seconds")
+    {
+        let prometheus_parse::Value::Histogram(buckets) = &sample.value else {
+            panic!("not a histogram: {sample:?}")
+        };
+        assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count), "{buckets:?}");
+        assert!(buckets.last().unwrap().less_than.is_infinite());
+    }
+    assert_eq!(counter_sum(&during, "stormlight_users"), 4.0, "{during}");
+    assert_eq!(counter_sum(&during, "stormlight_running"), 1.0);
+    // A page of another origin cannot stop the run: the header is required.
+    assert_eq!(http(run.web, "POST", "/stop", &[], "").0, 403);
+    assert_eq!(http(run.web, "GET", "/stop", &[], "").0, 405);
+    assert_eq!(http(run.web, "POST", "/stop", &[("X-Stormlight", "stop")], "").0, 202);
+    run.wait_for_stderr("--linger", Duration::from_secs(20));
+    let (_, after) = http(run.web, "GET", "/metrics", &[], "");
+    assert_eq!(counter_sum(&after, "stormlight_running"), 0.0, "{after}");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let total = summary["total"]["requests"].as_u64().unwrap();
+    assert_eq!(counter_sum(&after, "stormlight_requests_total"), total as f64);
+    assert_eq!(
+        counter_sum(&after, "stormlight_failures_total"),
+        summary["total"]["failures"].as_f64().unwrap()
+    );
+    assert_eq!(
+        total,
+        t.counts.requests(),
+        "every request the target received, counted once"
+    );
+    assert!(summary["interrupted"].as_bool().unwrap(), "Stop ends the run early");
+    // --linger: still serving until Ctrl-C.
+    assert_eq!(http(run.web, "GET", "/metrics", &[], "").1, after);
+    Command::new("kill")
+        .args(["-INT", &run.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(run.wait(Duration::from_secs(10)), Some(130));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_web_address_is_checked_before_any_traffic() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let t = common::target();
+    let dir = temp_dir("addr");
+    let script = scenario(&dir);
+    for (addr, says) in [
+        (format!("127.0.0.1:{port}"), "--web: cannot listen on"),
+        ("nowhere".to_string(), "invalid value 'nowhere' for '--web"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["run", script.to_str().unwrap(), "--host", &t.url(), "-t", "5s"])
+            .args(["--web", &addr])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+    assert_eq!(t.counts.requests(), 0);
+    let out = Command::new(BIN)
+        .args(["run", script.to_str().unwrap(), "--linger"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "--linger needs --web");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// chromedriver and Chromium, or `None` (skipped) outside CI.
+fn chromedriver() -> Option<(Child, SocketAddr)> {
+    let found = ["chromium", "chromedriver"].iter().all(|b| {
+        Command::new(b)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have chromium and chromedriver (.ci/run installs them)"
+        );
+        eprintln!("skipped: no chromium or chromedriver here (CI installs them)");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((child, addr))
+}
+
+/// A WebDriver session: the few commands the test needs.
+struct Browser {
+    driver: SocketAddr,
+    session: String,
+}
+
+impl Browser {
+    fn open(driver: SocketAddr) -> Browser {
+        let profile = temp_dir("chromium-profile");
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--no-first-run", "--window-size=1400,1200",
+                         format!("--user-data-dir={}", profile.display())]
+            }
+        }}});
+        let v = Self::call(driver, "POST", "/session", &caps);
+        let session = v["sessionId"].as_str().expect("a session").to_string();
+        Browser { driver, session }
+    }
+
+    fn call(driver: SocketAddr, method: &str, path: &str, body: &Value) -> Value {
+        let (status, text) = http(
+            driver,
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            &body.to_string(),
+        );
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("webdriver: {status} {text}"));
+        assert_eq!(status, 200, "webdriver {method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
+        Self::call(self.driver, method, &format!("/session/{}{path}", self.session), &body)
+    }
+
+    fn script(&self, js: &str) -> Value {
+        self.cmd("POST", "/execute/sync", json!({"script": js, "args": []}))
+    }
+
+    /// Waits until `js` returns something truthy; returns it.
+    fn until(&self, js: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.script(js);
+            if !(v.is_null() || v == json!(false) || v == json!("") || v == json!(0)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for: {js}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = http(self.driver, "DELETE", &format!("/session/{}", self.session), &[], "");
+    }
+}
+
+#[test]
+fn the_dashboard_updates_in_headless_chromium_and_stop_ends_the_run_with_the_summary_written() {
+    let Some((mut driver, driver_addr)) = chromedriver() else {
+        return;
+    };
+    let t = common::target();
+    let dir = temp_dir("dashboard");
+    let script = scenario(&dir);
+    let out = dir.join("out.json");
+    let mut run = Run::start(&[
+        "run",
+        script.to_str().unwrap(),
+        "--host",
+        &t.url(),
+        "-u",
+        "3",
+        "-t",
+        "60s",
+        "-q",
+        "--web",
+        "127.0.0.1:0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let browser = Browser::open(driver_addr);
+    browser.cmd("POST", "/url", json!({"url": format!("http://{}/", run.web)}));
+    // The requests card, as a number, once the page shows one.
+    let requests = "const b = document.querySelector('.cards b'); return b ? Number(b.textContent) : 0;";
+    let first = browser.until(requests, Duration::from_secs(15)).as_f64().unwrap();
+    std::thread::sleep(Duration::from_millis(2200));
+    let second = browser.script(requests).as_f64().unwrap();
+    assert!(
+        second > first,
+        "the numbers grow between two reads: {first} then {second}"
+    );
+    assert_eq!(
+        browser.script("return document.getElementById('phase').textContent"),
+        "running"
+    );
+    let drawn = browser.script("return document.querySelectorAll('#live svg polyline').length");
+    assert!(drawn.as_u64().unwrap() >= 6, "the charts are drawn: {drawn}");
+    let rows = browser.script(
+        "return [...document.querySelectorAll('table[data-table=endpoints] tbody td:nth-child(2)')].map(td => td.textContent)",
+    );
+    assert_eq!(rows, json!(["/hello", "down"]));
+
+    let stop = browser.cmd("POST", "/element", json!({"using": "css selector", "value": "#stop"}));
+    let id = stop
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    browser.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    assert_eq!(
+        run.wait(Duration::from_secs(20)),
+        Some(130),
+        "Stop ends the run like Ctrl-C"
+    );
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&out).expect("the summary is written")).unwrap();
+    assert_eq!(summary["total"]["requests"].as_u64().unwrap(), t.counts.requests());
+    assert!(summary["interrupted"].as_bool().unwrap());
+    // The page got the last event before the process ended.
+    let phase = browser.until(
+        "const p = document.getElementById('phase').textContent; return p === 'stopped' ? p : '';",
+        Duration::from_secs(5),
+    );
+    assert_eq!(phase, "stopped");
+    let note = browser.script("return document.getElementById('note').textContent");
+    assert!(note.as_str().unwrap().contains("out.json"), "{note}");
+    let shown = browser.script("return Number(document.querySelector('.cards b').textContent)");
+    assert_eq!(
+        shown.as_u64(),
+        summary["total"]["requests"].as_u64(),
+        "the page's last numbers are the summary's"
+    );
+    drop(browser);
+    let _ = driver.kill();
+    let _ = driver.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
