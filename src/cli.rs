@@ -14,7 +14,7 @@ use crate::config::{LiveMode, Overrides, parse_duration};
     name = "stormlight",
     version,
     about = "A scripted HTTP load tester: scenarios in Lua, numbers you can trust.",
-    after_help = "Examples:\n  stormlight demo\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight check scripts/hooks.lua\n  stormlight target --port 8000\n\nExit codes: 0 finished, 1 a threshold failed, 2 bad input (nothing sent), 3 the summary was\nprinted but --out could not be written at the end, 4 setup() failed (no user started),\n130 interrupted."
+    after_help = "Examples:\n  stormlight demo\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight check scripts/hooks.lua\n  stormlight target --port 8000\n  stormlight run scenario.lua -u 300 -t 5m --segment 0/3 --start-at 1795860000 --out seg-0.json\n\nExit codes: 0 finished, 1 a threshold failed, 2 bad input (nothing sent), 3 the summary was\nprinted but --out could not be written at the end, 4 setup() failed (no user started),\n130 interrupted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -43,7 +43,7 @@ pub enum Command {
     /// Print the summary of result files (--out), merging several exactly: counts summed,
     /// histograms added, time series aligned by second.
     #[command(
-        after_help = "Examples:\n  stormlight report result.json\n  stormlight report gen1.json gen2.json --out merged.json"
+        after_help = "Examples:\n  stormlight report result.json\n  stormlight report gen1.json gen2.json --out merged.json\n  stormlight report seg-0.json seg-1.json seg-2.json --html report.html\n\nThe files' thresholds are judged again on the merged numbers. A set of --segment files\nmust be one whole test: every segment once, one scenario.\nExit codes: 0 merged (every threshold held), 1 a threshold failed on the merged result,\n2 a file cannot be read or merged, or the segments are not one whole test."
     )]
     Report {
         /// Result files written by `run --out`.
@@ -55,6 +55,30 @@ pub enum Command {
         /// Write an HTML report of it.
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
+    },
+    /// Run the scenario's setup() alone and write what it returned, for `run --setup-data`:
+    /// setup once for all the segments of a test run on several machines.
+    #[command(
+        after_help = "Example:\n  stormlight setup scenario.lua --host http://127.0.0.1:8000 --out setup.json\n  stormlight run scenario.lua --segment 0/3 --setup-data setup.json ...\n  stormlight teardown scenario.lua --setup-data setup.json\n\nExit codes: 0 written, 2 bad input (or no setup() in the scenario), 3 --out could not be\nwritten, 4 setup() failed."
+    )]
+    Setup {
+        #[command(flatten)]
+        args: AloneArgs,
+        /// Where to write setup()'s data (JSON).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Run the scenario's teardown(data) alone, with the data `stormlight setup` wrote (runs
+    /// given --setup-data do not run teardown themselves).
+    #[command(
+        after_help = "Example:\n  stormlight teardown scenario.lua --host http://127.0.0.1:8000 --setup-data setup.json\n\nExit codes: 0 done, 2 bad input (or no teardown() in the scenario), 4 teardown() failed."
+    )]
+    Teardown {
+        #[command(flatten)]
+        args: AloneArgs,
+        /// The file `stormlight setup --out` wrote.
+        #[arg(long, value_name = "FILE")]
+        setup_data: PathBuf,
     },
     /// Run the built-in target alone, for trying scenarios by hand.
     #[command(
@@ -181,16 +205,64 @@ pub struct LoadArgs {
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Serve a live dashboard (charts, tables, a Stop button) and Prometheus metrics
-    /// (/metrics) at ADDR while the test runs; ADDR is IP:PORT or a port on 127.0.0.1
-    /// [default: 127.0.0.1:8089].
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8089", value_parser = web_addr)]
+    /// (/metrics) while the test runs, at 127.0.0.1:8089, or at --web=ADDR (IP:PORT, or PORT
+    /// on 127.0.0.1; note the `=`).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, require_equals = true, default_missing_value = "127.0.0.1:8089", value_parser = web_addr)]
     pub web: Option<std::net::SocketAddr>,
     /// With --web: keep serving the dashboard and /metrics after the run, until Ctrl-C.
     #[arg(long, requires = "web")]
     pub linger: bool,
+    /// Run share I (0 to N-1) of a test split over N processes or machines: users, their
+    /// spawn schedule, stages and the arrival rate are dealt out so the shares add up to the
+    /// whole; `user.id` stays unique. See "Running on many machines" in the README.
+    #[arg(long, value_name = "I/N", env = "STORMLIGHT_SEGMENT", value_parser = segment_value)]
+    pub segment: Option<crate::segment::Segment>,
+    /// Wait until TIME to start (after preparing the users), so that segments begin
+    /// together: RFC 3339 (2026-11-28T10:00:00Z) or unix seconds.
+    #[arg(long, value_name = "TIME", value_parser = start_at_value)]
+    pub start_at: Option<std::time::SystemTime>,
+    /// Hand users this data (from `stormlight setup --out FILE`) instead of running setup();
+    /// teardown() is then not run either.
+    #[arg(long, value_name = "FILE")]
+    pub setup_data: Option<PathBuf>,
     /// No live table (the final summary still goes to stdout).
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// What `setup` and `teardown` take: the scenario, where it sends, and how.
+#[derive(Debug, Args)]
+pub struct AloneArgs {
+    /// The scenario file (Lua).
+    pub script: PathBuf,
+    /// Base URL for paths (overrides the scenario's `host`).
+    #[arg(long, value_name = "URL")]
+    pub host: Option<String>,
+    /// Request timeout (also the time teardown() may take).
+    #[arg(long, value_name = "D", value_parser = duration)]
+    pub timeout: Option<Duration>,
+    /// Do not verify TLS certificates.
+    #[arg(short = 'k', long)]
+    pub insecure: bool,
+    /// Trust the certificates in this PEM file instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl AloneArgs {
+    pub fn overrides(&self, setup_data: Option<PathBuf>) -> Overrides {
+        Overrides {
+            host: self.host.clone(),
+            timeout: self.timeout,
+            setup_data,
+            tls: crate::http::TlsOptions {
+                insecure: self.insecure,
+                ca_cert: self.ca_cert.clone(),
+                client_cert: None,
+            },
+            ..Default::default()
+        }
+    }
 }
 
 /// `--stages`: of users, or of rates.
@@ -205,6 +277,14 @@ fn stages_value(s: &str) -> Result<Stages, String> {
         Some(rates) => rates.map(Stages::Rates).map_err(|e| format!("{e:#}")),
         None => crate::stages::parse(s).map(Stages::Users).map_err(|e| format!("{e:#}")),
     }
+}
+
+fn segment_value(s: &str) -> Result<crate::segment::Segment, String> {
+    crate::segment::Segment::parse(s).map_err(|e| e.to_string())
+}
+
+fn start_at_value(s: &str) -> Result<std::time::SystemTime, String> {
+    crate::segment::parse_start_at(s).map_err(|e| format!("{e:#}"))
 }
 
 fn web_addr(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -254,6 +334,9 @@ impl LoadArgs {
             html: self.html.clone(),
             web: self.web,
             linger: self.linger,
+            segment: self.segment,
+            start_at: self.start_at,
+            setup_data: self.setup_data.clone(),
             protocol: if self.http1 {
                 Some(crate::http::Protocol::Http1)
             } else if self.http2 {

@@ -45,6 +45,12 @@ pub struct Overrides {
     pub web: Option<std::net::SocketAddr>,
     /// `--linger`: keep serving `--web` after the run, until Ctrl-C.
     pub linger: bool,
+    /// `--segment I/N`: this process's share of a test split over N processes.
+    pub segment: Option<crate::segment::Segment>,
+    /// `--start-at`: wait until then to start.
+    pub start_at: Option<std::time::SystemTime>,
+    /// `--setup-data FILE`: what `setup()` returned, from `stormlight setup`.
+    pub setup_data: Option<PathBuf>,
     /// `--threshold` (repeatable): added to the scenario's own.
     pub thresholds: Vec<String>,
     /// The scenario's `thresholds` (parsed when it loaded).
@@ -97,6 +103,15 @@ pub struct RunConfig {
     pub web: Option<std::net::SocketAddr>,
     /// Keep serving them after the run, until Ctrl-C.
     pub linger: bool,
+    /// This process's share of the test (`users` is then the share; `spawn_rate`, `rate`
+    /// and the stages stay the whole test's, see `segment`).
+    pub segment: Option<crate::segment::Segment>,
+    /// The whole test's users (`users` without a segment).
+    pub whole_users: u32,
+    /// Wait until then to start (after the users' states are made).
+    pub start_at: Option<std::time::SystemTime>,
+    /// Handed to users instead of running `setup()` (which, with `teardown`, is then not run).
+    pub setup_data: Option<serde_json::Value>,
 }
 
 /// How the live table is shown while the run goes.
@@ -175,9 +190,27 @@ impl RunConfig {
         if users == 0 {
             bail!("users must be at least 1 (got 0)");
         }
+        // A segment runs its share of the users (of the peak, with stages; of the pool, in
+        // the open model), and needs one at least.
+        let segment = cli.segment;
+        let whole = users;
+        let users = match segment {
+            Some(seg) => {
+                let share = seg.share(users as u64) as u32;
+                if share == 0 {
+                    bail!(
+                        "--segment {seg}: {whole} users split {} ways leaves this segment none: give at least {} users (or fewer segments)",
+                        seg.count,
+                        seg.count
+                    );
+                }
+                share
+            }
+            None => users,
+        };
         // Without a spawn rate every user starts within the first second (k6 starts all at once;
         // Locust's one-per-second default makes large tests crawl).
-        let spawn_rate = cli.spawn_rate.or(scenario.spawn_rate).unwrap_or(users as f64);
+        let spawn_rate = cli.spawn_rate.or(scenario.spawn_rate).unwrap_or(whole as f64);
         if !spawn_rate.is_finite() || spawn_rate <= 0.0 {
             bail!("spawn rate must be a positive number of users per second (got {spawn_rate})");
         }
@@ -249,6 +282,11 @@ impl RunConfig {
             html: cli.html.clone(),
             web: cli.web,
             linger: cli.linger,
+            segment,
+            whole_users: whole,
+            start_at: cli.start_at,
+            // Read by `prepare`, which checks it against the scenario.
+            setup_data: None,
         })
     }
 }
@@ -262,28 +300,34 @@ impl RunConfig {
 
 /// The load model in words, for the run's first line and the summary file.
 pub fn describe_load(cfg: &RunConfig) -> String {
+    let whole = describe_whole(cfg);
+    match cfg.segment {
+        Some(seg) => format!("{whole}; segment {seg}: {} of its users", cfg.users),
+        None => whole,
+    }
+}
+
+/// The whole test's load (all segments together).
+fn describe_whole(cfg: &RunConfig) -> String {
     let users = |n: u32| format!("{n} user{}", if n == 1 { "" } else { "s" });
     let secs = |d: Duration| format_duration(d);
+    let all = cfg.whole_users;
     if let Some(r) = cfg.rate {
-        format!("{r} iterations/s (open model, a pool of {})", users(cfg.users))
+        format!("{r} iterations/s (open model, a pool of {})", users(all))
     } else if let Some(stages) = &cfg.rate_stages {
         let list: Vec<String> = stages
             .iter()
             .map(|s| format!("{}:{}/s", secs(s.duration), s.rate))
             .collect();
-        format!(
-            "rate stages {} (open model, a pool of {})",
-            list.join(","),
-            users(cfg.users)
-        )
+        format!("rate stages {} (open model, a pool of {})", list.join(","), users(all))
     } else if let Some(stages) = &cfg.stages {
         let list: Vec<String> = stages
             .iter()
             .map(|s| format!("{}:{}", secs(s.duration), s.users))
             .collect();
-        format!("stages {} (up to {})", list.join(","), users(cfg.users))
+        format!("stages {} (up to {})", list.join(","), users(all))
     } else {
-        format!("{} at {}/s", users(cfg.users), cfg.spawn_rate)
+        format!("{} at {}/s", users(all), cfg.spawn_rate)
     }
 }
 

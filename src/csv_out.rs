@@ -113,7 +113,15 @@ fn stats_row(row: &RowSummary, secs: f64) -> Result<Vec<String>> {
         or_zero(ms(h.max())),
         format!("{:.1}", row.bytes_received as f64 / row.requests.max(1) as f64),
         format!("{:.3}", row.rps),
-        format!("{:.3}", if secs > 0.0 { row.failures as f64 / secs } else { 0.0 }),
+        // In proportion to `rps` (measured over the exact duration, which `secs` rounds).
+        format!(
+            "{:.3}",
+            match row.requests {
+                0 if secs > 0.0 => row.failures as f64 / secs,
+                0 => 0.0,
+                n => row.rps * row.failures as f64 / n as f64,
+            }
+        ),
     ];
     fields.extend(percentile_fields(&h));
     Ok(fields)
@@ -140,7 +148,7 @@ pub fn write(prefix: &Path, s: &Summary) -> Result<()> {
     let mut w = open(&history_path)?;
     w.write_record(&history_head)?;
     let (mut so_far, mut requests, mut failures, mut last_t) = (new_histogram(), 0u64, 0u64, 0.0);
-    let content = s.total.bytes_received as f64 / s.total.requests.max(1) as f64;
+    let mut bytes = 0u64;
     for p in &s.series {
         let tick = match &p.latency_hist {
             Some(text) => decode_histogram(text).map_err(|e| anyhow::anyhow!(e))?,
@@ -149,6 +157,7 @@ pub fn write(prefix: &Path, s: &Summary) -> Result<()> {
         let _ = so_far.add(&tick);
         requests += p.requests;
         failures += p.failures;
+        bytes += p.bytes;
         let length = (p.t_s - last_t).max(1e-3);
         last_t = p.t_s;
         let mut fields = vec![
@@ -176,7 +185,7 @@ pub fn write(prefix: &Path, s: &Summary) -> Result<()> {
             },
             if empty { "0".into() } else { ms(so_far.min()) },
             if empty { "0".into() } else { ms(so_far.max()) },
-            format!("{content:.1}"),
+            format!("{:.1}", bytes as f64 / requests.max(1) as f64),
         ]);
         w.write_record(&fields)?;
     }

@@ -42,7 +42,7 @@ fn chart(id: &str, title: &str, unit: &str, lines: &[Line]) -> String {
     // all-zero chart (no failures) gets a scale of 0 to 1, not a grid of zeros.
     let ystep = nice_step(if ymax > 0.0 { ymax / 4.0 } else { 0.25 }, &[1.0, 2.0, 2.5, 5.0]);
     let ytop = ((ymax / ystep).floor() + 1.0) * ystep;
-    let xstep = match xmax / 4.0 {
+    let xstep = match xmax / 4.5 {
         d if d <= 60.0 => nice_step(d, &[1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0]).max(1.0),
         d => 60.0 * nice_step(d / 60.0, &[1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0]),
     };
@@ -149,16 +149,19 @@ fn ms(l: Option<Latency>, f: impl Fn(&Latency) -> f64) -> String {
 fn row_cells(r: &RowSummary, method: &str, name: &str) -> String {
     let l = r.latency_ms;
     format!(
-        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
         esc(method),
         esc(name),
         r.requests,
         r.failures,
         r.rps,
         ms(l, |l| l.avg),
+        ms(l, |l| l.min),
         ms(l, |l| l.p50),
+        ms(l, |l| l.p90),
         ms(l, |l| l.p95),
         ms(l, |l| l.p99),
+        ms(l, |l| l.p99_9),
         ms(l, |l| l.max)
     )
 }
@@ -272,7 +275,7 @@ pub fn sections(s: &Summary) -> String {
     ));
     page.push_str("</section>");
 
-    page.push_str(r#"<h2>Requests</h2><table data-table="endpoints"><thead><tr><th>Method</th><th>Name</th><th># reqs</th><th># fails</th><th>RPS</th><th>avg ms</th><th>p50</th><th>p95</th><th>p99</th><th>max</th></tr></thead><tbody>"#);
+    page.push_str(r#"<h2>Requests</h2><table data-table="endpoints"><thead><tr><th>Method</th><th>Name</th><th># reqs</th><th># fails</th><th>RPS</th><th>avg ms</th><th>min</th><th>p50</th><th>p90</th><th>p95</th><th>p99</th><th>p99.9</th><th>max</th></tr></thead><tbody>"#);
     for r in &s.endpoints {
         page.push_str(&row_cells(
             r,
@@ -342,14 +345,16 @@ pub const STYLE: &str = "body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sa
 main{max-width:1360px;margin:0 auto;padding:24px}h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px}\
 .run{color:#4b5563;margin:0 0 16px}.cards{display:flex;gap:12px;flex-wrap:wrap}.cards div{background:#fff;border:1px solid #e5e7eb;\
 border-radius:8px;padding:10px 16px;color:#4b5563}.cards b{display:block;font-size:20px;color:#111827}\
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:16px;margin-top:16px}\
+.charts{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:16px;margin-top:16px}\
+@media (max-width:900px){.charts{grid-template-columns:1fr}}\
 figure{margin:0;background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px}figcaption{font-weight:600;margin-bottom:6px}\
 svg{width:100%;height:auto}.tick{font-size:13px;fill:#6b7280}.legend{display:flex;gap:14px;color:#374151;font-size:12px}\
 .legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px}\
 table{border-collapse:collapse;background:#fff;border:1px solid #e5e7eb;width:100%}th,td{padding:6px 10px;border-bottom:1px solid #f3f4f6;text-align:right}\
 th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}tfoot td{font-weight:600}tr.fail td:first-child{color:#dc2626;font-weight:600}\
 tr.pass td:first-child{color:#16a34a}\
-table[data-table=failures] :is(th,td){text-align:left}table[data-table=failures] :is(th,td):first-child{text-align:right;width:6em}";
+table[data-table=failures] :is(th,td){text-align:left}table[data-table=failures] :is(th,td):first-child{text-align:right;width:6em}\
+table:is([data-table=failures],[data-table=thresholds],[data-table=checks],[data-table=config]){width:auto;min-width:50%}";
 
 #[cfg(test)]
 mod tests {

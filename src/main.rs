@@ -38,10 +38,12 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             Ok(Exit::Success)
         }
         Command::Report { files, out, html } => {
-            let read: Vec<_> = files
+            let named: Vec<(String, _)> = files
                 .iter()
-                .map(|f| stormlight::merge::read(f))
+                .map(|f| Ok((f.display().to_string(), stormlight::merge::read(f)?)))
                 .collect::<anyhow::Result<_>>()?;
+            stormlight::segment::check_set(&named)?;
+            let read: Vec<_> = named.into_iter().map(|(_, s)| s).collect();
             let merged = stormlight::merge::merge(&read)?;
             stormlight::report::write_summary(&mut std::io::stdout().lock(), &merged)?;
             if let Some(out) = out {
@@ -52,7 +54,15 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 stormlight::report::write_file(&html, stormlight::html::render(&merged).as_bytes())?;
                 eprintln!("HTML report written to {}", html.display());
             }
-            Ok(Exit::Success)
+            // The thresholds, judged on the merged numbers, set the exit code.
+            match merged.thresholds.iter().any(|v| !v.ok) {
+                true => Ok(Exit::ThresholdFailed),
+                false => Ok(Exit::Success),
+            }
+        }
+        Command::Setup { args, out } => stormlight::setup(args.script.clone(), args.overrides(None), out).await,
+        Command::Teardown { args, setup_data } => {
+            stormlight::teardown(args.script.clone(), args.overrides(Some(setup_data))).await
         }
         Command::Run(args) => {
             let req = RunRequest {

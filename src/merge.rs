@@ -93,7 +93,10 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
     let mut checks: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut protocols: BTreeMap<String, u64> = BTreeMap::new();
     let mut series: BTreeMap<i64, (SeriesPoint, Histogram<u64>)> = BTreeMap::new();
+    // Series are aligned by wall-clock second: each file's from its own start.
+    let first_start = files.iter().map(|s| s.started_at_ms).min().unwrap_or(0);
     for (i, s) in files.iter().enumerate() {
+        let offset = s.started_at_ms.saturating_sub(first_start) as f64 / 1000.0;
         let what = format!("file {}", i + 1);
         total.add(&s.total, &what)?;
         for r in &s.endpoints {
@@ -121,15 +124,17 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
             *protocols.entry(p.clone()).or_default() += n;
         }
         for p in &s.series {
-            let (point, h) = series.entry(p.t_s.round() as i64).or_insert_with(|| {
+            let at = (p.t_s + offset).round();
+            let (point, h) = series.entry(at as i64).or_insert_with(|| {
                 let empty = SeriesPoint {
-                    t_s: p.t_s.round(),
+                    t_s: at,
                     requests: 0,
                     failures: 0,
                     p50_ms: None,
                     p95_ms: None,
                     p99_ms: None,
                     users: 0,
+                    bytes: 0,
                     latency_hist: None,
                 };
                 (empty, new_histogram())
@@ -137,17 +142,29 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
             point.requests += p.requests;
             point.failures += p.failures;
             point.users += p.users;
+            point.bytes += p.bytes;
             add(h, p.latency_hist.as_ref(), &what)?;
         }
     }
     let mut out = first.clone();
     out.duration_s = secs;
     out.interrupted = files.iter().any(|s| s.interrupted);
-    out.all_users_started_s = None;
+    // Every generator's users were up by the latest of their times (unknown if one's were not).
+    out.all_users_started_s = files
+        .iter()
+        .map(|s| s.all_users_started_s)
+        .try_fold(0.0_f64, |latest, t| t.map(|t| latest.max(t)));
     out.started_at = files.iter().map(|s| s.started_at.clone()).min().unwrap_or_default();
     out.config.users = files.iter().map(|s| s.config.users).sum();
     out.config.spawn_rate = files.iter().map(|s| s.config.spawn_rate).sum();
-    out.config.load = format!("{} result files merged", files.len());
+    out.started_at_ms = first_start;
+    let segments = files.iter().filter(|s| s.segment.is_some()).count();
+    out.config.load = match first.config.load.split_once("; segment ") {
+        // A whole test from its segments (checked by `segment::check_set`).
+        Some((whole, _)) if segments == files.len() => format!("{whole} ({segments} segments merged)"),
+        _ => format!("{} result files merged", files.len()),
+    };
+    out.segment = None;
     out.total = total.summary(None, None, secs);
     out.endpoints = rows
         .iter()
@@ -170,8 +187,6 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
     out.protocols = protocols;
     out.script_errors = files.iter().map(|s| s.script_errors).sum();
     out.dropped_iterations = files.iter().map(|s| s.dropped_iterations).sum();
-    // Thresholds were judged on each file's own numbers: not carried over to a merge.
-    out.thresholds = Vec::new();
     out.aborted_by = None;
     out.series = series
         .into_values()
@@ -182,5 +197,18 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
             p
         })
         .collect();
+    // The files' thresholds, judged again on the merged numbers: a test split over several
+    // machines passes or fails as a whole.
+    out.thresholds = Vec::new();
+    let mut seen = Vec::new();
+    for v in files.iter().flat_map(|s| &s.thresholds) {
+        if seen.contains(&(&v.row, &v.threshold)) {
+            continue;
+        }
+        seen.push((&v.row, &v.threshold));
+        let t = crate::threshold::Threshold::from_verdict(v)?;
+        let verdict = t.judge_summary(&out)?;
+        out.thresholds.push(verdict);
+    }
     Ok(out)
 }

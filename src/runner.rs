@@ -23,6 +23,7 @@ use url::Url;
 use crate::config::{LiveMode, RunConfig};
 use crate::scenario::api::RequestSpec;
 use crate::scenario::{Scenario, UserState};
+use crate::segment::Split;
 use crate::stats::{Aggregate, ConfigSummary, Recorder, RowId, Snapshot, Summary, SummaryMeta};
 use crate::{http, report, user};
 
@@ -50,6 +51,8 @@ pub struct Shared {
     lives: Vec<std::sync::atomic::AtomicU8>,
     /// Open model (`--rate`): users take iterations from the schedule.
     pub open: bool,
+    /// `--segment`: this process's share of the test.
+    pub segment: Option<crate::segment::Segment>,
 }
 
 /// A user's lifecycle (see `Shared::lives`).
@@ -89,6 +92,30 @@ impl Shared {
         if let Some(life) = self.lives.get(id as usize) {
             let _ = life.compare_exchange(RUNNING, RETIRING, Ordering::AcqRel, Ordering::Acquire);
         }
+    }
+
+    fn new(cfg: &RunConfig) -> Arc<Self> {
+        Arc::new(Shared {
+            stopping: AtomicBool::new(false),
+            started: AtomicU64::new(0),
+            all_started_after: OnceLock::new(),
+            users: cfg.users as u64,
+            t0: OnceLock::new(),
+            hurry: tokio::sync::watch::channel(false).0,
+            stopped: tokio::sync::watch::channel(false).0,
+            setup_data: OnceLock::new(),
+            lives: (0..=cfg.users as usize)
+                .map(|_| std::sync::atomic::AtomicU8::new(NEW))
+                .collect(),
+            open: cfg.open(),
+            segment: cfg.segment,
+        })
+    }
+
+    /// The id the scenario sees for this process's user `id` (both from 1): unique across
+    /// the segments of a test.
+    pub fn global_id(&self, id: u64) -> u64 {
+        self.segment.global(id - 1) + 1
     }
 
     /// Called by each user once it is ready to send.
@@ -187,6 +214,8 @@ enum Cmd {
     Drain(Instant, oneshot::Sender<()>),
     /// Run `teardown` (the worker that ran `setup`), once every worker has drained.
     Teardown(Duration, oneshot::Sender<()>),
+    /// `stormlight teardown`: take this as what `setup()` returned, for `Teardown`.
+    Adopt(serde_json::Value, oneshot::Sender<Result<(), String>>),
     /// Count what is still in flight as aborted, reply with the last counts and end the thread.
     Finish(oneshot::Sender<Snapshot>),
 }
@@ -217,39 +246,17 @@ pub async fn run_with(
     hurry: impl Future<Output = ()>,
     board: Option<&crate::web::Board>,
 ) -> Result<RunResult> {
-    let shared = Arc::new(Shared {
-        stopping: AtomicBool::new(false),
-        started: AtomicU64::new(0),
-        all_started_after: OnceLock::new(),
-        users: cfg.users as u64,
-        t0: OnceLock::new(),
-        hurry: tokio::sync::watch::channel(false).0,
-        stopped: tokio::sync::watch::channel(false).0,
-        setup_data: OnceLock::new(),
-        lives: (0..=cfg.users as usize)
-            .map(|_| std::sync::atomic::AtomicU8::new(NEW))
-            .collect(),
-        open: cfg.open(),
-    });
-    let mut workers = Vec::with_capacity(cfg.workers);
-    let names = crate::stats::NameCap::new(cfg.max_names);
-    for n in 0..cfg.workers {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut client = http::Client::with_limits(cfg.timeout, cfg.http, Some(cfg.tls.clone()));
-        client.protocol = cfg.protocol;
-        let (plan, shared, names) = (plan.clone(), shared.clone(), names.clone());
-        std::thread::Builder::new()
-            .name(format!("stormlight-worker-{n}"))
-            .spawn(move || worker_thread(plan, client, shared, names, rx))
-            .context("cannot start a worker thread")?;
-        workers.push(tx);
-    }
+    let shared = Shared::new(cfg);
+    let workers = start_workers(cfg, &plan, &shared, cfg.workers)?;
 
     tokio::pin!(shutdown);
     let mut setup_failed = None;
     let mut aborted_by = None;
     let (tx, rx) = oneshot::channel();
-    if workers[0].send(Cmd::Setup(tx)).is_ok() {
+    if let Some(data) = &cfg.setup_data {
+        // From `stormlight setup`: setup() ran once for every segment.
+        let _ = shared.setup_data.set(data.clone());
+    } else if workers[0].send(Cmd::Setup(tx)).is_ok() {
         let ran = tokio::select! {
             () = &mut shutdown => Ok(None),
             ran = rx => ran.unwrap_or(Ok(None)),
@@ -286,6 +293,15 @@ pub async fn run_with(
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
+    // --start-at: every segment starts at the same instant, its users ready.
+    let interrupted_early = interrupted_early
+        || match cfg.start_at.and_then(|at| at.duration_since(SystemTime::now()).ok()) {
+            Some(wait) if setup_failed.is_none() => tokio::select! {
+                () = &mut shutdown => true,
+                () = tokio::time::sleep(wait) => false,
+            },
+            _ => false,
+        };
     let started_at = SystemTime::now();
     let start = Instant::now();
     let _ = shared.t0.set(start.into_std());
@@ -301,12 +317,14 @@ pub async fn run_with(
     let publish = |agg: &Aggregate, phase: crate::web::Phase, summary: Option<&crate::stats::Summary>| {
         let Some(board) = board else { return };
         let elapsed = start.elapsed();
-        let (rps_now, fails_now) = agg.last_tick_rates();
+        // Once over, nothing runs: the numbers "now" are zero and the counters final.
+        let over = summary.is_some();
+        let (rps_now, fails_now) = if over { (0.0, 0.0) } else { agg.last_tick_rates() };
         let status = crate::web::Status {
             phase,
             elapsed: summary.map_or(elapsed, |s| Duration::from_secs_f64(s.duration_s)),
             duration: cfg.duration,
-            users: shared.running(),
+            users: if over { 0 } else { shared.running() },
             rps_now,
             fails_now,
         };
@@ -319,6 +337,8 @@ pub async fn run_with(
                     interrupted: false,
                     all_users_started: shared.all_started_after.get().copied(),
                     config: config_summary(cfg),
+                    segment: cfg.segment,
+                    fingerprint: String::new(),
                 });
                 board.publish(&light, agg, &status);
             }
@@ -328,13 +348,16 @@ pub async fn run_with(
 
     // When user number `n` (0-based) is due (the open model's pool: all at once); with
     // stages, when to look at the ramp again.
+    // (A segment's user `n` is user `segment.global(n)` of the whole test, due when that one
+    // would be.)
     let due = |n: u64| match cfg.open() {
         true => start,
-        false => start + Duration::from_secs_f64(n as f64 / cfg.spawn_rate),
+        false => start + Duration::from_secs_f64(cfg.segment.global(n) as f64 / cfg.spawn_rate),
     };
     let mut ramp_step = 0u32;
-    // Open model: iteration `k` is scheduled at start + k / rate.
-    let mut scheduled: u64 = 0;
+    // Open model: iteration `k` is scheduled at start + k / rate; a segment fires its own
+    // iterations of that one schedule.
+    let mut scheduled: u64 = cfg.segment.first();
     let iteration_at = |k: u64| match (&cfg.rate_stages, cfg.rate) {
         (Some(stages), _) => crate::stages::iteration_time(stages, 0.0, k).map(|d| start + d),
         (None, Some(r)) => Some(iteration_time(start, r, k)),
@@ -371,16 +394,17 @@ pub async fn run_with(
                         // each with its own scheduled time.
                         let now = Instant::now();
                         while let Some(at) = iteration_at(scheduled).filter(|at| *at <= now) {
-                            let w = &workers[(scheduled % workers.len() as u64) as usize];
+                            let nth = scheduled / cfg.segment.step();
+                            let w = &workers[(nth % workers.len() as u64) as usize];
                             let _ = w.send(Cmd::Iterate(at.into_std()));
-                            scheduled += 1;
+                            scheduled += cfg.segment.step();
                         }
                     }
                     () = sleep_until_opt(next_spawn) => {
                         let want = match &cfg.stages {
                             Some(stages) => {
                                 ramp_step += 1;
-                                crate::stages::users_at(stages, start.elapsed())
+                                cfg.segment.share(crate::stages::users_at(stages, start.elapsed()))
                             }
                             // Everyone who is due: at high rates several users fall in one timer tick.
                             None => {
@@ -423,6 +447,8 @@ pub async fn run_with(
         interrupted,
         all_users_started: shared.all_started_after.get().copied(),
         config: config_summary(cfg),
+        segment: cfg.segment,
+        fingerprint: plan.scenario.fingerprint.clone(),
     });
     summary.thresholds = cfg.thresholds.iter().map(|t| t.judge(&agg, measured)).collect();
     summary.aborted_by = aborted_by.clone();
@@ -439,12 +465,96 @@ pub async fn run_with(
     })
 }
 
+/// Starts `n` worker threads; their command channels.
+fn start_workers(
+    cfg: &RunConfig,
+    plan: &Arc<Plan>,
+    shared: &Arc<Shared>,
+    n: usize,
+) -> Result<Vec<mpsc::UnboundedSender<Cmd>>> {
+    let mut workers = Vec::with_capacity(n);
+    let names = crate::stats::NameCap::new(cfg.max_names);
+    for i in 0..n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut client = http::Client::with_limits(cfg.timeout, cfg.http, Some(cfg.tls.clone()));
+        client.protocol = cfg.protocol;
+        let (plan, shared, names) = (plan.clone(), shared.clone(), names.clone());
+        std::thread::Builder::new()
+            .name(format!("stormlight-worker-{i}"))
+            .spawn(move || worker_thread(plan, client, shared, names, rx))
+            .context("cannot start a worker thread")?;
+        workers.push(tx);
+    }
+    Ok(workers)
+}
+
+/// What `stormlight setup` or `stormlight teardown` runs, alone.
+pub enum Alone {
+    Setup,
+    /// `teardown(data)`, with what `setup` returned.
+    Teardown(serde_json::Value),
+}
+
+/// Runs the scenario's `setup()` or `teardown(data)` alone, in a worker of its own: what
+/// setup returned (or why it failed), and a summary of the requests it sent.
+pub async fn run_alone(
+    cfg: &RunConfig,
+    plan: Arc<Plan>,
+    job: Alone,
+) -> Result<(Result<Option<serde_json::Value>, String>, Summary)> {
+    let shared = Shared::new(cfg);
+    let workers = start_workers(cfg, &plan, &shared, 1)?;
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let gone = || anyhow::anyhow!("the worker thread ended early");
+    let ran = match job {
+        Alone::Setup => {
+            let (tx, rx) = oneshot::channel();
+            workers[0].send(Cmd::Setup(tx)).map_err(|_| gone())?;
+            rx.await.map_err(|_| gone())?
+        }
+        Alone::Teardown(data) => {
+            let (tx, rx) = oneshot::channel();
+            workers[0].send(Cmd::Adopt(data, tx)).map_err(|_| gone())?;
+            match rx.await.map_err(|_| gone())? {
+                Ok(()) => {
+                    let (tx, rx) = oneshot::channel();
+                    let limit = cfg.timeout.max(cfg.grace);
+                    workers[0].send(Cmd::Teardown(limit, tx)).map_err(|_| gone())?;
+                    let _ = rx.await;
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let mut agg = Aggregate::with_rows(&plan.rows);
+    let (tx, rx) = oneshot::channel();
+    if workers[0].send(Cmd::Finish(tx)).is_ok()
+        && let Ok(snap) = rx.await
+    {
+        agg.add(snap);
+    }
+    agg.end_tick(start.elapsed(), 0);
+    let summary = agg.summary(SummaryMeta {
+        started_at,
+        duration: start.elapsed(),
+        interrupted: false,
+        all_users_started: None,
+        config: config_summary(cfg),
+        segment: None,
+        fingerprint: plan.scenario.fingerprint.clone(),
+    });
+    Ok((ran, summary))
+}
+
 /// The run's configuration as the summary records it.
 fn config_summary(cfg: &RunConfig) -> ConfigSummary {
     ConfigSummary {
         host: cfg.host.as_ref().map(|h| h.as_str().trim_end_matches('/').to_string()),
         users: cfg.users,
-        spawn_rate: cfg.spawn_rate,
+        // A segment's users start at its share of the rate (the shares add up to it).
+        spawn_rate: cfg.spawn_rate / cfg.segment.step() as f64,
         script: cfg.script.display().to_string(),
         load: crate::config::describe_load(cfg),
     }
@@ -578,7 +688,8 @@ fn worker_thread(
                     if worker.plan.scenario.hooks.any() {
                         prepared.reserve(ids.len());
                         for id in ids {
-                            prepared.insert(id, UserState::new(&worker.plan.scenario, id));
+                            let global = worker.shared.global_id(id);
+                            prepared.insert(id, UserState::new(&worker.plan.scenario, global));
                         }
                     }
                     let _ = reply.send(());
@@ -599,6 +710,10 @@ fn worker_thread(
                         })
                     });
                     let _ = reply.send(ran);
+                }
+                Cmd::Adopt(data, reply) => {
+                    let made = user::run_state(&worker).map(|state| setup = Some((state, data)));
+                    let _ = reply.send(made);
                 }
                 Cmd::Drain(deadline, reply) => {
                     let mut hurry = worker.shared.hurry.subscribe();

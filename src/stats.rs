@@ -135,6 +135,9 @@ pub struct SeriesPoint {
     pub p99_ms: Option<f64>,
     /// Users running at the end of the tick.
     pub users: u64,
+    /// Response body bytes read in the tick.
+    #[serde(default)]
+    pub bytes: u64,
     /// The tick's latencies (see [`encode_histogram`]), so series merge exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_hist: Option<String>,
@@ -529,6 +532,7 @@ impl Aggregate {
             p95_ms: q(0.95),
             p99_ms: q(0.99),
             users,
+            bytes: stats.bytes,
             latency_hist: (!h.is_empty()).then(|| encode_histogram(h)),
         });
     }
@@ -617,6 +621,12 @@ impl Aggregate {
         Summary {
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: humantime::format_rfc3339_seconds(meta.started_at).to_string(),
+            started_at_ms: meta
+                .started_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            segment: meta.segment,
+            scenario_fingerprint: meta.fingerprint,
             duration_s: round3(secs),
             interrupted: meta.interrupted,
             all_users_started_s: meta.all_users_started.map(|d| round3(d.as_secs_f64())),
@@ -667,6 +677,8 @@ pub struct SummaryMeta {
     pub interrupted: bool,
     pub all_users_started: Option<Duration>,
     pub config: ConfigSummary,
+    pub segment: Option<crate::segment::Segment>,
+    pub fingerprint: String,
 }
 
 fn round3(x: f64) -> f64 {
@@ -706,6 +718,16 @@ pub struct Summary {
     /// Per tick (a second): requests, failures, percentiles, users.
     #[serde(default)]
     pub series: Vec<SeriesPoint>,
+    /// The start as unix milliseconds: `report` aligns several files' series by wall-clock
+    /// second with it.
+    #[serde(default)]
+    pub started_at_ms: u64,
+    /// `--segment I/N`: this file is one share of a test run on several machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<crate::segment::Segment>,
+    /// The scenario's fingerprint (`report` refuses to merge segments of different ones).
+    #[serde(default)]
+    pub scenario_fingerprint: String,
     pub config: ConfigSummary,
     pub total: RowSummary,
     pub endpoints: Vec<RowSummary>,

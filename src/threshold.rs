@@ -9,7 +9,19 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::stats::{Aggregate, RowStats};
+use hdrhistogram::Histogram;
+
+use crate::stats::{Aggregate, RowStats, Summary, decode_histogram};
+
+/// What a threshold is judged on besides the latencies.
+struct Counts {
+    requests: u64,
+    failures: u64,
+    /// Passed and failed checks, all names together.
+    checks: (u64, u64),
+    /// The run's length so far.
+    secs: f64,
+}
 
 /// What a threshold measures.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -180,21 +192,68 @@ impl Threshold {
             }
             Some((method, name)) => agg.rows().find(|(id, _)| id.method == *method && id.name == *name)?.1,
         };
-        let h = &stats.latency_us;
+        let counts = Counts {
+            requests: stats.requests,
+            failures: stats.failures,
+            checks: agg.check_totals(),
+            secs: elapsed.as_secs_f64(),
+        };
+        self.value(&counts, &stats.latency_us)
+    }
+
+    /// The value this threshold measures in a result file (or a merge of several).
+    pub fn measure_summary(&self, s: &Summary) -> Result<Option<f64>> {
+        let row = match &self.row {
+            None => &s.total,
+            Some((method, name)) => {
+                match s
+                    .endpoints
+                    .iter()
+                    .find(|r| r.method.as_deref() == Some(method) && r.name.as_deref() == Some(name))
+                {
+                    Some(r) => r,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let h = match &row.latency_hist {
+            Some(text) => decode_histogram(text).map_err(|e| anyhow::anyhow!("threshold {:?}: {e}", self.text))?,
+            None => crate::stats::new_histogram(),
+        };
+        let checks = s.checks.iter().fold((0, 0), |(p, f), c| (p + c.passes, f + c.fails));
+        let counts = Counts {
+            requests: row.requests,
+            failures: row.failures,
+            checks,
+            secs: s.duration_s,
+        };
+        Ok(self.value(&counts, &h))
+    }
+
+    fn value(&self, c: &Counts, h: &Histogram<u64>) -> Option<f64> {
         let ms = |us: u64| us as f64 / 1000.0;
         match self.metric {
             Metric::Percentile(p) => (!h.is_empty()).then(|| ms(h.value_at_quantile(p / 100.0))),
             Metric::Avg => (!h.is_empty()).then(|| h.mean() / 1000.0),
             Metric::Min => (!h.is_empty()).then(|| ms(h.min())),
             Metric::Max => (!h.is_empty()).then(|| ms(h.max())),
-            Metric::FailRate => (stats.requests > 0).then(|| 100.0 * stats.failures as f64 / stats.requests as f64),
-            Metric::Rps => (elapsed > Duration::ZERO).then(|| stats.requests as f64 / elapsed.as_secs_f64()),
-            Metric::Requests => Some(stats.requests as f64),
-            Metric::Failures => Some(stats.failures as f64),
+            Metric::FailRate => (c.requests > 0).then(|| 100.0 * c.failures as f64 / c.requests as f64),
+            Metric::Rps => (c.secs > 0.0).then(|| c.requests as f64 / c.secs),
+            Metric::Requests => Some(c.requests as f64),
+            Metric::Failures => Some(c.failures as f64),
             Metric::Checks => {
-                let (passes, fails) = agg.check_totals();
+                let (passes, fails) = c.checks;
                 (passes + fails > 0).then(|| 100.0 * passes as f64 / (passes + fails) as f64)
             }
+        }
+    }
+
+    /// Rebuilds a threshold from its verdict in a result file, to judge it again (on a merge).
+    pub fn from_verdict(v: &Verdict) -> Result<Self> {
+        let t = parse(&v.threshold)?;
+        match &v.row {
+            Some(row) => t.on_row(row),
+            None => Ok(t),
         }
     }
 
@@ -211,7 +270,14 @@ impl Threshold {
     }
 
     pub fn judge(&self, agg: &Aggregate, elapsed: Duration) -> Verdict {
-        let value = self.measure(agg, elapsed);
+        self.verdict(self.measure(agg, elapsed))
+    }
+
+    pub fn judge_summary(&self, s: &Summary) -> Result<Verdict> {
+        Ok(self.verdict(self.measure_summary(s)?))
+    }
+
+    fn verdict(&self, value: Option<f64>) -> Verdict {
         Verdict {
             row: self.row.as_ref().map(|(m, n)| format!("{m} {n}")),
             threshold: self.text.clone(),

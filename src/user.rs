@@ -74,7 +74,7 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
         return;
     }
 
-    let state = match prepared.unwrap_or_else(|| UserState::new(&plan.scenario, id)) {
+    let state = match prepared.unwrap_or_else(|| UserState::new(&plan.scenario, worker.shared.global_id(id))) {
         Ok(state) => state,
         Err(msg) => {
             worker
@@ -147,8 +147,7 @@ pub async fn setup(worker: &Rc<Worker>) -> Result<Option<(UserState, serde_json:
     if !worker.plan.scenario.hooks.setup && !worker.plan.scenario.hooks.teardown {
         return Ok(None);
     }
-    let state = UserState::new(&worker.plan.scenario, 0)?;
-    LuaHost::attach(worker, &state, http::Session::default());
+    let state = run_state(worker)?;
     let data = match state.setup.as_ref() {
         Some(f) => {
             let value = state
@@ -164,6 +163,13 @@ pub async fn setup(worker: &Rc<Worker>) -> Result<Option<(UserState, serde_json:
         None => serde_json::Value::Null,
     };
     Ok(Some((state, data)))
+}
+
+/// The state `setup` and `teardown` run in: user 0, apart from every user.
+pub fn run_state(worker: &Rc<Worker>) -> Result<UserState, String> {
+    let state = UserState::new(&worker.plan.scenario, 0)?;
+    LuaHost::attach(worker, &state, http::Session::default());
+    Ok(state)
 }
 
 /// Runs `teardown(data)` after the users stopped (it may still send).

@@ -275,8 +275,9 @@ fn events(board: Arc<Board>) -> Response<Body> {
 }
 
 /// Upper bounds of the latency histograms' buckets, in seconds (Prometheus' `le`).
-const BUCKETS: [f64; 16] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+const BUCKETS: [f64; 19] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0,
 ];
 
 /// A label value as Prometheus' text format wants it.
@@ -436,7 +437,7 @@ fn page() -> String {
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>stormlight (live)</title><style>{}{DASH_STYLE}</style></head><body><main>
 <header class="top"><div><h1 id="title">stormlight</h1><p class="run" id="run">connecting…</p></div>
-<div class="state"><span id="phase" class="phase">connecting</span><button id="stop" type="button">Stop</button></div></header>
+<div class="state"><span id="phase" class="phase">connecting</span><button id="stop" type="button" disabled>Stop</button></div></header>
 <section class="now"><div><b id="clock">0:00</b>elapsed</div><div><b id="users">0</b>users</div><div><b id="rps">0</b>requests/s now</div><div><b id="fails">0</b>failures/s now</div></section>
 <div class="progress"><div id="progress"></div></div>
 <p id="note" class="note"></p>
@@ -455,7 +456,7 @@ button{font:inherit;font-weight:600;padding:8px 18px;border-radius:8px;border:1p
 button:disabled{background:#e5e7eb;border-color:#d1d5db;color:#6b7280;cursor:default}\
 .now{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:10px}.now div{background:#111827;color:#d1d5db;border-radius:8px;padding:8px 16px}\
 .now b{display:block;font-size:20px;color:#fff}.now div.bad{background:#7f1d1d}.progress{height:6px;background:#e5e7eb;border-radius:3px;overflow:hidden;margin:4px 0 12px}\
-.progress div{height:100%;width:0;background:#2563eb;transition:width .5s}.note{color:#374151;min-height:1em}";
+.progress div{height:100%;width:0;background:#2563eb}.note{color:#374151;min-height:1em}";
 
 const DASH_SCRIPT: &str = r#"
 const $ = (id) => document.getElementById(id);
@@ -469,14 +470,15 @@ events.onmessage = (e) => {
   $('phase').textContent = d.phase;
   $('phase').className = 'phase ' + d.phase;
   $('clock').textContent = clock(d.elapsed_s) + (d.duration_s ? ' / ' + clock(d.duration_s) : '');
-  $('users').textContent = d.users;
-  $('rps').textContent = d.rps_now;
-  $('fails').textContent = d.fails_now;
-  $('fails').parentElement.className = d.fails_now > 0 ? 'bad' : '';
+  const ended = d.phase === 'finished' || d.phase === 'stopped';
+  $('users').textContent = ended ? '–' : d.users;
+  $('rps').textContent = ended ? '–' : d.rps_now;
+  $('fails').textContent = ended ? '–' : d.fails_now;
+  $('fails').parentElement.className = !ended && d.fails_now > 0 ? 'bad' : '';
   $('progress').style.width = d.phase === 'finished' ? '100%' : (d.duration_s ? Math.min(100, 100 * d.elapsed_s / d.duration_s) + '%' : '0');
   $('note').textContent = d.note || '';
   $('live').innerHTML = d.html;
-  if (d.phase !== 'running') $('stop').disabled = true;
+  $('stop').disabled = d.phase !== 'running';
   if (d.phase === 'finished' || d.phase === 'stopped') { over = true; if (d.note) events.close(); }
 };
 events.onerror = () => {

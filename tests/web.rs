@@ -207,8 +207,7 @@ fn metrics_parse_and_their_request_counter_equals_the_summary_total() {
         "-t",
         "60s",
         "-q",
-        "--web",
-        "127.0.0.1:0",
+        "--web=127.0.0.1:0",
         "--linger",
         "--out",
         out.to_str().unwrap(),
@@ -287,7 +286,7 @@ fn the_web_address_is_checked_before_any_traffic() {
     ] {
         let out = Command::new(BIN)
             .args(["run", script.to_str().unwrap(), "--host", &t.url(), "-t", "5s"])
-            .args(["--web", &addr])
+            .arg(format!("--web={addr}"))
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -423,8 +422,7 @@ fn the_dashboard_updates_in_headless_chromium_and_stop_ends_the_run_with_the_sum
         "-t",
         "60s",
         "-q",
-        "--web",
-        "127.0.0.1:0",
+        "--web=127.0.0.1:0",
         "--out",
         out.to_str().unwrap(),
     ]);

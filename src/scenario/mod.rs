@@ -84,6 +84,8 @@ pub struct Scenario {
     /// Memory a user's state of this scenario takes, learnt from the states made so far: each
     /// new one starts with that much room (see `arena`).
     pub state_bytes: std::sync::atomic::AtomicUsize,
+    /// A fingerprint of the source (see `segment::fingerprint`), recorded in result files.
+    pub fingerprint: String,
 }
 
 /// Loads and validates a scenario file. Nothing is sent.
@@ -245,6 +247,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         waits: has_scenario || may_wait(source),
         feeds,
         state_bytes: Default::default(),
+        fingerprint: crate::segment::fingerprint(source),
     })
 }
 
