@@ -9,10 +9,13 @@
 #
 # The run flags describe the whole test (-u 300 -r 30 -t 5m --host ...): each segment runs its
 # exact share. Results go to $OUT (default results/), merged into $OUT/merged.json and
-# $OUT/report.html; the exit code is the merged thresholds' verdict (report's).
+# $OUT/report.html.
+# Exit code: report's (0 every threshold held on the whole test, 1 one failed); 2 when a
+# segment refused its input (then every segment is stopped before the start: nothing is sent);
+# 4 when a segment failed during the run.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,13p' "$0" >&2
+  sed -n '2,16p' "$0" >&2
   exit 2
 fi
 n=$1 scenario=$2
@@ -38,17 +41,30 @@ for ((i = 0; i < n; i++)); do
   fi
   pids+=($!)
 done
+# Bad input (a scenario error, too few users for N segments...) ends a segment before the
+# start: if any has ended by then, stop them all before they send anything.
+while [ "$(date +%s)" -lt $((start_at - 1)) ]; do
+  sleep 0.2
+  for ((i = 0; i < n; i++)); do
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      echo "segment $i/$n ended before the start: $(tail -n 1 "$out/seg-$i.txt")" >&2
+      kill "${pids[@]}" 2>/dev/null || true
+      wait || true
+      exit 2
+    fi
+  done
+done
 failed=0
 for ((i = 0; i < n; i++)); do
   if ! wait "${pids[$i]}"; then
     echo "segment $i/$n failed: see $out/seg-$i.txt" >&2
-    failed=1
+    failed=4
   fi
   if [ ${#hosts[@]} -gt 0 ]; then
-    scp -q "${hosts[$i]}:/tmp/stormlight-seg-$i.json" "$out/seg-$i.json" || failed=1
+    scp -q "${hosts[$i]}:/tmp/stormlight-seg-$i.json" "$out/seg-$i.json" || failed=4
   fi
 done
-[ "$failed" -eq 0 ] || exit 1
+[ "$failed" -eq 0 ] || exit "$failed"
 files=()
 for ((i = 0; i < n; i++)); do files+=("$out/seg-$i.json"); done
 exec "$bin" report "${files[@]}" --out "$out/merged.json" --html "$out/report.html"

@@ -238,7 +238,7 @@ pub struct AloneArgs {
     /// Base URL for paths (overrides the scenario's `host`).
     #[arg(long, value_name = "URL")]
     pub host: Option<String>,
-    /// Request timeout (also the time teardown() may take).
+    /// Request timeout; teardown() may take this long too.
     #[arg(long, value_name = "D", value_parser = duration)]
     pub timeout: Option<Duration>,
     /// Do not verify TLS certificates.

@@ -257,6 +257,23 @@ impl RunConfig {
         }
         let protocol = cli.protocol.unwrap_or_default();
         let tls = crate::http::tls_config(&cli.tls, protocol)?;
+        if let Some(at) = cli.start_at {
+            let now = std::time::SystemTime::now();
+            if let Ok(ago) = now.duration_since(at)
+                && ago > Duration::from_secs(1)
+            {
+                bail!(
+                    "--start-at was {} ago: a segment that starts late is not part of the test (give a time to come)",
+                    format_duration(ago)
+                );
+            }
+            if at
+                .duration_since(now)
+                .is_ok_and(|d| d > Duration::from_secs(7 * 24 * 3600))
+            {
+                bail!("--start-at is more than 7 days away: unix seconds, not milliseconds?");
+            }
+        }
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Ok(Self {
             script,

@@ -811,29 +811,11 @@ impl Client {
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
-        let link = if origin.https {
-            let config = self.tls.clone().ok_or(Reason::Tls("no TLS configuration"))?;
-            let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
-                .map_err(|_| Reason::Tls("bad server name"))?;
-            let tls = tokio::time::timeout(
-                self.limits.connect_timeout,
-                tokio_rustls::TlsConnector::from(config).connect(name, tcp),
-            )
-            .await
-            .map_err(|_| Reason::ConnectTimeout)?
-            .map_err(|e| tls_reason(&e))?;
-            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                Link::H2(h2_handshake(tls).await?)
-            } else {
-                Link::H1(H1 {
-                    stream: Stream::Tls(Box::new(tls)),
-                    buf: BytesMut::with_capacity(1024),
-                    answered: false,
-                    advertised: None,
-                })
-            }
-        } else if self.protocol == Protocol::Http2 {
-            Link::H2(h2_handshake(tcp).await?)
+        let link = if origin.https || self.protocol == Protocol::Http2 {
+            // Boxed again: TLS and HTTP/2 handshakes are large futures, and plain connections
+            // (most of them, thousands at once at the start) should not each reserve their
+            // room. Memory a burst of connects took stays with the process.
+            Box::pin(self.upgrade(origin, tcp)).await?
         } else {
             Link::H1(H1 {
                 stream: Stream::Plain(tcp),
@@ -848,6 +830,35 @@ impl Client {
             origin: origin.clone(),
             link,
             idle_since: Instant::now(),
+        })
+    }
+}
+
+impl Client {
+    /// TLS (and HTTP/2 when negotiated), or HTTP/2 by prior knowledge, over a new connection.
+    async fn upgrade(&self, origin: &Arc<Origin>, tcp: TcpStream) -> Result<Link, Reason> {
+        if !origin.https {
+            return Ok(Link::H2(h2_handshake(tcp).await?));
+        }
+        let config = self.tls.clone().ok_or(Reason::Tls("no TLS configuration"))?;
+        let name =
+            rustls::pki_types::ServerName::try_from(origin.host.clone()).map_err(|_| Reason::Tls("bad server name"))?;
+        let tls = tokio::time::timeout(
+            self.limits.connect_timeout,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| Reason::ConnectTimeout)?
+        .map_err(|e| tls_reason(&e))?;
+        Ok(if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            Link::H2(h2_handshake(tls).await?)
+        } else {
+            Link::H1(H1 {
+                stream: Stream::Tls(Box::new(tls)),
+                buf: BytesMut::with_capacity(1024),
+                answered: false,
+                advertised: None,
+            })
         })
     }
 }

@@ -45,7 +45,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             stormlight::segment::check_set(&named)?;
             let read: Vec<_> = named.into_iter().map(|(_, s)| s).collect();
             let merged = stormlight::merge::merge(&read)?;
-            stormlight::report::write_summary(&mut std::io::stdout().lock(), &merged)?;
+            // The files first: a closed stdout (`| head`) must not lose them.
             if let Some(out) = out {
                 stormlight::report::write_json(&out, &merged)?;
                 eprintln!("merged result written to {}", out.display());
@@ -54,6 +54,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 stormlight::report::write_file(&html, stormlight::html::render(&merged).as_bytes())?;
                 eprintln!("HTML report written to {}", html.display());
             }
+            let _ = stormlight::report::write_summary(&mut std::io::stdout().lock(), &merged);
             // The thresholds, judged on the merged numbers, set the exit code.
             match merged.thresholds.iter().any(|v| !v.ok) {
                 true => Ok(Exit::ThresholdFailed),

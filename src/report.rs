@@ -126,9 +126,15 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
             s.script_errors
         )?;
     }
-    let due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
-    // With stages or the open model, users come and go by the plan: no spawn to judge.
-    let planned = s.config.load.starts_with("stages") || s.config.load.contains("open model");
+    let mut due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
+    if let Some(seg) = s.segment {
+        // Its users are every Nth of the whole test's, the first of them I/rate in.
+        due += seg.index as f64 / (s.config.spawn_rate * seg.count as f64);
+    }
+    // With stages or the open model, users come and go by the plan: no spawn to judge (nor
+    // for `setup` and `teardown`, which run no user).
+    let planned =
+        s.config.load.starts_with("stages") || s.config.load.contains("open model") || s.config.load.ends_with("alone");
     match s.all_users_started_s {
         _ if planned => {}
         Some(t) if s.config.users == 1 => writeln!(w, "the user was running after {t:.2}s")?,

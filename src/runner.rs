@@ -295,11 +295,25 @@ pub async fn run_with(
     }
     // --start-at: every segment starts at the same instant, its users ready.
     let interrupted_early = interrupted_early
-        || match cfg.start_at.and_then(|at| at.duration_since(SystemTime::now()).ok()) {
-            Some(wait) if setup_failed.is_none() => tokio::select! {
-                () = &mut shutdown => true,
-                () = tokio::time::sleep(wait) => false,
-            },
+        || match cfg.start_at.map(|at| at.duration_since(SystemTime::now())) {
+            Some(Ok(wait)) if setup_failed.is_none() => {
+                eprintln!(
+                    "waiting until {} to start (--start-at, in {:.1}s)",
+                    humantime::format_rfc3339_seconds(cfg.start_at.unwrap_or(SystemTime::now())),
+                    wait.as_secs_f64()
+                );
+                tokio::select! {
+                    () = &mut shutdown => true,
+                    () = tokio::time::sleep(wait) => false,
+                }
+            }
+            Some(Err(late)) if late.duration() > Duration::from_secs(1) => {
+                eprintln!(
+                    "warning: --start-at passed {:.1}s ago while the users were prepared: this segment starts late, and `report` will refuse to merge it with the others",
+                    late.duration().as_secs_f64()
+                );
+                false
+            }
             _ => false,
         };
     let started_at = SystemTime::now();
@@ -507,6 +521,7 @@ pub async fn run_alone(
     let started_at = SystemTime::now();
     let start = Instant::now();
     let gone = || anyhow::anyhow!("the worker thread ended early");
+    let setup = matches!(job, Alone::Setup);
     let ran = match job {
         Alone::Setup => {
             let (tx, rx) = oneshot::channel();
@@ -536,7 +551,7 @@ pub async fn run_alone(
         agg.add(snap);
     }
     agg.end_tick(start.elapsed(), 0);
-    let summary = agg.summary(SummaryMeta {
+    let mut summary = agg.summary(SummaryMeta {
         started_at,
         duration: start.elapsed(),
         interrupted: false,
@@ -545,6 +560,8 @@ pub async fn run_alone(
         segment: None,
         fingerprint: plan.scenario.fingerprint.clone(),
     });
+    summary.config.users = 0;
+    summary.config.load = format!("{} alone", if setup { "setup()" } else { "teardown()" });
     Ok((ran, summary))
 }
 
@@ -557,6 +574,11 @@ fn config_summary(cfg: &RunConfig) -> ConfigSummary {
         spawn_rate: cfg.spawn_rate / cfg.segment.step() as f64,
         script: cfg.script.display().to_string(),
         load: crate::config::describe_load(cfg),
+        duration_s: cfg.duration.map(|d| d.as_secs_f64()),
+        start_at_ms: cfg
+            .start_at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64),
     }
 }
 
@@ -696,6 +718,10 @@ fn worker_thread(
                 }
                 Cmd::Spawn(id) => {
                     users.spawn_local(user::run(worker.clone(), id, prepared.remove(&id)));
+                    if prepared.is_empty() && prepared.capacity() > 0 {
+                        // Every prepared state has gone to its user: the table's room goes too.
+                        prepared = std::collections::HashMap::new();
+                    }
                 }
                 Cmd::Iterate(at) => worker.dispatch(at),
                 Cmd::Flush(reply) => {

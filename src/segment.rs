@@ -180,6 +180,43 @@ pub fn check_set(files: &[(String, Summary)]) -> Result<()> {
             files[0].1.config.script
         );
     }
+    // One run: the same whole-test load, duration and start.
+    let whole = |s: &Summary| {
+        let load = s
+            .config
+            .load
+            .split_once("; segment ")
+            .map_or(&*s.config.load, |(w, _)| w);
+        (load.to_string(), s.config.duration_s, s.config.start_at_ms)
+    };
+    let (first_name, first) = (&files[0].0, &files[0].1);
+    for (name, s) in &files[1..] {
+        let (a, b) = (whole(first), whole(s));
+        if a != b {
+            let show = |w: &(String, Option<f64>, Option<u64>)| {
+                format!(
+                    "{}, {}, --start-at {}",
+                    w.0,
+                    w.1.map_or("until interrupted".into(), |d| format!("{d}s")),
+                    w.2.map_or("none".into(), |ms| format!("{}", ms as f64 / 1000.0))
+                )
+            };
+            bail!(
+                "{name} and {first_name} are segments of different runs ({} / {}): merge the segments of one run",
+                show(&b),
+                show(&a)
+            );
+        }
+    }
+    if first.config.start_at_ms.is_some() {
+        let earliest = files.iter().map(|(_, s)| s.started_at_ms).min().unwrap_or(0);
+        if let Some((name, s)) = files.iter().find(|(_, s)| s.started_at_ms > earliest + 1000) {
+            bail!(
+                "{name} started {:.1}s after the first segment: it missed the --start-at, so the merged numbers would not be one test",
+                (s.started_at_ms - earliest) as f64 / 1000.0
+            );
+        }
+    }
     let mut seen: Vec<Option<&String>> = vec![None; count as usize];
     for (name, seg) in &segmented {
         if let Some(first) = seen[seg.index as usize] {

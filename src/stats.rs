@@ -744,6 +744,12 @@ pub struct ConfigSummary {
     /// (open model, ...)`).
     #[serde(default)]
     pub load: String,
+    /// The duration asked for (`null`: until interrupted).
+    #[serde(default)]
+    pub duration_s: Option<f64>,
+    /// `--start-at`, as unix milliseconds: the segments of one test share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -84,5 +84,27 @@ fn the_shell_example_runs_three_segments_and_merges_them() {
     assert_eq!(merged["total"]["requests"].as_u64(), Some(t.counts.requests()));
     assert_eq!(merged["config"]["users"], 6);
     assert!(dir.join("report.html").exists());
+
+    // Too few users for three segments: one refuses, so none starts and nothing is sent.
+    let before = t.counts.requests();
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "bash",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/segments.sh"),
+            "3",
+        ])
+        .arg(&script)
+        .args(["--host", &t.url(), "-u", "2", "-t", "2s"])
+        .env("STORMLIGHT", env!("CARGO_BIN_EXE_stormlight"))
+        .env("OUT", &dir)
+        .env("START_DELAY", "3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("segment 2/3 ended before the start"), "{stderr}");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(t.counts.requests(), before, "no segment sent anything");
     std::fs::remove_dir_all(&dir).unwrap();
 }

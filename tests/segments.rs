@@ -341,7 +341,25 @@ fn an_arrival_rate_split_in_three_schedules_the_iterations_of_one_process() {
     let mut v = read(&files[2]);
     v["scenario_fingerprint"] = "0123456789abcdef".into();
     std::fs::write(&other, v.to_string()).unwrap();
+    // A segment of another run (another duration), and one that missed the common start.
+    let longer = dir.join("longer.json");
+    let mut v = read(&files[2]);
+    v["config"]["duration_s"] = 5.0.into();
+    std::fs::write(&longer, v.to_string()).unwrap();
+    let start = read(&files[0])["started_at_ms"].clone();
+    let timed: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let mut v = read(&files[i]);
+            v["config"]["start_at_ms"] = start.clone();
+            v["started_at_ms"] = (start.as_u64().unwrap() + if i == 2 { 3000 } else { 0 }).into();
+            let path = dir.join(format!("timed-{i}.json"));
+            std::fs::write(&path, v.to_string()).unwrap();
+            path
+        })
+        .collect();
     for (set, says) in [
+        (vec![&files[0], &files[1], &longer], "segments of different runs"),
+        (vec![&timed[0], &timed[1], &timed[2]], "missed the --start-at"),
         (vec![&files[0], &files[1]], "segment 2/3 is missing"),
         (
             vec![&files[0], &files[1], &files[1], &files[2]],
@@ -447,6 +465,11 @@ function teardown(data) http.get("/items/" .. data.n) end
     let other = dir.join("other.lua");
     std::fs::write(&other, "endpoints = { Task(\"GET\", \"/hello\") }\n").unwrap();
     let (other, setup, host) = (other.to_str().unwrap(), setup.to_str().unwrap(), target.url());
+    let ago = (std::time::SystemTime::now() - Duration::from_secs(10))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
     for (args, says) in [
         (
             vec!["run", other, "--host", &host, "-t", "1s", "--setup-data", setup],
@@ -463,6 +486,14 @@ function teardown(data) http.get("/items/" .. data.n) end
         (
             vec!["run", other, "--host", &host, "-t", "1s", "--start-at", "soon"],
             "RFC 3339",
+        ),
+        (
+            vec!["run", other, "--host", &host, "-t", "1s", "--start-at", &ago],
+            "ago",
+        ),
+        (
+            vec!["run", other, "--host", &host, "-t", "1s", "--start-at", "99999999999"],
+            "7 days",
         ),
         (
             vec!["setup", other, "--host", &host, "--out", "x.json"],
