@@ -160,6 +160,8 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
     out.started_at_ms = first_start;
     let segments = files.iter().filter(|s| s.segment.is_some()).count();
     out.config.load = match first.config.load.split_once("; segment ") {
+        // One file: its own description.
+        _ if files.len() == 1 => first.config.load.clone(),
         // A whole test from its segments (checked by `segment::check_set`).
         Some((whole, _)) if segments == files.len() => format!("{whole} ({segments} segments merged)"),
         _ => format!("{} result files merged", files.len()),
