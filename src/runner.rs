@@ -711,7 +711,7 @@ fn worker_thread(
                         prepared.reserve(ids.len());
                         for id in ids {
                             let global = worker.shared.global_id(id);
-                            prepared.insert(id, UserState::new(&worker.plan.scenario, global));
+                            prepared.insert(id, UserState::new(&worker.plan.scenario, global).map(Box::new));
                         }
                     }
                     let _ = reply.send(());

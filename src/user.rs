@@ -54,7 +54,10 @@ pub fn hand_out(
 
 /// Runs one user until the run stops. `prepared` is its Lua state, made before the test
 /// started (made here if missing) when the scenario has hooks.
-pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState, String>>) {
+///
+/// The state is boxed: every user's task holds it for the whole run, and inline it would take
+/// its room twice in the task (the argument's slot and the local's) for ten thousand users.
+pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<Box<UserState>, String>>) {
     let mut rng = SmallRng::from_rng(&mut rand::rng());
     let mut session = http::Session::default();
     let plan = worker.plan.clone();
@@ -74,7 +77,8 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<UserState,
         return;
     }
 
-    let state = match prepared.unwrap_or_else(|| UserState::new(&plan.scenario, worker.shared.global_id(id))) {
+    let made = || UserState::new(&plan.scenario, worker.shared.global_id(id)).map(Box::new);
+    let state = match prepared.unwrap_or_else(made) {
         Ok(state) => state,
         Err(msg) => {
             worker

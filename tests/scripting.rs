@@ -394,7 +394,10 @@ fn the_luals_definitions_cover_every_global_the_host_defines() {
     // What a user's state has beyond Lua's own libraries, what opens on first use, the hooks
     // and the settings a scenario may define.
     let sandbox = scenario::sandbox::Sandbox::new(Limits::default(), 0).unwrap();
-    scenario::api::install(&sandbox.lua).unwrap();
+    for name in scenario::api::CONSTRUCTORS {
+        let kind: String = sandbox.lua.load(format!("return type({name})")).eval().unwrap();
+        assert_eq!(kind, "function", "{name} resolves in every state");
+    }
     let plain = mlua::Lua::new();
     let mut host: Vec<String> = sandbox
         .lua
@@ -404,6 +407,7 @@ fn the_luals_definitions_cover_every_global_the_host_defines() {
         .filter(|k| !plain.globals().contains_key(k.as_str()).unwrap())
         .collect();
     host.extend(scenario::host::NAMES.iter().map(|s| s.to_string()));
+    host.extend(scenario::api::CONSTRUCTORS.iter().map(|s| s.to_string()));
     host.extend(scenario::HOOK_NAMES.iter().map(|s| s.to_string()));
     host.extend(scenario::WATCHED.iter().map(|s| s.to_string()));
     assert!(

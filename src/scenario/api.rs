@@ -381,10 +381,22 @@ pub fn wait_value(v: &Value) -> FieldResult<Option<Wait>> {
     }))
 }
 
-/// Installs the scenario globals that every state has: `Task(method, path, opts)` and the
-/// think-time makers `between`, `constant`, `constant_pacing`, `constant_throughput`.
-pub fn install(lua: &Lua) -> mlua::Result<()> {
-    for kind in ["between", "constant", "constant_pacing", "constant_throughput"] {
+/// The names [`constructor`] makes (the sandbox prelude lists them too).
+pub const CONSTRUCTORS: [&str; 5] = ["Task", "between", "constant", "constant_pacing", "constant_throughput"];
+
+/// The scenario's constructors: `Task(method, path, opts)` and the think-time makers
+/// `between`, `constant`, `constant_pacing`, `constant_throughput`. Every state reaches them
+/// through the sandbox prelude, which makes each on first use and keeps it out of the
+/// globals table: in a user's state they only serve the file's top level, and as globals they
+/// would grow every state's `_G` to its next size.
+pub fn constructor(lua: &Lua, name: &str) -> mlua::Result<Option<mlua::Function>> {
+    if let kind @ ("between" | "constant" | "constant_pacing" | "constant_throughput") = name {
+        let kind: &'static str = match kind {
+            "between" => "between",
+            "constant" => "constant",
+            "constant_pacing" => "constant_pacing",
+            _ => "constant_throughput",
+        };
         let maker = lua.create_function(move |lua, (a, b): (f64, Option<f64>)| {
             let t = lua.create_table()?;
             t.raw_set("__wait", kind)?;
@@ -392,7 +404,10 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
             t.raw_set("b", b.unwrap_or(a))?;
             Ok(t)
         })?;
-        lua.globals().set(kind, maker)?;
+        return Ok(Some(maker));
+    }
+    if name != "Task" {
+        return Ok(None);
     }
     let task = lua.create_function(|lua, (method, path, opts): (Value, Value, Option<Table>)| {
         let t = match opts {
@@ -416,7 +431,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
         }
         Ok(t)
     })?;
-    lua.globals().set("Task", task)
+    Ok(Some(task))
 }
 
 /// What a hook did to `req` this call, over the endpoint it started from.

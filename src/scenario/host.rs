@@ -70,7 +70,7 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
         "uuid" => Value::Function(lua.create_function(|_, ()| Ok(uuid_v4()))?),
         "rand" => Value::Table(rand_table(lua)?),
         "data" => Value::Table(super::feed::data_table(lua)?),
-        _ => Value::Nil,
+        other => api::constructor(lua, other)?.map_or(Value::Nil, Value::Function),
     })
 }
 

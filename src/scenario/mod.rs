@@ -102,7 +102,6 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
     let file = path.display().to_string();
     let sb = Sandbox::new(limits, 0).map_err(|e| anyhow!("cannot create the Lua sandbox: {e}"))?;
     let lua = &sb.lua;
-    api::install(lua).map_err(|e| anyhow!("{e}"))?;
     lua.set_app_data(TaskLines::default());
     let feeds = Arc::new(feed::Feeds::beside(path));
     lua.set_app_data(feeds.clone());
@@ -785,7 +784,6 @@ impl UserState {
         let sandbox = Sandbox::new(scenario.limits, learnt.load(Ordering::Relaxed)).map_err(|e| e.to_string())?;
         let limits = scenario.limits;
         let lua = &sandbox.lua;
-        api::install(lua).map_err(|e| e.to_string())?;
         lua.set_app_data(scenario.feeds.clone());
         sandbox.budget.reset();
         lua.load(&*scenario.bytecode)

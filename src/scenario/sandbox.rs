@@ -111,7 +111,18 @@ string.dump = nil
 local lazy = { table = true, math = true, utf8 = true, coroutine = true, os = true,
   http = true, sleep = true, check = true, log = true, json = true, uuid = true, rand = true,
   data = true }
+-- The scenario's constructors serve its top level: made on first use, kept here rather than
+-- in _G (whose next size up would double its node array in every state).
+local apart = { Task = false, between = false, constant = false, constant_pacing = false,
+  constant_throughput = false }
 setmetatable(_G, { __index = function(g, k)
+  local kept = apart[k]
+  if kept then return kept end
+  if kept == false then
+    kept = open_lib(k)
+    apart[k] = kept
+    return kept
+  end
   if not lazy[k] then return nil end
   lazy[k] = nil
   local lib = open_lib(k)
