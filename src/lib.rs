@@ -301,9 +301,14 @@ fn write_files(cfg: &RunConfig, result: &runner::RunResult, written: &mut Vec<St
     }
 }
 
-/// `stormlight setup`: runs the scenario's `setup()` alone and writes what it returned to
-/// `out`, for `run --setup-data` (setup once for every segment of a test).
-pub async fn setup(script: PathBuf, flags: Overrides, out: PathBuf) -> Result<Exit> {
+/// What `setup` and `teardown` start from: the scenario (which must define `what`) and its
+/// configuration, checked as a run's are.
+fn prepare_alone(
+    script: PathBuf,
+    flags: Overrides,
+    what: &str,
+    defines: impl Fn(&scenario::Hooks) -> bool,
+) -> Result<(RunRequest, RunConfig, runner::Plan)> {
     let req = RunRequest {
         script,
         flags,
@@ -311,9 +316,16 @@ pub async fn setup(script: PathBuf, flags: Overrides, out: PathBuf) -> Result<Ex
         live: LiveMode::Off,
     };
     let (cfg, plan) = prepare(&req, None)?;
-    if !plan.scenario.hooks.setup {
-        bail!("{} defines no setup(): there is nothing to run", req.script.display());
+    if !defines(&plan.scenario.hooks) {
+        bail!("{} defines no {what}: there is nothing to run", req.script.display());
     }
+    Ok((req, cfg, plan))
+}
+
+/// `stormlight setup`: runs the scenario's `setup()` alone and writes what it returned to
+/// `out`, for `run --setup-data` (setup once for every segment of a test).
+pub async fn setup(script: PathBuf, flags: Overrides, out: PathBuf) -> Result<Exit> {
+    let (req, cfg, plan) = prepare_alone(script, flags, "setup()", |h| h.setup)?;
     check_writable(&out, "--out")?;
     let fingerprint = plan.scenario.fingerprint.clone();
     let (ran, summary) = runner::run_alone(&cfg, Arc::new(plan), runner::Alone::Setup).await?;
@@ -348,19 +360,7 @@ pub async fn setup(script: PathBuf, flags: Overrides, out: PathBuf) -> Result<Ex
 /// `stormlight teardown`: runs the scenario's `teardown(data)` alone, with the data that
 /// `stormlight setup` wrote.
 pub async fn teardown(script: PathBuf, flags: Overrides) -> Result<Exit> {
-    let req = RunRequest {
-        script,
-        flags,
-        out: None,
-        live: LiveMode::Off,
-    };
-    let (cfg, plan) = prepare(&req, None)?;
-    if !plan.scenario.hooks.teardown {
-        bail!(
-            "{} defines no teardown(): there is nothing to run",
-            req.script.display()
-        );
-    }
+    let (_, cfg, plan) = prepare_alone(script, flags, "teardown()", |h| h.teardown)?;
     let data = cfg.setup_data.clone().unwrap_or_default();
     let (ran, summary) = runner::run_alone(&cfg, Arc::new(plan), runner::Alone::Teardown(data)).await?;
     if summary.total.requests > 0 || !summary.failures.is_empty() {

@@ -63,20 +63,23 @@ fn the_shell_example_runs_three_segments_and_merges_them() {
         "endpoints = { Task(\"GET\", \"/hello\") }\nwait_time = constant(0.05)\nthresholds = { \"fail_rate < 1%\" }\n",
     )
     .unwrap();
-    let out = Command::new("timeout")
-        .args([
-            "60",
-            "bash",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/segments.sh"),
-            "3",
-        ])
-        .arg(&script)
-        .args(["--host", &t.url(), "-u", "6", "-t", "2s"])
-        .env("STORMLIGHT", env!("CARGO_BIN_EXE_stormlight"))
-        .env("OUT", &dir)
-        .env("START_DELAY", "2")
-        .output()
-        .unwrap();
+    let segments = |users: &str, delay: &str| {
+        Command::new("timeout")
+            .args([
+                "60",
+                "bash",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/examples/segments.sh"),
+                "3",
+            ])
+            .arg(&script)
+            .args(["--host", &t.url(), "-u", users, "-t", "2s"])
+            .env("STORMLIGHT", env!("CARGO_BIN_EXE_stormlight"))
+            .env("OUT", &dir)
+            .env("START_DELAY", delay)
+            .output()
+            .unwrap()
+    };
+    let out = segments("6", "2");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let merged: serde_json::Value =
@@ -87,20 +90,7 @@ fn the_shell_example_runs_three_segments_and_merges_them() {
 
     // Too few users for three segments: one refuses, so none starts and nothing is sent.
     let before = t.counts.requests();
-    let out = Command::new("timeout")
-        .args([
-            "60",
-            "bash",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/segments.sh"),
-            "3",
-        ])
-        .arg(&script)
-        .args(["--host", &t.url(), "-u", "2", "-t", "2s"])
-        .env("STORMLIGHT", env!("CARGO_BIN_EXE_stormlight"))
-        .env("OUT", &dir)
-        .env("START_DELAY", "3")
-        .output()
-        .unwrap();
+    let out = segments("2", "3");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("segment 2/3 ended before the start"), "{stderr}");

@@ -59,6 +59,26 @@ impl Run {
         run
     }
 
+    /// `run SCRIPT` against the target for up to 60 s with `--web` on a free port, `--out`,
+    /// and `extra` flags.
+    fn web_run(script: &Path, t: &stormlight::target::Target, out: &Path, extra: &[&str]) -> Run {
+        let (script, host, out) = (script.to_str().unwrap(), t.url(), out.to_str().unwrap());
+        let mut args = vec![
+            "run",
+            script,
+            "--host",
+            &host,
+            "-t",
+            "60s",
+            "-q",
+            "--web=127.0.0.1:0",
+            "--out",
+            out,
+        ];
+        args.extend(extra);
+        Run::start(&args)
+    }
+
     /// Waits until stderr has a line containing `text`; returns that line.
     fn wait_for_stderr(&mut self, text: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
@@ -197,21 +217,7 @@ fn metrics_parse_and_their_request_counter_equals_the_summary_total() {
     let dir = temp_dir("metrics");
     let script = scenario(&dir);
     let out = dir.join("out.json");
-    let mut run = Run::start(&[
-        "run",
-        script.to_str().unwrap(),
-        "--host",
-        &t.url(),
-        "-u",
-        "4",
-        "-t",
-        "60s",
-        "-q",
-        "--web=127.0.0.1:0",
-        "--linger",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let mut run = Run::web_run(&script, &t, &out, &["-u", "4", "--linger"]);
     std::thread::sleep(Duration::from_millis(1500));
     let (status, during) = http(run.web, "GET", "/metrics", &[], "");
     assert_eq!(status, 200);
@@ -412,20 +418,7 @@ fn the_dashboard_updates_in_headless_chromium_and_stop_ends_the_run_with_the_sum
     let dir = temp_dir("dashboard");
     let script = scenario(&dir);
     let out = dir.join("out.json");
-    let mut run = Run::start(&[
-        "run",
-        script.to_str().unwrap(),
-        "--host",
-        &t.url(),
-        "-u",
-        "3",
-        "-t",
-        "60s",
-        "-q",
-        "--web=127.0.0.1:0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let mut run = Run::web_run(&script, &t, &out, &["-u", "3"]);
     let browser = Browser::open(driver_addr);
     browser.cmd("POST", "/url", json!({"url": format!("http://{}/", run.web)}));
     // The requests card, as a number, once the page shows one.
