@@ -93,8 +93,11 @@ impl Board {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             published: Mutex::new(Published {
-                event: Arc::from(r#"{"phase":"running","elapsed_s":0,"users":0,"html":""}"#),
-                metrics: Arc::from(""),
+                // Until the test starts (users being prepared, --start-at): nothing counted yet.
+                event: Arc::from(r#"{"phase":"starting","elapsed_s":0,"users":0,"rps_now":0,"fails_now":0,"html":""}"#),
+                metrics: Arc::from(
+                    "# HELP stormlight_running 1 while users are running, 0 before and after.\n# TYPE stormlight_running gauge\nstormlight_running 0\n",
+                ),
             }),
             version: watch::channel(0).0,
             stop: watch::channel(false).0,
@@ -420,7 +423,7 @@ pub fn metrics(summary: &Summary, agg: &Aggregate, status: &Status) -> String {
         (
             "stormlight_running",
             "gauge",
-            "1 while users are running, 0 once the run has ended (the counters are then final).",
+            "1 while users are running, 0 before and after (the counters are then final).",
             if status.phase == Phase::Running { 1.0 } else { 0.0 },
         ),
     ];
@@ -451,7 +454,7 @@ fn page() -> String {
 const DASH_STYLE: &str = ".top{display:flex;justify-content:space-between;align-items:flex-start;gap:16px}\
 .state{display:flex;gap:12px;align-items:center}.phase{padding:4px 10px;border-radius:999px;background:#e5e7eb;font-weight:600}\
 .phase.running{background:#dcfce7;color:#166534}.phase.stopping{background:#fef3c7;color:#92400e}\
-.phase.finished,.phase.stopped{background:#e0e7ff;color:#3730a3}.phase.disconnected{background:#fee2e2;color:#991b1b}\
+.phase.finished,.phase.stopped{background:#e0e7ff;color:#3730a3}.phase.starting{background:#fef9c3;color:#854d0e}.phase.disconnected{background:#fee2e2;color:#991b1b}\
 button{font:inherit;font-weight:600;padding:8px 18px;border-radius:8px;border:1px solid #b91c1c;background:#dc2626;color:#fff;cursor:pointer}\
 button:disabled{background:#e5e7eb;border-color:#d1d5db;color:#6b7280;cursor:default}\
 .now{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:10px}.now div{background:#111827;color:#d1d5db;border-radius:8px;padding:8px 16px}\
