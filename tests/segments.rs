@@ -508,3 +508,77 @@ function teardown(data) http.get("/items/" .. data.n) end
     assert_eq!(target.counts.requests(), before, "nothing sent");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn stage_targets_split_so_the_segments_add_up_to_the_whole() {
+    let dir = temp_dir("stages");
+    let target = common::target();
+    let script = dir.join("s.lua");
+    std::fs::write(
+        &script,
+        "endpoints = { Task(\"GET\", \"/hello\") }\nwait_time = constant(0.1)\n",
+    )
+    .unwrap();
+    let start_at = (std::time::SystemTime::now() + Duration::from_secs(2))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let files: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("st-{i}.json"))).collect();
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            let args = strings(&[
+                "run",
+                script.to_str().unwrap(),
+                "--host",
+                &target.url(),
+                "--stages",
+                "1s:7,2s:7",
+                "-q",
+                "--segment",
+                &format!("{i}/3"),
+                "--start-at",
+                &start_at,
+                "--out",
+                files[i].to_str().unwrap(),
+            ]);
+            spawn(&[], &args)
+        })
+        .collect();
+    for c in children {
+        let out = finish(c, Duration::from_secs(60));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // 7 users at the plateau: 3, 2 and 2.
+    let peaks: Vec<u64> = files
+        .iter()
+        .map(|f| {
+            let s = read(f);
+            s["series"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["users"].as_u64().unwrap())
+                .max()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(peaks, [3, 2, 2]);
+    let merged = dir.join("merged.json");
+    let mut args = vec!["report".to_string()];
+    args.extend(files.iter().map(|f| f.to_str().unwrap().to_string()));
+    args.extend(strings(&["--out", merged.to_str().unwrap()]));
+    let out = stormlight(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = read(&merged);
+    let users: Vec<u64> = m["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["users"].as_u64().unwrap())
+        .collect();
+    assert_eq!(users[1], 7, "the whole test's plateau, second by second: {users:?}");
+    assert_eq!(m["config"]["users"], 7);
+    assert_eq!(m["total"]["requests"].as_u64(), Some(target.counts.requests()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
