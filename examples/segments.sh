@@ -11,8 +11,9 @@
 # exact share. Results go to $OUT (default results/), merged into $OUT/merged.json and
 # $OUT/report.html.
 # Exit code: report's (0 every threshold held on the whole test, 1 one failed); 2 when a
-# segment refused its input (then every segment is stopped before the start: nothing is sent);
-# 4 when a segment failed during the run.
+# segment refused its input (then every segment is stopped before the start: no user sends;
+# a scenario's setup() runs in each segment at once unless you pass --setup-data from
+# `stormlight setup`); 4 when a segment failed during the run.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n '2,16p' "$0" >&2
@@ -34,7 +35,8 @@ pids=()
 for ((i = 0; i < n; i++)); do
   args=(run "$scenario" "$@" --segment "$i/$n" --start-at "$start_at" --quiet)
   if [ ${#hosts[@]} -gt 0 ]; then
-    ssh "${hosts[$i]}" "$bin" "$(printf '%q ' "${args[@]}")" --out "/tmp/stormlight-seg-$i.json" \
+    # -tt: the remote segment gets a terminal, so it ends (SIGHUP) when this ssh is killed.
+    ssh -tt "${hosts[$i]}" "$bin" "$(printf '%q ' "${args[@]}")" --out "/tmp/stormlight-seg-$i.json" \
       >"$out/seg-$i.txt" 2>&1 &
   else
     "$bin" "${args[@]}" --out "$out/seg-$i.json" >"$out/seg-$i.txt" 2>&1 &

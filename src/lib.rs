@@ -197,20 +197,27 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
     if let Some((_, bound)) = &web {
         eprintln!("dashboard: http://{bound}/ (Prometheus metrics: http://{bound}/metrics)");
     }
+    // How many interrupts had come when the run was stopped: the next one hurries (the second
+    // after a Ctrl-C, the first after the Stop button or the end of the duration).
+    let stopped_at = std::cell::Cell::new(None::<u32>);
     let shutdown = async {
         tokio::select! {
-            () = signals.nth(1) => eprintln!(
-                "\ninterrupted: stopping users, finishing requests in flight (Ctrl-C again to skip)..."
-            ),
-            () = web::Board::stop_requested(board) => eprintln!(
-                "\nStop pressed on the dashboard: stopping users, finishing requests in flight (Ctrl-C to skip)..."
-            ),
+            () = signals.nth(1) => {
+                stopped_at.set(Some(1));
+                eprintln!("\ninterrupted: stopping users, finishing requests in flight (Ctrl-C again to skip)...");
+            }
+            () = web::Board::stop_requested(board) => {
+                stopped_at.set(Some(signals.count()));
+                eprintln!(
+                    "\nStop pressed on the dashboard: stopping users, finishing requests in flight (Ctrl-C to skip)..."
+                );
+            }
         }
     };
     let hurry = async {
-        // First polled once the run has ended: the next interrupt hurries (the second after a
-        // Ctrl-C, the first after the Stop button or the end of the duration).
-        signals.nth(signals.count() + 1).await;
+        // First polled once the run has ended (the duration's end: the count then).
+        let seen = stopped_at.get().unwrap_or_else(|| signals.count());
+        signals.nth(seen + 1).await;
         eprintln!("\ninterrupted again: counting what is in flight as aborted, writing the summary now");
     };
     let result = runner::run_with(&cfg, Arc::new(plan), shutdown, hurry, board).await?;

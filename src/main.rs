@@ -55,8 +55,11 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 eprintln!("HTML report written to {}", html.display());
             }
             let _ = stormlight::report::write_summary(&mut std::io::stdout().lock(), &merged);
+            if let Some(t) = &merged.aborted_by {
+                eprintln!("a generator stopped early: threshold {t} failed (abort_on_fail)");
+            }
             // The thresholds, judged on the merged numbers, set the exit code.
-            match merged.thresholds.iter().any(|v| !v.ok) {
+            match merged.aborted_by.is_some() || merged.thresholds.iter().any(|v| !v.ok) {
                 true => Ok(Exit::ThresholdFailed),
                 false => Ok(Exit::Success),
             }

@@ -94,9 +94,18 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
     let mut protocols: BTreeMap<String, u64> = BTreeMap::new();
     let mut series: BTreeMap<i64, (SeriesPoint, Histogram<u64>)> = BTreeMap::new();
     // Series are aligned by wall-clock second: each file's from its own start.
-    let first_start = files.iter().map(|s| s.started_at_ms).min().unwrap_or(0);
+    // (0: a file from before start times were recorded; it is aligned by its own start.)
+    let first_start = files
+        .iter()
+        .map(|s| s.started_at_ms)
+        .filter(|ms| *ms > 0)
+        .min()
+        .unwrap_or(0);
     for (i, s) in files.iter().enumerate() {
-        let offset = s.started_at_ms.saturating_sub(first_start) as f64 / 1000.0;
+        let offset = match s.started_at_ms {
+            0 => 0.0,
+            ms => ms.saturating_sub(first_start) as f64 / 1000.0,
+        };
         let what = format!("file {}", i + 1);
         total.add(&s.total, &what)?;
         for r in &s.endpoints {
@@ -189,7 +198,15 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
     out.protocols = protocols;
     out.script_errors = files.iter().map(|s| s.script_errors).sum();
     out.dropped_iterations = files.iter().map(|s| s.dropped_iterations).sum();
-    out.aborted_by = None;
+    // A generator stopped by its own abort_on_fail threshold cut the test short: said, and
+    // `report` fails.
+    out.aborted_by = files.iter().find_map(|s| {
+        let t = s.aborted_by.as_ref()?;
+        Some(match s.segment {
+            Some(seg) => format!("{t} (segment {seg})"),
+            None => t.clone(),
+        })
+    });
     out.series = series
         .into_values()
         .map(|(mut p, h)| {

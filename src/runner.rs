@@ -249,6 +249,9 @@ pub async fn run_with(
     let shared = Shared::new(cfg);
     let workers = start_workers(cfg, &plan, &shared, cfg.workers)?;
 
+    // Sticky: once the stop has come (during setup(), say), every later wait sees it at once
+    // rather than polling a finished future.
+    let shutdown = Sticky::new(shutdown);
     tokio::pin!(shutdown);
     let mut setup_failed = None;
     let mut aborted_by = None;
@@ -479,6 +482,36 @@ pub async fn run_with(
     })
 }
 
+/// A future that, once it has completed, is ready again every time it is polled.
+struct Sticky<F> {
+    inner: Option<std::pin::Pin<Box<F>>>,
+}
+
+impl<F: Future<Output = ()>> Sticky<F> {
+    fn new(inner: F) -> Self {
+        Self {
+            inner: Some(Box::pin(inner)),
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Sticky<F> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        match inner.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.inner = None;
+                std::task::Poll::Ready(())
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
 /// Starts `n` worker threads; their command channels.
 fn start_workers(
     cfg: &RunConfig,
@@ -534,7 +567,7 @@ pub async fn run_alone(
             match rx.await.map_err(|_| gone())? {
                 Ok(()) => {
                     let (tx, rx) = oneshot::channel();
-                    let limit = cfg.timeout.max(cfg.grace);
+                    let limit = cfg.timeout;
                     workers[0].send(Cmd::Teardown(limit, tx)).map_err(|_| gone())?;
                     let _ = rx.await;
                     Ok(None)
@@ -758,7 +791,10 @@ fn worker_thread(
                     {
                         let teardown = tokio::time::timeout(grace, user::teardown(&worker, state, data));
                         tokio::select! {
-                            _ = teardown => {}
+                            ran = teardown => if ran.is_err() {
+                                let why = format!("teardown: still running after {}", crate::config::format_duration(grace));
+                                worker.recorder.borrow_mut().error(&worker.plan.hook_row("teardown"), crate::stats::Reason::Script(why));
+                            },
                             _ = hurry.wait_for(|h| *h) => {}
                         }
                     }

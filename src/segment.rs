@@ -159,6 +159,9 @@ pub fn check_set(files: &[(String, Summary)]) -> Result<()> {
     if segmented.is_empty() {
         return Ok(());
     }
+    if let Some((name, seg)) = segmented.iter().find(|(_, s)| s.count == 0 || s.index >= s.count) {
+        bail!("{name}: segment {seg} is not a segment (the index runs from 0 to the count - 1)");
+    }
     if let Some((name, _)) = files.iter().find(|(_, s)| s.segment.is_none()) {
         bail!(
             "{name} is not a segment (it ran without --segment) but the other files are: merge a test's segments alone"
@@ -217,27 +220,31 @@ pub fn check_set(files: &[(String, Summary)]) -> Result<()> {
             );
         }
     }
-    let mut seen: Vec<Option<&String>> = vec![None; count as usize];
+    let mut seen: std::collections::BTreeMap<u32, &String> = Default::default();
     for (name, seg) in &segmented {
-        if let Some(first) = seen[seg.index as usize] {
+        if let Some(first) = seen.insert(seg.index, name) {
             bail!("segment {seg} is given twice: {first} and {name}");
         }
-        seen[seg.index as usize] = Some(name);
     }
-    let missing: Vec<String> = seen
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.is_none())
-        .map(|(i, _)| format!("{i}/{count}"))
-        .collect();
-    if !missing.is_empty() {
-        let (noun, verb) = if missing.len() == 1 {
+    let absent = count as usize - seen.len();
+    if absent > 0 {
+        let missing: Vec<String> = (0..count)
+            .filter(|i| !seen.contains_key(i))
+            .take(10)
+            .map(|i| format!("{i}/{count}"))
+            .collect();
+        let (noun, verb) = if absent == 1 {
             ("segment", "is")
         } else {
             ("segments", "are")
         };
+        let more = if absent > missing.len() {
+            format!(" and {} more", absent - missing.len())
+        } else {
+            String::new()
+        };
         bail!(
-            "{noun} {} {verb} missing: the merged result would not be the whole test",
+            "{noun} {}{more} {verb} missing: the merged result would not be the whole test",
             missing.join(", ")
         );
     }

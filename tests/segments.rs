@@ -336,6 +336,15 @@ fn an_arrival_rate_split_in_three_schedules_the_iterations_of_one_process() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("FAIL") && stdout.contains("requests < 30"), "{stdout}");
 
+    // A segment that its own abort_on_fail threshold stopped: the whole test fails.
+    let aborted = dir.join("aborted.json");
+    let mut v = read(&files[1]);
+    v["aborted_by"] = "fail_rate < 1%".into();
+    std::fs::write(&aborted, v.to_string()).unwrap();
+    let out = stormlight(&args(&[&files[0], &aborted, &files[2]]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fail_rate < 1% (segment 1/3)"));
+
     // A set that is not one whole test is refused, with why.
     let other = dir.join("other.json");
     let mut v = read(&files[2]);
@@ -357,7 +366,12 @@ fn an_arrival_rate_split_in_three_schedules_the_iterations_of_one_process() {
             path
         })
         .collect();
+    let bogus = dir.join("bogus.json");
+    let mut v = read(&files[2]);
+    v["segment"]["index"] = 5.into();
+    std::fs::write(&bogus, v.to_string()).unwrap();
     for (set, says) in [
+        (vec![&files[0], &files[1], &bogus], "is not a segment (the index runs"),
         (vec![&files[0], &files[1], &longer], "segments of different runs"),
         (vec![&timed[0], &timed[1], &timed[2]], "missed the --start-at"),
         (vec![&files[0], &files[1]], "segment 2/3 is missing"),
@@ -459,6 +473,38 @@ function teardown(data) http.get("/items/" .. data.n) end
         Some(&1),
         "teardown(data) ran once"
     );
+    // A teardown that outlives its time fails the command (exit 4), it is not "done".
+    let slow = dir.join("slow.lua");
+    let text = std::fs::read_to_string(&script).unwrap().replace(
+        "function teardown(data) http.get(\"/items/\" .. data.n) end",
+        "function teardown(data) sleep(5) end",
+    );
+    assert!(text.contains("sleep(5)"));
+    std::fs::write(&slow, text).unwrap();
+    let slow_setup = dir.join("slow-setup.json");
+    let (slow, slow_setup_path) = (slow.to_str().unwrap(), slow_setup.to_str().unwrap());
+    let out = stormlight(&strings(&[
+        "setup",
+        slow,
+        "--host",
+        &target.url(),
+        "--out",
+        slow_setup_path,
+    ]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = stormlight(&strings(&[
+        "teardown",
+        slow,
+        "--host",
+        &target.url(),
+        "--timeout",
+        "1s",
+        "--setup-data",
+        slow_setup_path,
+    ]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{stdout}");
+    assert!(stdout.contains("still running after 1s"), "{stdout}");
 
     // Setup data of another scenario, and bad segment flags, are refused before any traffic.
     let before = target.counts.requests();

@@ -479,3 +479,45 @@ fn the_dashboard_updates_in_headless_chromium_and_stop_ends_the_run_with_the_sum
     let _ = driver.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_stop_or_ctrl_c_while_setup_runs_still_ends_with_the_summary_written() {
+    let t = common::target();
+    let dir = temp_dir("setup-stop");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("slow_setup.lua");
+    std::fs::write(
+        &script,
+        "endpoints = { Task(\"GET\", \"/hello\") }\nfunction setup() http.get(\"/items/1\") sleep(30) return {} end\n",
+    )
+    .unwrap();
+    for how in ["stop", "sigint"] {
+        let out = dir.join(format!("{how}.json"));
+        let mut run = Run::web_run(&script, &t, &out, &["-u", "2"]);
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(
+            http(run.web, "GET", "/metrics", &[], "").1.trim_end().lines().last(),
+            Some("stormlight_running 0")
+        );
+        match how {
+            "stop" => assert_eq!(http(run.web, "POST", "/stop", &[("X-Stormlight", "stop")], "").0, 202),
+            _ => {
+                Command::new("kill")
+                    .args(["-INT", &run.child.id().to_string()])
+                    .status()
+                    .unwrap();
+            }
+        }
+        assert_eq!(
+            run.wait(Duration::from_secs(20)),
+            Some(130),
+            "{how}: {}",
+            run.stderr.lock().unwrap()
+        );
+        let summary: Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).expect("the summary is written")).unwrap();
+        assert!(summary["interrupted"].as_bool().unwrap());
+        assert_eq!(summary["total"]["requests"], 1, "setup()'s request, counted");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
