@@ -315,17 +315,9 @@ impl RunConfig {
     }
 }
 
-/// The load model in words, for the run's first line and the summary file.
+/// The load model in words, for the run's first line and the summary file: the whole test's
+/// (with `--segment`, the file's `segment` and `config.users` say which share ran).
 pub fn describe_load(cfg: &RunConfig) -> String {
-    let whole = describe_whole(cfg);
-    match cfg.segment {
-        Some(seg) => format!("{whole}; segment {seg}: {} of its users", cfg.users),
-        None => whole,
-    }
-}
-
-/// The whole test's load (all segments together).
-fn describe_whole(cfg: &RunConfig) -> String {
     let users = |n: u32| format!("{n} user{}", if n == 1 { "" } else { "s" });
     let secs = |d: Duration| format_duration(d);
     let all = cfg.whole_users;

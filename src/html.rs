@@ -178,9 +178,13 @@ pub fn render(s: &Summary) -> String {
     let _ = write!(page, "<h1>{}</h1>", esc(&title));
     let _ = write!(
         page,
-        r#"<p class="run">{} · {} · {:.1} s{} · host {}</p>"#,
+        r#"<p class="run">{} · {}{} · {:.1} s{} · host {}</p>"#,
         esc(&s.started_at),
         esc(&s.config.load),
+        s.segment.map_or(String::new(), |seg| format!(
+            " · segment {seg}: {} users",
+            s.config.users
+        )),
         s.duration_s,
         if s.interrupted { " (interrupted)" } else { "" },
         esc(s.config.host.as_deref().unwrap_or("(urls in the scenario)"))

@@ -179,7 +179,10 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
         .map(config::format_duration)
         .unwrap_or_else(|| "until Ctrl-C".into());
     let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-    let load = config::describe_load(&cfg);
+    let mut load = config::describe_load(&cfg);
+    if let Some(seg) = cfg.segment {
+        load.push_str(&format!("; segment {seg}: {}", plural(cfg.users as usize, "user")));
+    }
     eprintln!(
         "stormlight {}: {load} for {duration} against {host} ({}; {})",
         env!("CARGO_PKG_VERSION"),

@@ -168,12 +168,12 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
     out.config.spawn_rate = files.iter().map(|s| s.config.spawn_rate).sum();
     out.started_at_ms = first_start;
     let segments = files.iter().filter(|s| s.segment.is_some()).count();
-    out.config.load = match first.config.load.split_once("; segment ") {
+    out.config.load = match files.len() {
         // One file: its own description.
-        _ if files.len() == 1 => first.config.load.clone(),
-        // A whole test from its segments (checked by `segment::check_set`).
-        Some((whole, _)) if segments == files.len() => format!("{whole} ({segments} segments merged)"),
-        _ => format!("{} result files merged", files.len()),
+        1 => first.config.load.clone(),
+        // A whole test from its segments (checked by `segment::check_set`): they all describe it.
+        n if segments == n => format!("{} ({segments} segments merged)", first.config.load),
+        n => format!("{n} result files merged"),
     };
     out.segment = None;
     out.total = total.summary(None, None, secs);

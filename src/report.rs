@@ -133,8 +133,7 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
     }
     // With stages or the open model, users come and go by the plan: no spawn to judge (nor
     // for `setup` and `teardown`, which run no user).
-    let planned =
-        s.config.load.starts_with("stages") || s.config.load.contains("open model") || s.config.load.ends_with("alone");
+    let planned = s.config.load.starts_with("stages") || s.config.load.contains("open model") || s.config.users == 0;
     match s.all_users_started_s {
         _ if planned => {}
         Some(t) if s.config.users == 1 => writeln!(w, "the user was running after {t:.2}s")?,

@@ -184,14 +184,7 @@ pub fn check_set(files: &[(String, Summary)]) -> Result<()> {
         );
     }
     // One run: the same whole-test load, duration and start.
-    let whole = |s: &Summary| {
-        let load = s
-            .config
-            .load
-            .split_once("; segment ")
-            .map_or(&*s.config.load, |(w, _)| w);
-        (load.to_string(), s.config.duration_s, s.config.start_at_ms)
-    };
+    let whole = |s: &Summary| (s.config.load.clone(), s.config.duration_s, s.config.start_at_ms);
     let (first_name, first) = (&files[0].0, &files[0].1);
     for (name, s) in &files[1..] {
         let (a, b) = (whole(first), whole(s));

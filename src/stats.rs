@@ -638,12 +638,21 @@ impl Aggregate {
             script_errors: self.errors,
             series: match histograms {
                 true => self.series.clone(),
+                // (Built field by field: cloning a point would copy its encoded histogram,
+                // every point's, every second.)
                 false => self
                     .series
                     .iter()
                     .map(|p| SeriesPoint {
+                        t_s: p.t_s,
+                        requests: p.requests,
+                        failures: p.failures,
+                        p50_ms: p.p50_ms,
+                        p95_ms: p.p95_ms,
+                        p99_ms: p.p99_ms,
+                        users: p.users,
+                        bytes: p.bytes,
                         latency_hist: None,
-                        ..p.clone()
                     })
                     .collect(),
             },
