@@ -381,14 +381,14 @@ pub fn wait_value(v: &Value) -> FieldResult<Option<Wait>> {
     }))
 }
 
-/// The names [`constructor`] makes (the sandbox prelude lists them too).
+/// The names [`constructor`] makes.
 pub const CONSTRUCTORS: [&str; 5] = ["Task", "between", "constant", "constant_pacing", "constant_throughput"];
 
 /// The scenario's constructors: `Task(method, path, opts)` and the think-time makers
 /// `between`, `constant`, `constant_pacing`, `constant_throughput`. Every state reaches them
-/// through the sandbox prelude, which makes each on first use and keeps it out of the
-/// globals table: in a user's state they only serve the file's top level, and as globals they
-/// would grow every state's `_G` to its next size.
+/// through `_G`'s `__index` (see the sandbox), which makes one each time it is looked up and
+/// keeps it out of the globals table: in a user's state they only serve the file's top level,
+/// and as globals they would grow every state's `_G` to its next size.
 pub fn constructor(lua: &Lua, name: &str) -> mlua::Result<Option<mlua::Function>> {
     if let kind @ ("between" | "constant" | "constant_pacing" | "constant_throughput") = name {
         let kind: &'static str = match kind {

@@ -1,7 +1,7 @@
 //! What a scenario reaches beyond its own state: `http` and `sleep` (asynchronous: a waiting
 //! user holds up no other user), `check` and `log`, through the [`UserHost`] of the user the
 //! state belongs to; and the helpers `json`, `uuid` and `rand`. Each global is made the first
-//! time a script touches it (see the sandbox's prelude), so a state that never uses one does
+//! time a script touches it (see the sandbox's `_G` metatable), so a state that never uses one does
 //! not carry it.
 
 use std::future::Future;
