@@ -25,7 +25,7 @@ const CLASSES: usize = SMALL / GRAIN;
 /// Alignment of large blocks (as mlua's own allocator gives).
 const LARGE_ALIGN: usize = 16;
 /// Smallest chunk carved after the first.
-const MIN_CHUNK: usize = 1024;
+const MIN_CHUNK: usize = 512;
 
 pub struct Arena {
     /// Bytes Lua holds, against `limit`.
@@ -100,7 +100,7 @@ impl Arena {
         let size = if self.chunks.is_empty() {
             self.first
         } else {
-            (self.carved / 8).clamp(MIN_CHUNK, 64 * 1024).next_multiple_of(GRAIN)
+            (self.carved / 16).clamp(MIN_CHUNK, 64 * 1024).next_multiple_of(GRAIN)
         };
         let Ok(layout) = Layout::from_size_align(size, GRAIN) else {
             return false;
