@@ -13,6 +13,7 @@
 //! dispatching between tasks); this engine: see the README's "Performance".
 //! TLS is rustls (ring provider) with one `ClientConfig` shared by every connection.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -817,15 +818,14 @@ impl Client {
             // room. Memory a burst of connects took stays with the process.
             Box::pin(self.upgrade(origin, tcp)).await?
         } else {
+            // No read buffer yet: `fill` takes one once the response is there.
             Link::H1(H1 {
                 stream: Stream::Plain(tcp),
-                buf: BytesMut::with_capacity(1024),
+                buf: BytesMut::new(),
                 answered: false,
                 advertised: None,
             })
         };
-        // (An HTTP/1.1 read buffer starts small: most response heads fit, and ten thousand idle
-        // users keep theirs.)
         Ok(Conn {
             origin: origin.clone(),
             link,
@@ -855,7 +855,7 @@ impl Client {
         } else {
             Link::H1(H1 {
                 stream: Stream::Tls(Box::new(tls)),
-                buf: BytesMut::with_capacity(1024),
+                buf: BytesMut::with_capacity(READ_BUFFER),
                 answered: false,
                 advertised: None,
             })
@@ -996,11 +996,49 @@ fn h2_reason(e: &hyper::Error) -> Reason {
     }
 }
 
+/// Size of a new read buffer: most response heads fit.
+const READ_BUFFER: usize = 1024;
+
+thread_local! {
+    /// Read buffers of this worker's plain connections, kept between their responses. A plain
+    /// connection waits for its response with no buffer and takes one when bytes arrive, so
+    /// ten thousand users waiting on a slow server hold none, and a worker needs about as many
+    /// as it reads responses at once. (TLS connections keep their own: decrypted bytes can be
+    /// waiting in the TLS layer while the socket has none.)
+    static SPARE_BUFFERS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Spare buffers a worker keeps at most.
+const SPARE_BUFFERS_MAX: usize = 64;
+
+/// Gives a plain connection's emptied read buffer back to its worker.
+fn return_buffer(conn: &mut H1) {
+    if !matches!(conn.stream, Stream::Plain(_)) || !conn.buf.is_empty() || conn.buf.capacity() == 0 {
+        return;
+    }
+    let mut buf = std::mem::take(&mut conn.buf);
+    // Room the buffer advanced past comes back without a copy (it holds nothing).
+    buf.reserve(READ_BUFFER);
+    SPARE_BUFFERS.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_BUFFERS_MAX {
+            spare.push(buf);
+        }
+    });
+}
+
 /// Reads more bytes into the connection's buffer; end of stream is an error here.
 async fn fill(conn: &mut H1) -> Result<(), Reason> {
+    if conn.buf.capacity() == 0 {
+        if let Stream::Plain(tcp) = &conn.stream {
+            tcp.readable().await.map_err(|e| io_failure(&e, Reason::Body))?;
+        }
+        conn.buf = SPARE_BUFFERS
+            .with_borrow_mut(Vec::pop)
+            .unwrap_or_else(|| BytesMut::with_capacity(READ_BUFFER));
+    }
     // Never read into zero spare room: that returns 0, which would look like end of stream.
     if conn.buf.capacity() - conn.buf.len() < 256 {
-        conn.buf.reserve(conn.buf.len().max(1024));
+        conn.buf.reserve(conn.buf.len().max(READ_BUFFER));
     }
     match conn.stream.read_buf(&mut conn.buf).await {
         Ok(0) => Err(Reason::Closed),
@@ -1048,24 +1086,12 @@ async fn exchange(
         set_cookies,
         ..
     } = loop {
-        let parsed = {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut head = httparse::Response::new(&mut slots);
-            match head.parse(&conn.buf) {
-                Ok(httparse::Status::Complete(len)) => Some(read_head(&head, len, &req.method, keep_body)?),
-                Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => return Err(Reason::Protocol),
-                Ok(httparse::Status::Partial) => None,
-                Err(_) => return Err(Reason::Protocol),
-            }
-        };
-        match parsed {
-            Some(head) if (100..200).contains(&head.status) && head.status != 101 => conn.buf.advance(head.len),
-            Some(head) => {
-                conn.buf.advance(head.len);
-                break head;
-            }
-            None => fill(conn).await?,
+        // Parsed in a function of its own: nothing of the parse is held while waiting for bytes
+        // (every user's pending future would carry it).
+        if let Some(head) = parse_head(conn, &req.method, keep_body)? {
+            break head;
         }
+        fill(conn).await?;
     };
 
     if idle_timeout.is_some() {
@@ -1155,6 +1181,9 @@ async fn exchange(
     }
     // Bytes beyond the response mean the framing was off: do not reuse.
     let reusable = reusable && conn.buf.is_empty();
+    if reusable {
+        return_buffer(conn);
+    }
     let resp = Response {
         status,
         h2: false,
@@ -1165,6 +1194,25 @@ async fn exchange(
         set_cookies,
     };
     Ok((resp, location, reusable))
+}
+
+/// The response head at the start of the buffer, once it is all there (`None`: read more);
+/// 1xx interim responses are skipped.
+fn parse_head(conn: &mut H1, method: &Method, keep_body: bool) -> Result<Option<Head>, Reason> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut head = httparse::Response::new(&mut slots);
+        let parsed = match head.parse(&conn.buf) {
+            Ok(httparse::Status::Complete(len)) => read_head(&head, len, method, keep_body)?,
+            Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => return Err(Reason::Protocol),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(Reason::Protocol),
+        };
+        conn.buf.advance(parsed.len);
+        if !(100..200).contains(&parsed.status) || parsed.status == 101 {
+            return Ok(Some(parsed));
+        }
+    }
 }
 
 /// The parts of a response head the engine needs.
@@ -1485,6 +1533,34 @@ mod tests {
         assert_eq!(send(false).await.unwrap().status, 200);
         assert_eq!(send(false).await.unwrap_err(), Reason::Protocol);
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn idle_plain_connections_hold_no_read_buffer() {
+        let (port, _) = canned(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye",
+        ])
+        .await;
+        let host = Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let req = Prepared::new(Some(&host), &spec(Target::Path("/".into()), &[])).unwrap();
+        let client = Client::new(Duration::from_secs(5));
+        let mut session = Session::default();
+        let spare = || SPARE_BUFFERS.with_borrow(|s| s.iter().map(|b| b.as_ptr()).collect::<Vec<_>>());
+        let held = |session: &Session| match &session.conns[0].link {
+            Link::H1(h1) => h1.buf.capacity(),
+            Link::H2(_) => unreachable!(),
+        };
+        assert_eq!(&client.send(&mut session, &req, true).await.unwrap().body[..], b"hello");
+        assert_eq!(held(&session), 0, "the kept connection gave its buffer back");
+        let first = spare();
+        assert_eq!(first.len(), 1);
+        assert_eq!(&client.send(&mut session, &req, true).await.unwrap().body[..], b"bye");
+        assert_eq!(
+            (held(&session), spare()),
+            (0, first),
+            "the same buffer served the next response"
+        );
     }
 
     #[tokio::test]

@@ -419,7 +419,8 @@ async fn iteration(
     }
 
     let mut row = ep.row;
-    let mut edited = None;
+    // Boxed: held while the request is out, inline it would grow every user's task by its size.
+    let mut edited: Option<Box<http::Prepared>> = None;
     if let Some(f) = &state.before_request {
         match state.run::<Value>(f, (&state.user, &state.req_ud)).await {
             Ok(Value::Boolean(false)) => return false,
@@ -440,14 +441,14 @@ async fn iteration(
             // Sent from the endpoint's own bytes.
         } else if let Some(added) = edits.only_added_headers(&ep.spec) {
             // The common edit (a token header): the endpoint's bytes with lines added.
-            edited = Some(ep.request.with_headers_added(&added));
+            edited = Some(Box::new(ep.request.with_headers_added(&added)));
         } else {
             let spec = edits.apply(&ep.spec);
             if edits.target.is_none() && edits.query.is_none() {
-                edited = Some(ep.request.with_spec(spec));
+                edited = Some(Box::new(ep.request.with_spec(spec)));
             } else {
                 match http::Prepared::new(plan.host.as_ref(), &spec) {
-                    Ok(p) => edited = Some(p),
+                    Ok(p) => edited = Some(Box::new(p)),
                     Err(e) => {
                         drop(req);
                         script_failure(row, Reason::Script(format!("before_request: req: {e:#}")));
@@ -457,7 +458,7 @@ async fn iteration(
             }
         }
     }
-    let req = edited.as_ref().unwrap_or(&ep.request);
+    let req = edited.as_deref().unwrap_or(&ep.request);
 
     let keep_body = state.after_response.is_some();
     let mut s = session.take();
