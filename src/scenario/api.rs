@@ -22,6 +22,7 @@ use hyper::Method;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
+use super::sandbox::Sandbox;
 use crate::config::parse_duration;
 
 /// Methods a scenario may use.
@@ -451,6 +452,16 @@ pub struct ReqEdits {
 }
 
 impl ReqEdits {
+    /// No edits, keeping the room the last request's header edits took.
+    pub fn clear(&mut self) {
+        let mut header_edits = std::mem::take(&mut self.header_edits);
+        header_edits.clear();
+        *self = Self {
+            header_edits,
+            ..Self::default()
+        };
+    }
+
     /// Whether the request on the wire differs from the endpoint's (a new name alone does not).
     pub fn changes_wire(&self) -> bool {
         self.method.is_some()
@@ -532,9 +543,33 @@ pub struct ReqState {
     pub endpoints: Arc<[RequestSpec]>,
     pub base: usize,
     pub edits: ReqEdits,
+    /// Header names the hooks set, as written and parsed (a name not known to `http` is
+    /// lower-cased into an allocation each time it is parsed).
+    names: Vec<(Box<[u8]>, HeaderName)>,
 }
 
 impl ReqState {
+    /// The header names parsed by `req.headers[name] = value` so far, as written.
+    #[cfg(test)]
+    pub fn cached_names(&self) -> Vec<String> {
+        self.names
+            .iter()
+            .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+            .collect()
+    }
+
+    /// The header `key` names, parsed once per distinct spelling (up to 16 kept).
+    fn header_name(&mut self, key: &[u8]) -> Option<HeaderName> {
+        if let Some((_, name)) = self.names.iter().find(|(k, _)| **k == *key) {
+            return Some(name.clone());
+        }
+        let name = HeaderName::from_bytes(key).ok()?;
+        if self.names.len() < 16 {
+            self.names.push((key.into(), name.clone()));
+        }
+        Some(name)
+    }
+
     fn base(&self) -> &RequestSpec {
         &self.endpoints[self.base]
     }
@@ -698,16 +733,121 @@ impl UserData for ReqHeaders {
 }
 
 /// Creates a user's `req` object (once per user) and the handle to its state.
-pub fn new_req(lua: &Lua, endpoints: Arc<[RequestSpec]>) -> mlua::Result<(AnyUserData, Req)> {
+pub fn new_req(sandbox: &Sandbox, endpoints: Arc<[RequestSpec]>) -> mlua::Result<(AnyUserData, Req)> {
+    let lua = &*sandbox.lua;
     let state = Rc::new(RefCell::new(ReqState {
         endpoints,
         base: 0,
         edits: ReqEdits::default(),
+        names: Vec::new(),
     }));
     let req = Req(state.clone(), Rc::default());
     let ud = lua.create_userdata(req.clone())?;
-    let _ = req.1.set(lua.create_userdata(ReqHeaders(state))?);
+    let headers = lua.create_userdata(ReqHeaders(state.clone()))?;
+    let state = sandbox.anchor(state);
+    // SAFETY: the stack holds the two objects and the pointer; `state` lives as long as the
+    // state does (anchored), and its C functions only ever read it through this pointer.
+    unsafe {
+        lua.exec_raw::<()>((&ud, &headers, mlua::LightUserData(state.cast_mut().cast())), |l| {
+            fast::install(l)
+        })?
+    };
+    let _ = req.1.set(headers);
     Ok((ud, req))
+}
+
+/// The two accesses a `before_request` hook makes on every request, `req.headers` and
+/// `req.headers[name] = value`, as C functions in front of the objects' mlua metamethods (a
+/// round trip through mlua's callback machinery costs each about 2,000 instructions; these a
+/// few hundred). Anything else, and every error, goes on to the mlua metamethod.
+mod fast {
+    use std::cell::RefCell;
+    use std::ffi::c_int;
+
+    use hyper::header::HeaderValue;
+    use mlua::ffi::{self, lua_State};
+
+    use super::ReqState;
+    use crate::scenario::sandbox::string_at;
+
+    /// Wraps the metamethods of the `req` object at 1 and the `req.headers` object at 2, with
+    /// the light userdata pointer to their state at 3.
+    ///
+    /// # Safety
+    /// `l` has the three values on its stack (and room for 3 more); the pointer is valid for
+    /// the state's life.
+    pub unsafe fn install(l: *mut lua_State) {
+        unsafe {
+            wrap(l, 1, c"__index", req_index, 2);
+            wrap(l, 2, c"__newindex", headers_newindex, 3);
+            ffi::lua_settop(l, 0);
+        }
+    }
+
+    /// Replaces the metamethod `event` of the object at `obj` by `f`, a closure of the old one
+    /// and the value at `extra` (left as it is when it is not a function).
+    unsafe fn wrap(l: *mut lua_State, obj: c_int, event: &std::ffi::CStr, f: ffi::lua_CFunction, extra: c_int) {
+        unsafe {
+            let top = ffi::lua_gettop(l);
+            if ffi::lua_getmetatable(l, obj) != 0 && ffi::lua_getfield(l, -1, event.as_ptr()) == ffi::LUA_TFUNCTION {
+                ffi::lua_pushvalue(l, extra);
+                ffi::lua_pushcclosure(l, f, 2);
+                ffi::lua_setfield(l, -2, event.as_ptr());
+            }
+            ffi::lua_settop(l, top);
+        }
+    }
+
+    /// Calls the wrapped metamethod (upvalue 1) with the arguments, `results` results.
+    unsafe fn fall_through(l: *mut lua_State, results: c_int) -> c_int {
+        unsafe {
+            ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+            ffi::lua_insert(l, 1);
+            ffi::lua_call(l, ffi::lua_gettop(l) - 1, results);
+            results
+        }
+    }
+
+    /// `req.<key>`: `headers` is the object in upvalue 2.
+    unsafe extern "C-unwind" fn req_index(l: *mut lua_State) -> c_int {
+        unsafe {
+            if string_at(l, 2) == Some(b"headers") {
+                ffi::lua_pushvalue(l, ffi::lua_upvalueindex(2));
+                return 1;
+            }
+            fall_through(l, 1)
+        }
+    }
+
+    /// `req.headers[name] = value`, for a string name and a string or integer value.
+    unsafe extern "C-unwind" fn headers_newindex(l: *mut lua_State) -> c_int {
+        unsafe {
+            let state = ffi::lua_touserdata(l, ffi::lua_upvalueindex(2)).cast::<RefCell<ReqState>>();
+            if !state.is_null() && set_header(l, &*state) {
+                return 0;
+            }
+            fall_through(l, 0)
+        }
+    }
+
+    /// Records the edit the arguments ask for, if it is the common kind and valid (false: the
+    /// mlua metamethod handles it, and says what is wrong). Holds nothing when it returns.
+    unsafe fn set_header(l: *mut lua_State, state: &RefCell<ReqState>) -> bool {
+        unsafe {
+            let Some(key) = string_at(l, 2) else { return false };
+            let value = match ffi::lua_type(l, 3) {
+                ffi::LUA_TSTRING => string_at(l, 3).and_then(|v| HeaderValue::from_bytes(v).ok()),
+                ffi::LUA_TNUMBER if ffi::lua_isinteger(l, 3) != 0 => Some(HeaderValue::from(ffi::lua_tointeger(l, 3))),
+                _ => None,
+            };
+            let (Some(value), Ok(mut st)) = (value, state.try_borrow_mut()) else {
+                return false;
+            };
+            let Some(name) = st.header_name(key) else { return false };
+            st.edits.header_edits.push((name, Some(value)));
+            true
+        }
+    }
 }
 
 /// Headers as a Lua table keyed by lower-case name (repeated headers joined with ", ").

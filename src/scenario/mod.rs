@@ -794,7 +794,7 @@ impl UserState {
             let user = lua.create_table()?;
             user.raw_set("id", id)?;
             user.raw_set("vars", lua.create_table()?)?;
-            let (req_ud, req) = api::new_req(lua, scenario.endpoints.clone())?;
+            let (req_ud, req) = api::new_req(&sandbox, scenario.endpoints.clone())?;
             let (res_ud, res) = api::new_res(lua)?;
             // What loading left behind (the parser's garbage) is freed now, not by the first
             // hook calls: thousands of users would otherwise each carry it.
@@ -1008,6 +1008,46 @@ mod tests {
             0,
             "states are separate"
         );
+    }
+
+    #[test]
+    fn header_edits_take_the_fast_path_and_the_rest_the_full_one() {
+        let s = load_str(
+            r#"
+            endpoints = { Task("GET", "/") }
+            function before_request(user, req)
+              req.headers["X-Id"] = user.id             -- fast: an integer
+              req.headers["X-Token"] = "t" .. user.id   -- fast: a string
+              req.headers["X-Ratio"] = 1.5              -- full: a float
+              req.headers["X-Gone"] = "x"
+              req.headers["X-Gone"] = nil               -- full: a removal
+              seen = { req.headers["x-token"], req.method, type(req.headers) }
+            end
+            function after_response(user, req, res)
+              req.headers["bad name"] = "x"
+            end
+            "#,
+        )
+        .unwrap();
+        let u = UserState::new(&s, 3).unwrap();
+        u.call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud))
+            .unwrap();
+        let spec = u.req.0.borrow().edits.apply(&s.endpoints[0]);
+        assert_eq!(spec.headers["x-id"], "3");
+        assert_eq!(spec.headers["x-token"], "t3");
+        assert_eq!(spec.headers["x-ratio"], "1.5");
+        assert!(!spec.headers.contains_key("x-gone"));
+        let seen: Vec<String> = u.sandbox.lua.globals().get::<Vec<String>>("seen").unwrap();
+        assert_eq!(seen, ["t3", "GET", "userdata"]);
+        // The names set with strings and integers were parsed by the fast path (which keeps
+        // them); the float and the removal went the full way.
+        assert_eq!(u.req.0.borrow().cached_names(), ["X-Id", "X-Token", "X-Gone"]);
+        // Errors are the full path's, with the script's line.
+        let err = u
+            .call::<()>(u.after_response.as_ref().unwrap(), (&u.user, &u.req_ud, &u.res_ud))
+            .unwrap_err();
+        assert!(err.message.contains("bad header name \"bad name\""), "{}", err.message);
+        assert!(err.message.starts_with("t.lua:12: req: "), "{}", err.message);
     }
 
     #[test]

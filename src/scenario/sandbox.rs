@@ -73,6 +73,9 @@ pub struct Sandbox {
     pub limits: Limits,
     state: *mut lua_State,
     arena: ManuallyDrop<Box<Arena>>,
+    /// Host values the state's C functions reach through raw pointers: dropped after the state
+    /// is closed (finalizers a script set may still run while it closes).
+    anchors: std::cell::RefCell<Vec<Rc<dyn std::any::Any>>>,
 }
 
 impl Drop for Sandbox {
@@ -122,7 +125,7 @@ unsafe fn budget_spent(l: *mut lua_State) -> bool {
 ///
 /// # Safety
 /// The bytes borrow the Lua string, which must stay on the stack while they are used.
-unsafe fn string_at<'a>(l: *mut lua_State, idx: c_int) -> Option<&'a [u8]> {
+pub(super) unsafe fn string_at<'a>(l: *mut lua_State, idx: c_int) -> Option<&'a [u8]> {
     unsafe {
         if ffi::lua_type(l, idx) != ffi::LUA_TSTRING {
             return None;
@@ -350,9 +353,18 @@ impl Sandbox {
             limits,
             state,
             arena: ManuallyDrop::new(arena),
+            anchors: Default::default(),
         };
         sandbox.init()?;
         Ok(sandbox)
+    }
+
+    /// Keeps `value` alive until after the state is closed, and returns a pointer to it that
+    /// C functions of the state may hold.
+    pub fn anchor<T: 'static>(&self, value: Rc<T>) -> *const T {
+        let ptr = Rc::as_ptr(&value);
+        self.anchors.borrow_mut().push(value);
+        ptr
     }
 
     /// Bytes of small blocks the state has taken so far: room the next state of the same
