@@ -54,8 +54,10 @@ pub struct Prepared {
     /// `Content-Length` included) and body.
     pub wire: Bytes,
     pub timeout: Option<Duration>,
-    /// The scenario's own headers and body, for following a redirect and for HTTP/2.
-    headers: HeaderMap,
+    /// The scenario's own headers (shared by the requests made from one endpoint) and those a
+    /// hook added, and the body: for following a redirect and for HTTP/2.
+    headers: Arc<HeaderMap>,
+    added: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
     /// The absolute URI HTTP/2 needs (`:scheme`, `:authority`, `:path`).
     h2_uri: Uri,
@@ -153,15 +155,16 @@ impl Prepared {
         let extra: usize = added.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
         let mut wire = Vec::with_capacity(self.wire.len() + extra);
         wire.extend_from_slice(&self.wire[..head_end]);
-        let mut headers = self.headers.clone();
         for (name, value) in added {
             wire.extend_from_slice(name.as_str().as_bytes());
             wire.extend_from_slice(b": ");
             wire.extend_from_slice(value.as_bytes());
             wire.extend_from_slice(b"\r\n");
-            headers.insert(name.clone(), value.clone());
         }
         wire.extend_from_slice(&self.wire[head_end..]);
+        let mut all = Vec::with_capacity(self.added.len() + added.len());
+        all.extend_from_slice(&self.added);
+        all.extend_from_slice(added);
         Self {
             method: self.method.clone(),
             origin: self.origin.clone(),
@@ -169,11 +172,27 @@ impl Prepared {
             host_header: self.host_header.clone(),
             wire: Bytes::from(wire),
             timeout: self.timeout,
-            headers,
+            headers: self.headers.clone(),
+            added: all,
             body: self.body.clone(),
             h2_uri: self.h2_uri.clone(),
             url: self.url.clone(),
         }
+    }
+
+    /// The scenario's headers with those a hook added (HTTP/2 and redirects only: HTTP/1.1
+    /// sends the prepared bytes).
+    fn scenario_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::clone(&self.headers);
+        for (name, value) in &self.added {
+            headers.insert(name.clone(), value.clone());
+        }
+        headers
+    }
+
+    /// Whether the scenario sets the header `name` itself.
+    fn sets(&self, name: &HeaderName) -> bool {
+        self.headers.contains_key(name) || self.added.iter().any(|(n, _)| n == name)
     }
 
     /// The request a redirect to `location` asks for: GET without a body after 303, and after
@@ -181,7 +200,7 @@ impl Prepared {
     fn redirected(&self, status: u16, location: &str) -> Option<Self> {
         let there = self.url.join(location).ok()?;
         let to_get = status == 303 || (matches!(status, 301 | 302) && self.method == Method::POST);
-        let mut headers = self.headers.clone();
+        let mut headers = self.scenario_headers();
         headers.remove(HOST);
         if to_get {
             headers.remove(CONTENT_TYPE);
@@ -247,7 +266,8 @@ impl Prepared {
             host_header,
             wire: Bytes::from(wire),
             timeout: spec.timeout,
-            headers: spec.headers,
+            headers: Arc::new(spec.headers),
+            added: Vec::new(),
             body,
             h2_uri,
             url,
@@ -597,7 +617,7 @@ impl Session {
     /// scenario does not set its own).
     fn cookie_header(&self, req: &Prepared) -> Option<String> {
         let jar = self.cookies.as_ref()?;
-        if req.headers.contains_key(hyper::header::COOKIE) {
+        if req.sets(&hyper::header::COOKIE) {
             return None;
         }
         let pairs: Vec<String> = jar
@@ -656,14 +676,18 @@ impl Client {
         req: &Prepared,
         keep_body: bool,
     ) -> Result<Response, (Duration, Reason)> {
+        // The clock is read once here and once when the response is in (a read is ~100
+        // instructions, a fair share of a request's own work).
         let start = Instant::now();
         let timeout = req.timeout.unwrap_or(self.timeout);
+        let deadline = start
+            .checked_add(timeout)
+            .unwrap_or_else(|| start + Duration::from_secs(365 * 86_400));
         let mut hop = None;
         for _ in 0..=self.limits.max_redirects {
             let current = hop.as_deref().unwrap_or(req);
-            let left = timeout.saturating_sub(start.elapsed());
-            let (resp, location) = self
-                .send_once(session, current, keep_body, left)
+            let (resp, location, end) = self
+                .send_once(session, current, keep_body, start, deadline)
                 .await
                 .map_err(|r| (start.elapsed(), r))?;
             let next = match location {
@@ -677,7 +701,7 @@ impl Client {
                 Some(next) => hop = Some(Box::new(next)),
                 None => {
                     return Ok(Response {
-                        elapsed: start.elapsed(),
+                        elapsed: end.saturating_duration_since(start),
                         ..resp
                     });
                 }
@@ -726,13 +750,15 @@ impl Client {
         session: &mut Session,
         req: &Prepared,
         keep_body: bool,
-        timeout: Duration,
-    ) -> Result<(Response, Option<String>), Reason> {
-        let start = Instant::now();
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<(Response, Option<String>, Instant), Reason> {
+        let deadline_at = tokio::time::Instant::from_std(deadline);
         let mut found = session.conns.iter().position(|c| c.origin == req.origin);
+        let idle_for = |conn: &Conn| now.saturating_duration_since(conn.idle_since);
         // Back-to-back requests skip the checks.
         if let Some(i) = found
-            && session.conns[i].idle_since.elapsed() >= CHECK_AFTER_IDLE
+            && idle_for(&session.conns[i]) >= CHECK_AFTER_IDLE
         {
             match session.conns[i].idle(self.keep_for(&session.conns[i])) {
                 Idle::Usable => {}
@@ -748,13 +774,13 @@ impl Client {
             }
         }
         // A connection that sat idle may have been closed by the server as the request went out.
-        let idle = found.map(|i| session.conns[i].idle_since.elapsed());
+        let idle = found.map(|i| idle_for(&session.conns[i]));
         let idx = match found {
             Some(i) => i,
             // Boxed, like the HTTP/2 exchange below: every user's task holds its pending future,
             // and inline these rare paths (TLS and HTTP/2 handshakes) would make each user's
             // task several KiB larger for the whole run.
-            None => match tokio::time::timeout(timeout, Box::pin(self.connect(&req.origin))).await {
+            None => match tokio::time::timeout_at(deadline_at, Box::pin(self.connect(&req.origin))).await {
                 Ok(Ok(conn)) => {
                     session.conns.push(conn);
                     session.conns.len() - 1
@@ -764,25 +790,27 @@ impl Client {
             },
         };
         let max_body = self.limits.max_body;
-        let left = timeout.saturating_sub(start.elapsed());
         // The user's cookies for this URL go with it (a request of its own, rarely needed).
         let with_cookies = session.cookie_header(req).map(|c| Box::new(req.with_cookie(&c)));
         let req = with_cookies.as_deref().unwrap_or(req);
         let result = match &mut session.conns[idx].link {
-            Link::H1(conn) => tokio::time::timeout(left, exchange(conn, req, keep_body, max_body)).await,
-            Link::H2(h2) => tokio::time::timeout(left, Box::pin(exchange_h2(h2, req, keep_body, max_body))).await,
+            Link::H1(conn) => tokio::time::timeout_at(deadline_at, exchange(conn, req, keep_body, max_body)).await,
+            Link::H2(h2) => {
+                tokio::time::timeout_at(deadline_at, Box::pin(exchange_h2(h2, req, keep_body, max_body))).await
+            }
         };
         match result {
             Ok(Ok((resp, location, reusable))) => {
+                let end = Instant::now();
                 if reusable {
-                    session.conns[idx].idle_since = Instant::now();
+                    session.conns[idx].idle_since = end;
                 } else {
                     session.conns.swap_remove(idx);
                 }
                 if !resp.set_cookies.is_empty() {
                     session.store_cookies(req, &resp.set_cookies);
                 }
-                Ok((resp, location))
+                Ok((resp, location, end))
             }
             Ok(Err(reason)) => {
                 let conn = session.conns.swap_remove(idx);
@@ -917,7 +945,7 @@ async fn exchange_h2_inner(
     *request.method_mut() = req.method.clone();
     *request.uri_mut() = req.h2_uri.clone();
     let headers = request.headers_mut();
-    *headers = req.headers.clone();
+    *headers = req.scenario_headers();
     headers.remove(HOST);
     if !headers.contains_key(USER_AGENT) {
         headers.insert(USER_AGENT, USER_AGENT_VALUE.clone());
@@ -1200,9 +1228,13 @@ async fn exchange(
 /// 1xx interim responses are skipped.
 fn parse_head(conn: &mut H1, method: &Method, keep_body: bool) -> Result<Option<Head>, Reason> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut head = httparse::Response::new(&mut slots);
-        let parsed = match head.parse(&conn.buf) {
+        // Slots left uninitialised: httparse writes those it fills (100 empty headers cost more
+        // to write than a short head does to parse).
+        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut head = httparse::Response::new(&mut []);
+        let parsed = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut head, &conn.buf, &mut slots)
+        {
             Ok(httparse::Status::Complete(len)) => read_head(&head, len, method, keep_body)?,
             Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => return Err(Reason::Protocol),
             Ok(httparse::Status::Partial) => return Ok(None),
@@ -1246,27 +1278,33 @@ fn read_head(
     let mut set_cookies = Vec::new();
     let mut headers = HeaderMap::new();
     for h in head.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            length = Some(v.ok_or(Reason::Protocol)?);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            if h.value.windows(5).any(|w| w.eq_ignore_ascii_case(b"close")) {
-                keep_alive = false;
-            } else if h.value.windows(10).any(|w| w.eq_ignore_ascii_case(b"keep-alive")) {
-                keep_alive = true;
+        // Most headers are none of these: their length rules them out at once.
+        let is = |name: &str| h.name.eq_ignore_ascii_case(name);
+        match h.name.len() {
+            14 if is("content-length") => {
+                let v = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                length = Some(v.ok_or(Reason::Protocol)?);
             }
-        } else if h.name.eq_ignore_ascii_case("location") {
-            location = std::str::from_utf8(h.value).ok().map(str::to_string);
-        } else if h.name.eq_ignore_ascii_case("keep-alive") {
-            idle_timeout = keep_alive_timeout(h.value);
-        } else if h.name.eq_ignore_ascii_case("set-cookie")
-            && let Ok(v) = std::str::from_utf8(h.value)
-        {
-            set_cookies.push(v.to_string());
+            17 if is("transfer-encoding") => {
+                chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+            }
+            10 if is("connection") => {
+                if h.value.windows(5).any(|w| w.eq_ignore_ascii_case(b"close")) {
+                    keep_alive = false;
+                } else if h.value.windows(10).any(|w| w.eq_ignore_ascii_case(b"keep-alive")) {
+                    keep_alive = true;
+                }
+            }
+            8 if is("location") => location = std::str::from_utf8(h.value).ok().map(str::to_string),
+            10 if is("keep-alive") => idle_timeout = keep_alive_timeout(h.value),
+            10 if is("set-cookie") => {
+                if let Ok(v) = std::str::from_utf8(h.value) {
+                    set_cookies.push(v.to_string());
+                }
+            }
+            _ => {}
         }
         if want_headers
             && let (Ok(name), Ok(value)) = (
@@ -1382,7 +1420,7 @@ mod tests {
             (lines, body.to_string())
         };
         assert_eq!(lines(&spliced), lines(&rebuilt));
-        assert_eq!(spliced.headers, rebuilt.headers);
+        assert_eq!(spliced.scenario_headers(), *rebuilt.headers);
     }
 
     #[test]
