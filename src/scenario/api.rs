@@ -771,7 +771,9 @@ mod fast {
     use crate::scenario::sandbox::string_at;
 
     /// Wraps the metamethods of the `req` object at 1 and the `req.headers` object at 2, with
-    /// the light userdata pointer to their state at 3.
+    /// the light userdata pointer to their state at 3. Each closure also holds the object it
+    /// serves and passes any other object on (a metatable is shared by every object of its
+    /// type in a state; a user's state has one of each).
     ///
     /// # Safety
     /// `l` has the three values on its stack (and room for 3 more); the pointer is valid for
@@ -784,14 +786,15 @@ mod fast {
         }
     }
 
-    /// Replaces the metamethod `event` of the object at `obj` by `f`, a closure of the old one
-    /// and the value at `extra` (left as it is when it is not a function).
+    /// Replaces the metamethod `event` of the object at `obj` by `f`, a closure of the old one,
+    /// the value at `extra` and the object (left as it is when it is not a function).
     unsafe fn wrap(l: *mut lua_State, obj: c_int, event: &std::ffi::CStr, f: ffi::lua_CFunction, extra: c_int) {
         unsafe {
             let top = ffi::lua_gettop(l);
             if ffi::lua_getmetatable(l, obj) != 0 && ffi::lua_getfield(l, -1, event.as_ptr()) == ffi::LUA_TFUNCTION {
                 ffi::lua_pushvalue(l, extra);
-                ffi::lua_pushcclosure(l, f, 2);
+                ffi::lua_pushvalue(l, obj);
+                ffi::lua_pushcclosure(l, f, 3);
                 ffi::lua_setfield(l, -2, event.as_ptr());
             }
             ffi::lua_settop(l, top);
@@ -811,7 +814,7 @@ mod fast {
     /// `req.<key>`: `headers` is the object in upvalue 2.
     unsafe extern "C-unwind" fn req_index(l: *mut lua_State) -> c_int {
         unsafe {
-            if string_at(l, 2) == Some(b"headers") {
+            if ffi::lua_rawequal(l, 1, ffi::lua_upvalueindex(3)) != 0 && string_at(l, 2) == Some(b"headers") {
                 ffi::lua_pushvalue(l, ffi::lua_upvalueindex(2));
                 return 1;
             }
@@ -823,7 +826,7 @@ mod fast {
     unsafe extern "C-unwind" fn headers_newindex(l: *mut lua_State) -> c_int {
         unsafe {
             let state = ffi::lua_touserdata(l, ffi::lua_upvalueindex(2)).cast::<RefCell<ReqState>>();
-            if !state.is_null() && set_header(l, &*state) {
+            if ffi::lua_rawequal(l, 1, ffi::lua_upvalueindex(3)) != 0 && !state.is_null() && set_header(l, &*state) {
                 return 0;
             }
             fall_through(l, 0)
