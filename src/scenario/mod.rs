@@ -112,13 +112,13 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
         .load(source)
         .set_name(format!("@{file}"))
         .into_function()
-        .map_err(|e| anyhow!("{}", script_error(&e, &limits)))?;
+        .map_err(|e| anyhow!("{}", script_error(path, &e, &limits)))?;
     // Users load this compiled form (debug info kept, so errors still say file:line): ten
     // thousand users spawned in a second must not parse the file ten thousand times.
     let bytecode: Arc<[u8]> = chunk.dump(false).into();
     chunk
         .call::<()>(())
-        .map_err(|e| anyhow!("{}", script_error(&e, &limits)))?;
+        .map_err(|e| anyhow!("{}", script_error(path, &e, &limits)))?;
     if let Some(mt) = lua.globals().metatable() {
         let _ = mt.raw_set("__newindex", Value::Nil);
     }
@@ -633,12 +633,13 @@ fn stages_value(v: &Value) -> Result<StagesOf, String> {
 }
 
 /// A Lua error from loading the file, as `file:line: message`.
-fn script_error(err: &mlua::Error, limits: &Limits) -> String {
+fn script_error(path: &Path, err: &mlua::Error, limits: &Limits) -> String {
     // Lua already prefixes syntax and runtime errors with `file:line:` (the chunk is named
-    // `@file`); only limit errors need the file added.
+    // `@file`), and the instruction budget's error with the line it stopped; the memory limit
+    // is not raised at a line of the script.
     let msg = sandbox::describe(err, limits);
     if msg.starts_with("memory limit") || msg.starts_with("instruction budget") {
-        format!("scenario stopped while loading: {msg}")
+        format!("{}: scenario stopped while loading: {msg}", path.display())
     } else {
         msg
     }
@@ -850,8 +851,15 @@ impl UserState {
     }
 
     fn hook_error(&self, e: &mlua::Error) -> HookError {
+        let memory = is_memory_error(e);
+        if memory {
+            // What filled the state is garbage now, but Lua collects it in an emergency only when
+            // an object cannot be allocated, not when a stack cannot grow: the next call, a
+            // little deeper, would fail again and again.
+            let _ = self.sandbox.lua.gc_collect();
+        }
         HookError {
-            limit: self.sandbox.budget.spent() || is_memory_error(e),
+            limit: self.sandbox.budget.spent() || memory,
             message: sandbox::describe(e, &self.sandbox.limits),
         }
     }
@@ -1008,6 +1016,41 @@ mod tests {
             0,
             "states are separate"
         );
+    }
+
+    #[test]
+    fn a_hook_that_hit_the_memory_limit_works_again_on_the_next_call() {
+        // A new user's script: after its memory error the state's garbage waited for an
+        // emergency collection, which Lua does not run when a stack must grow, and every later
+        // call failed at `req.name`. (It prints one line.)
+        let s = load_str(
+            r#"
+            endpoints = { Task("GET", "/") }
+            local n = 0
+            local bomb = function() local t = {} for i = 1, 1e8 do t[i] = ("x"):rep(100) .. i end end
+            function before_request(user, req)
+              n = n + 1
+              local name = req.name
+              if n == 1 then
+                local ok, err = pcall(bomb)
+                print(string.format("%s: %.2fs, ok=%s err=%s", name, os.clock(), tostring(ok), tostring(err)))
+                bomb()
+              end
+            end
+            "#,
+        )
+        .unwrap();
+        let u = UserState::new(&s, 1).unwrap();
+        let call = || u.call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud));
+        let first = call().unwrap_err();
+        assert!(
+            first.limit && first.message.contains("memory limit"),
+            "{}",
+            first.message
+        );
+        for _ in 0..3 {
+            call().unwrap();
+        }
     }
 
     #[test]
