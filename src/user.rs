@@ -117,6 +117,9 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<Box<UserSt
         let sent = match &state.scenario {
             Some(f) => {
                 hook("scenario", state.run::<()>(f, state.user.clone()).await);
+                // A scenario() that waits on nothing (or fails at once, every time) must still
+                // let the worker's other tasks run: the run's stop among them.
+                tokio::task::consume_budget().await;
                 true
             }
             None => iteration(&worker, &state, session, &mut rng, think.correction()).await,

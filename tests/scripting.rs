@@ -163,6 +163,62 @@ fn sleep_and_waits_end_when_the_run_stops() {
 }
 
 #[test]
+fn waiting_inside_a_coroutine_the_script_made_is_refused_and_nothing_is_sent() {
+    let t = target();
+    let s = run(
+        r#"
+        function scenario(user)
+          local ok, err = pcall(coroutine.wrap(function() return http.get("/hello", { name = "inside" }) end))
+          check(not ok and tostring(err):find("inside a coroutine the script made", 1, true) ~= nil, "http refused")
+          local co = coroutine.create(function() sleep(5) end)
+          local resumed = coroutine.resume(co)
+          check(not resumed and coroutine.status(co) == "dead", "sleep refused")
+          http.get("/hello")
+        end
+        "#,
+        &t.url(),
+        2,
+        1.0,
+        Limits::default(),
+    );
+    let (passes, fails) = check(&s, "http refused");
+    assert!(passes > 10 && fails == 0, "{passes} {fails}");
+    assert_eq!(check(&s, "sleep refused").1, 0);
+    assert!(s.endpoints.iter().all(|r| r.name.as_deref() != Some("inside")));
+    assert!(s.failures.is_empty(), "{:?}", s.failures);
+    assert_eq!(s.total.requests, t.counts.requests());
+    // (A user whose checks ran as the run stopped sends no more.)
+    assert!(
+        passes - row(&s, "/hello").requests <= 2,
+        "{passes} {:?}",
+        row(&s, "/hello")
+    );
+
+    // A scenario() that fails at once, every time, without waiting: the run still stops (the
+    // worker's other tasks, its per-second report among them, were starved and it never did).
+    let started = Instant::now();
+    // (Spawned at 1/s, as the command line does: the spawner shares the user's thread.)
+    let s = run_at(
+        Path::new("flow.lua"),
+        "function scenario(user) coroutine.wrap(function() sleep(0.1) end)() end",
+        &t.url(),
+        1,
+        2.5,
+        Limits::default(),
+        Overrides {
+            spawn_rate: Some(1.0),
+            ..Overrides::default()
+        },
+    );
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+    let (reason, count) = &failures(&s, "scenario")[0];
+    assert!(
+        reason.contains("sleep: cannot wait inside a coroutine") && *count > 100,
+        "{reason} {count}"
+    );
+}
+
+#[test]
 fn a_waiting_user_holds_up_no_other_user() {
     let t = target();
     // One user waits on a slow answer, the others keep going on the same thread.

@@ -53,6 +53,7 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
     Ok(match name {
         "http" => Value::Table(http_table(lua)?),
         "sleep" => Value::Function(lua.create_async_function(|lua, seconds: Value| async move {
+            may_wait(&lua, "sleep")?;
             let pause = api::duration_value(&seconds).map_err(|e| mlua::Error::runtime(format!("sleep: {e}")))?;
             let host = user_host(&lua, "sleep")?;
             host.sleep(pause).await;
@@ -72,6 +73,18 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
         "data" => Value::Table(super::feed::data_table(lua)?),
         other => api::constructor(lua, other)?.map_or(Value::Nil, Value::Function),
     })
+}
+
+/// Refuses to wait from a coroutine the script made (see [`sandbox::in_script_coroutine`]):
+/// checked before anything is sent or counted.
+fn may_wait(lua: &Lua, what: &str) -> mlua::Result<()> {
+    if super::sandbox::in_script_coroutine(lua) {
+        return Err(mlua::Error::runtime(format!(
+            "{what}: cannot wait inside a coroutine the script made (coroutine.create or wrap); \
+             call it from the hook or scenario() itself"
+        )));
+    }
+    Ok(())
 }
 
 fn user_host(lua: &Lua, what: &str) -> mlua::Result<Rc<dyn UserHost>> {
@@ -97,6 +110,7 @@ fn http_table(lua: &Lua) -> mlua::Result<Table> {
         ("options", "OPTIONS"),
     ] {
         let f = lua.create_async_function(move |lua, (target, opts): (Value, Option<Table>)| async move {
+            may_wait(&lua, &format!("http.{name}"))?;
             let spec = request_spec(&lua, name, Value::String(lua.create_string(method)?), target, opts)?;
             send(lua, spec).await
         })?;
@@ -104,6 +118,7 @@ fn http_table(lua: &Lua) -> mlua::Result<Table> {
     }
     let request = lua.create_async_function(
         |lua, (method, target, opts): (Value, Value, Option<Table>)| async move {
+            may_wait(&lua, "http.request")?;
             let spec = request_spec(&lua, "request", method, target, opts)?;
             send(lua, spec).await
         },

@@ -117,8 +117,40 @@ const LAZY: [&str; 14] = [
 /// # Safety
 /// `l` is a thread of a state made by [`Sandbox::new`], which outlives the budget's use.
 unsafe fn budget_spent(l: *mut lua_State) -> bool {
+    let word = unsafe { ffi::lua_getextraspace(l).cast::<usize>().read() };
     // SAFETY: see above; `Sandbox` holds the `Rc` until after the state is closed.
-    unsafe { (*ffi::lua_getextraspace(l).cast::<*const Budget>()).as_ref() }.is_some_and(Budget::spent)
+    unsafe { ((word & !SCRIPT_COROUTINE) as *const Budget).as_ref() }.is_some_and(Budget::spent)
+}
+
+/// The low bit of a thread's extra space (the budget's pointer, aligned, has it clear): set on
+/// the coroutines the script makes.
+const SCRIPT_COROUTINE: usize = 1;
+
+/// Marks the coroutine `co` as one the script made.
+///
+/// # Safety
+/// `co` is a thread of a state made by [`Sandbox::new`].
+unsafe fn mark_script_coroutine(co: *mut lua_State) {
+    unsafe {
+        let slot = ffi::lua_getextraspace(co).cast::<usize>();
+        slot.write(slot.read() | SCRIPT_COROUTINE);
+    }
+}
+
+/// Whether Lua code is running in a coroutine the script made (`coroutine.create` or
+/// `coroutine.wrap`), rather than in the thread the host runs a hook on. The host's waiting
+/// functions (`http`, `sleep`) yield to the host, which they cannot do from such a coroutine:
+/// their yield would go to the script's `resume` instead.
+pub fn in_script_coroutine(lua: &Lua) -> bool {
+    let thread = lua.current_thread();
+    // SAFETY: a thread's pointer is its `lua_State`, a thread of a sandbox's state.
+    unsafe {
+        ffi::lua_getextraspace(thread.to_pointer().cast_mut().cast())
+            .cast::<usize>()
+            .read()
+            & SCRIPT_COROUTINE
+            != 0
+    }
 }
 
 /// The string at `idx`, if it is one (numbers are not converted).
@@ -196,6 +228,42 @@ unsafe extern "C-unwind" fn resume(l: *mut lua_State) -> c_int {
     }
 }
 
+/// Calls upvalue 1 (the library's function) with the arguments, one result.
+unsafe fn call_original(l: *mut lua_State) {
+    unsafe {
+        ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+        ffi::lua_insert(l, 1);
+        ffi::lua_call(l, ffi::lua_gettop(l) - 1, 1);
+    }
+}
+
+/// `coroutine.create`, marking the coroutine as the script's.
+unsafe extern "C-unwind" fn create(l: *mut lua_State) -> c_int {
+    unsafe {
+        call_original(l);
+        let co = ffi::lua_tothread(l, -1);
+        if !co.is_null() {
+            mark_script_coroutine(co);
+        }
+        1
+    }
+}
+
+/// `coroutine.wrap`, marking the coroutine (the first upvalue of the function it returns).
+unsafe extern "C-unwind" fn wrap(l: *mut lua_State) -> c_int {
+    unsafe {
+        call_original(l);
+        if !ffi::lua_getupvalue(l, -1, 1).is_null() {
+            let co = ffi::lua_tothread(l, -1);
+            if !co.is_null() {
+                mark_script_coroutine(co);
+            }
+            ffi::lua_pop(l, 1);
+        }
+        1
+    }
+}
+
 /// `load` (upvalue 1: the library's) of text chunks only: binary chunks can break the VM's
 /// safety. The mode argument is replaced; `env` is passed on only when given, as `load` tells
 /// a nil `env` from none.
@@ -255,9 +323,15 @@ unsafe extern "C-unwind" fn global_index(l: *mut lua_State) -> c_int {
         open(l);
         match name {
             b"coroutine" => {
-                ffi::lua_getfield(l, 3, c"resume".as_ptr());
-                ffi::lua_pushcclosure(l, resume, 1);
-                ffi::lua_setfield(l, 3, c"resume".as_ptr());
+                for (f, field) in [
+                    (resume as ffi::lua_CFunction, c"resume"),
+                    (create, c"create"),
+                    (wrap, c"wrap"),
+                ] {
+                    ffi::lua_getfield(l, 3, field.as_ptr());
+                    ffi::lua_pushcclosure(l, f, 1);
+                    ffi::lua_setfield(l, 3, field.as_ptr());
+                }
             }
             b"os" => {
                 ffi::lua_createtable(l, 0, 4);
@@ -399,17 +473,25 @@ impl Sandbox {
         unsafe { lua.exec_raw::<()>((lua.globals(), open_lib), |l| narrow_globals(l)) }?;
 
         let hook_budget = self.budget.clone();
-        lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), move |_, _| {
-            let used = hook_budget.used.get() + 1;
-            hook_budget.used.set(used);
-            if used > hook_budget.limit {
-                return Err(mlua::Error::runtime(format!(
-                    "instruction budget exceeded ({} instructions in one call): runaway loop?",
-                    hook_budget.limit * HOOK_EVERY as u64
-                )));
-            }
-            Ok(VmState::Continue)
-        })?;
+        lua.set_global_hook(
+            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+            move |_, debug| {
+                let used = hook_budget.used.get() + 1;
+                hook_budget.used.set(used);
+                if used > hook_budget.limit {
+                    // Where the loop is: the line running when the budget ran out.
+                    let at = match (debug.source().short_src, debug.current_line()) {
+                        (Some(file), Some(line)) if !file.starts_with('[') => format!("{file}:{line}: "),
+                        _ => String::new(),
+                    };
+                    return Err(mlua::Error::runtime(format!(
+                        "{at}instruction budget exceeded ({} instructions in one call): runaway loop?",
+                        hook_budget.limit * HOOK_EVERY as u64
+                    )));
+                }
+                Ok(VmState::Continue)
+            },
+        )?;
         Ok(())
     }
 }
