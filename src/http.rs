@@ -782,6 +782,8 @@ impl Client {
             // task several KiB larger for the whole run.
             None => match tokio::time::timeout_at(deadline_at, Box::pin(self.connect(&req.origin))).await {
                 Ok(Ok(conn)) => {
+                    // Most users talk to one origin: room for one connection, not Vec's four.
+                    session.conns.reserve_exact(1);
                     session.conns.push(conn);
                     session.conns.len() - 1
                 }
@@ -1528,6 +1530,13 @@ mod tests {
         (port, accepted)
     }
 
+    /// A GET / to the loopback server on `port`, a client and a user's empty session.
+    fn get_root(port: u16) -> (Prepared, Client, Session) {
+        let host = Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let req = Prepared::new(Some(&host), &spec(Target::Path("/".into()), &[])).unwrap();
+        (req, Client::new(Duration::from_secs(5)), Session::default())
+    }
+
     #[tokio::test]
     async fn framings_bodies_and_keep_alive() {
         let (port, accepted) = canned(vec![
@@ -1541,10 +1550,7 @@ mod tests {
             b"garbage\r\n\r\n",
         ])
         .await;
-        let host = Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
-        let req = Prepared::new(Some(&host), &spec(Target::Path("/".into()), &[])).unwrap();
-        let client = Client::new(Duration::from_secs(5));
-        let mut session = Session::default();
+        let (req, client, mut session) = get_root(port);
         let mut send = async |keep: bool| client.send(&mut session, &req, keep).await.map_err(|(_, r)| r);
 
         let r = send(true).await.unwrap();
@@ -1580,10 +1586,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye",
         ])
         .await;
-        let host = Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
-        let req = Prepared::new(Some(&host), &spec(Target::Path("/".into()), &[])).unwrap();
-        let client = Client::new(Duration::from_secs(5));
-        let mut session = Session::default();
+        let (req, client, mut session) = get_root(port);
         let spare = || SPARE_BUFFERS.with_borrow(|s| s.iter().map(|b| b.as_ptr()).collect::<Vec<_>>());
         let held = |session: &Session| match &session.conns[0].link {
             Link::H1(h1) => h1.buf.capacity(),
