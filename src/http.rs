@@ -686,8 +686,10 @@ impl Client {
         let mut hop = None;
         for _ in 0..=self.limits.max_redirects {
             let current = hop.as_deref().unwrap_or(req);
+            // (A redirect's hop reads the clock again: its connection's idle time counts from now.)
+            let now = if hop.is_none() { start } else { Instant::now() };
             let (resp, location, end) = self
-                .send_once(session, current, keep_body, start, deadline)
+                .send_once(session, current, keep_body, now, deadline)
                 .await
                 .map_err(|r| (start.elapsed(), r))?;
             let next = match location {
@@ -1041,9 +1043,10 @@ thread_local! {
 /// Spare buffers a worker keeps at most.
 const SPARE_BUFFERS_MAX: usize = 64;
 
-/// Gives a plain connection's emptied read buffer back to its worker.
+/// Gives a plain connection's emptied read buffer back to its worker (once a response was read
+/// into it: it has its allocation, even when read to its very end leaves no capacity).
 fn return_buffer(conn: &mut H1) {
-    if !matches!(conn.stream, Stream::Plain(_)) || !conn.buf.is_empty() || conn.buf.capacity() == 0 {
+    if !matches!(conn.stream, Stream::Plain(_)) || !conn.buf.is_empty() {
         return;
     }
     let mut buf = std::mem::take(&mut conn.buf);

@@ -53,7 +53,7 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
     Ok(match name {
         "http" => Value::Table(http_table(lua)?),
         "sleep" => Value::Function(lua.create_async_function(|lua, seconds: Value| async move {
-            may_wait(&lua, "sleep")?;
+            may_wait(&lua, || "sleep".into())?;
             let pause = api::duration_value(&seconds).map_err(|e| mlua::Error::runtime(format!("sleep: {e}")))?;
             let host = user_host(&lua, "sleep")?;
             host.sleep(pause).await;
@@ -77,11 +77,12 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
 
 /// Refuses to wait from a coroutine the script made (see [`sandbox::in_script_coroutine`]):
 /// checked before anything is sent or counted.
-fn may_wait(lua: &Lua, what: &str) -> mlua::Result<()> {
+fn may_wait(lua: &Lua, what: impl FnOnce() -> String) -> mlua::Result<()> {
     if super::sandbox::in_script_coroutine(lua) {
         return Err(mlua::Error::runtime(format!(
-            "{what}: cannot wait inside a coroutine the script made (coroutine.create or wrap); \
-             call it from the hook or scenario() itself"
+            "{}: cannot wait inside a coroutine the script made (coroutine.create or wrap); \
+             call it from the hook or scenario() itself",
+            what()
         )));
     }
     Ok(())
@@ -110,7 +111,7 @@ fn http_table(lua: &Lua) -> mlua::Result<Table> {
         ("options", "OPTIONS"),
     ] {
         let f = lua.create_async_function(move |lua, (target, opts): (Value, Option<Table>)| async move {
-            may_wait(&lua, &format!("http.{name}"))?;
+            may_wait(&lua, || format!("http.{name}"))?;
             let spec = request_spec(&lua, name, Value::String(lua.create_string(method)?), target, opts)?;
             send(lua, spec).await
         })?;
@@ -118,7 +119,7 @@ fn http_table(lua: &Lua) -> mlua::Result<Table> {
     }
     let request = lua.create_async_function(
         |lua, (method, target, opts): (Value, Value, Option<Table>)| async move {
-            may_wait(&lua, "http.request")?;
+            may_wait(&lua, || "http.request".into())?;
             let spec = request_spec(&lua, "request", method, target, opts)?;
             send(lua, spec).await
         },

@@ -15,7 +15,7 @@ use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::rc::Rc;
 
-use std::ffi::c_int;
+use std::ffi::{CStr, c_int};
 use std::ptr;
 
 use mlua::ffi::{self, lua_State};
@@ -301,12 +301,21 @@ unsafe extern "C-unwind" fn collectgarbage(l: *mut lua_State) -> c_int {
 /// each time they are looked up and never set, so they do not grow every user's `_G`.
 unsafe extern "C-unwind" fn global_index(l: *mut lua_State) -> c_int {
     unsafe {
+        // Only `_G` itself is served: a script cannot reach this function (the metatable is
+        // protected), but nothing here may depend on that.
+        ffi::lua_settop(l, 2);
+        ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
+        if ffi::lua_rawequal(l, 1, 3) == 0 {
+            return 0;
+        }
         let Some(name) = string_at(l, 2) else { return 0 };
+        // Pushes the value `open_lib` makes for the name (at 4).
         let open = |l| {
             ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
             ffi::lua_pushvalue(l, 2);
             ffi::lua_call(l, 1, 1);
         };
+        let mask = |l| ffi::lua_tointegerx(l, ffi::lua_upvalueindex(2), ptr::null_mut());
         if api::CONSTRUCTORS.iter().any(|c| c.as_bytes() == name) {
             open(l);
             return 1;
@@ -314,41 +323,52 @@ unsafe extern "C-unwind" fn global_index(l: *mut lua_State) -> c_int {
         let Some(bit) = LAZY.iter().position(|n| n.as_bytes() == name) else {
             return 0;
         };
-        let mask = ffi::lua_tointegerx(l, ffi::lua_upvalueindex(2), ptr::null_mut());
-        if mask & (1 << bit) == 0 {
+        if mask(l) & (1 << bit) == 0 {
             return 0;
         }
-        ffi::lua_pushinteger(l, mask & !(1 << bit));
-        ffi::lua_replace(l, ffi::lua_upvalueindex(2));
+        // Made first, then marked as made: a name whose making failed (the memory limit) is
+        // made on its next use.
         open(l);
+        let left = mask(l) & !(1 << bit);
+        ffi::lua_pushinteger(l, left);
+        ffi::lua_replace(l, ffi::lua_upvalueindex(2));
         match name {
             b"coroutine" => {
-                for (f, field) in [
-                    (resume as ffi::lua_CFunction, c"resume"),
-                    (create, c"create"),
-                    (wrap, c"wrap"),
-                ] {
-                    ffi::lua_getfield(l, 3, field.as_ptr());
-                    ffi::lua_pushcclosure(l, f, 1);
-                    ffi::lua_setfield(l, 3, field.as_ptr());
+                let wrapped: [(ffi::lua_CFunction, &CStr); 3] =
+                    [(resume, c"resume"), (create, c"create"), (wrap, c"wrap")];
+                for (f, field) in &wrapped {
+                    ffi::lua_getfield(l, 4, field.as_ptr());
+                    ffi::lua_pushcclosure(l, *f, 1);
+                    ffi::lua_setfield(l, 4, field.as_ptr());
                 }
             }
             b"os" => {
                 ffi::lua_createtable(l, 0, 4);
-                for f in [c"time", c"clock", c"date", c"difftime"] {
-                    ffi::lua_getfield(l, 3, f.as_ptr());
-                    ffi::lua_setfield(l, 4, f.as_ptr());
+                for f in &[c"time", c"clock", c"date", c"difftime"] {
+                    ffi::lua_getfield(l, 4, f.as_ptr());
+                    ffi::lua_setfield(l, 5, f.as_ptr());
                 }
-                ffi::lua_replace(l, 3);
+                ffi::lua_replace(l, 4);
             }
             _ => {}
         }
+        if left & COROUTINE_BIT != 0 {
+            // mlua sets the library's own `coroutine` global when it makes the first waiting
+            // function (`http`, `sleep`): the script gets the narrowed one on first use instead.
+            ffi::lua_pushstring(l, c"coroutine".as_ptr());
+            ffi::lua_pushnil(l);
+            ffi::lua_rawset(l, 3);
+        }
         ffi::lua_pushvalue(l, 2);
-        ffi::lua_pushvalue(l, 3);
-        ffi::lua_rawset(l, 1);
+        ffi::lua_pushvalue(l, 4);
+        ffi::lua_rawset(l, 3);
         1
     }
 }
+
+/// `coroutine`'s bit in `global_index`'s mask.
+const COROUTINE_BIT: i64 = 1 << 3;
+const _: () = assert!(matches!(LAZY[3].as_bytes(), b"coroutine"));
 
 fn print(_: &Lua, args: Variadic<mlua::Value>) -> mlua::Result<()> {
     let parts: Vec<String> = args
@@ -367,11 +387,14 @@ fn print(_: &Lua, args: Variadic<mlua::Value>) -> mlua::Result<()> {
 unsafe fn narrow_globals(l: *mut lua_State) {
     unsafe {
         // Stack: _G, open_lib.
-        ffi::lua_createtable(l, 0, 1);
+        ffi::lua_createtable(l, 0, 2);
         ffi::lua_rotate(l, -2, 1);
         ffi::lua_pushinteger(l, (1 << LAZY.len()) - 1);
         ffi::lua_pushcclosure(l, global_index, 2);
         ffi::lua_setfield(l, -2, c"__index".as_ptr());
+        // Scripts can neither read nor replace it (`getmetatable(_G)` is false).
+        ffi::lua_pushboolean(l, 0);
+        ffi::lua_setfield(l, -2, c"__metatable".as_ptr());
         ffi::lua_setmetatable(l, -2);
         ffi::lua_pushcfunction(l, pcall);
         ffi::lua_setfield(l, -2, c"pcall".as_ptr());
@@ -382,7 +405,7 @@ unsafe fn narrow_globals(l: *mut lua_State) {
         ffi::lua_getfield(l, -1, c"load".as_ptr());
         ffi::lua_pushcclosure(l, load_text, 1);
         ffi::lua_setfield(l, -2, c"load".as_ptr());
-        for name in [c"dofile", c"loadfile", c"require", c"module", c"print"] {
+        for name in &[c"dofile", c"loadfile", c"require", c"module", c"print"] {
             ffi::lua_pushnil(l);
             ffi::lua_setfield(l, -2, name.as_ptr());
         }
@@ -510,7 +533,12 @@ pub fn describe(err: &mlua::Error, limits: &Limits) -> String {
     if let Some(at) = at
         && !matches!(err, mlua::Error::MemoryError(_))
     {
-        return format!("{at}: {}", describe(err, limits));
+        let inner = describe(err, limits);
+        // (The instruction budget's error already says where it stopped.)
+        if inner.starts_with(&format!("{at}: ")) {
+            return inner;
+        }
+        return format!("{at}: {inner}");
     }
     match err {
         mlua::Error::MemoryError(_) => {
@@ -633,9 +661,26 @@ mod tests {
             "assert(nosuchglobal == nil and _G[1] == nil)",
             "assert(type(Task) == 'function' and rawget(_G, 'Task') == nil)",
             "local n = collectgarbage('count') assert(type(n) == 'number' and n > 1)",
+            // _G's metatable is the host's: hidden, and not replaceable.
+            "assert(getmetatable(_G) == false and not pcall(setmetatable, _G, {}))",
         ] {
             ok(code);
         }
+        // Its __index serves `_G` only, whatever it is called with (it rawsets what it makes).
+        let sb = Sandbox::new(Limits::default(), 0).unwrap();
+        let index: mlua::Function = sb.lua.globals().metatable().unwrap().raw_get("__index").unwrap();
+        for wrong in [
+            mlua::Value::Integer(0x4141_4141),
+            mlua::Value::Table(sb.lua.create_table().unwrap()),
+        ] {
+            let got: mlua::Value = index.call((wrong, "math")).unwrap();
+            assert!(got.is_nil());
+        }
+        let math: mlua::Table = sb.lua.globals().get("math").unwrap();
+        assert!(
+            math.contains_key("floor").unwrap(),
+            "math is still made on its first use"
+        );
         let err = run("collectgarbage('collect')").unwrap_err();
         assert!(err.starts_with("t.lua:1: collectgarbage: only"), "{err}");
     }
