@@ -780,21 +780,38 @@ mod fast {
     /// the state's life.
     pub unsafe fn install(l: *mut lua_State) {
         unsafe {
-            wrap(l, 1, c"__index", req_index, 2);
-            wrap(l, 2, c"__newindex", headers_newindex, 3);
+            // req.__index: 1 the original, 2 the headers object, 3 the state, 4 `req`.
+            wrap(l, 1, c"__index", req_index, &[2, 3]);
+            // req.headers.__newindex: 1 the original, 2 the state, 3 the headers object.
+            wrap(l, 2, c"__newindex", headers_newindex, &[3]);
+            ffi::lua_settop(l, 0);
+        }
+    }
+
+    /// Wraps the `__index` of the user's `res` object at 1, with the light userdata pointer to
+    /// its state at 2 (`after_response` reads `res.status` and `res.body` on every response).
+    ///
+    /// # Safety
+    /// As [`install`]; the state is only replaced by the host, between calls into the script.
+    pub unsafe fn install_res(l: *mut lua_State) {
+        unsafe {
+            // res.__index: 1 the original, 2 the state, 3 `res`.
+            wrap(l, 1, c"__index", res_index, &[2]);
             ffi::lua_settop(l, 0);
         }
     }
 
     /// Replaces the metamethod `event` of the object at `obj` by `f`, a closure of the old one,
-    /// the value at `extra` and the object (left as it is when it is not a function).
-    unsafe fn wrap(l: *mut lua_State, obj: c_int, event: &std::ffi::CStr, f: ffi::lua_CFunction, extra: c_int) {
+    /// the values at `extra` and the object (left as it is when it is not a function).
+    unsafe fn wrap(l: *mut lua_State, obj: c_int, event: &std::ffi::CStr, f: ffi::lua_CFunction, extra: &[c_int]) {
         unsafe {
             let top = ffi::lua_gettop(l);
             if ffi::lua_getmetatable(l, obj) != 0 && ffi::lua_getfield(l, -1, event.as_ptr()) == ffi::LUA_TFUNCTION {
-                ffi::lua_pushvalue(l, extra);
+                for &i in extra {
+                    ffi::lua_pushvalue(l, i);
+                }
                 ffi::lua_pushvalue(l, obj);
-                ffi::lua_pushcclosure(l, f, 3);
+                ffi::lua_pushcclosure(l, f, 2 + extra.len() as c_int);
                 ffi::lua_setfield(l, -2, event.as_ptr());
             }
             ffi::lua_settop(l, top);
@@ -814,9 +831,78 @@ mod fast {
     /// `req.<key>`: `headers` is the object in upvalue 2.
     unsafe extern "C-unwind" fn req_index(l: *mut lua_State) -> c_int {
         unsafe {
-            if ffi::lua_rawequal(l, 1, ffi::lua_upvalueindex(3)) != 0 && string_at(l, 2) == Some(b"headers") {
-                ffi::lua_pushvalue(l, ffi::lua_upvalueindex(2));
-                return 1;
+            if ffi::lua_rawequal(l, 1, ffi::lua_upvalueindex(4)) != 0 {
+                match string_at(l, 2) {
+                    Some(b"headers") => {
+                        ffi::lua_pushvalue(l, ffi::lua_upvalueindex(2));
+                        return 1;
+                    }
+                    Some(key @ (b"method" | b"path" | b"name")) => {
+                        let state = ffi::lua_touserdata(l, ffi::lua_upvalueindex(3)).cast::<RefCell<ReqState>>();
+                        let mut text = [0u8; TEXT_MAX];
+                        if !state.is_null()
+                            && let Some(n) = req_text(&*state, key, &mut text)
+                        {
+                            ffi::lua_pushlstring(l, text.as_ptr().cast(), n);
+                            return 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            fall_through(l, 1)
+        }
+    }
+
+    /// Longest `req.method`, `req.path` or `req.name` the fast path copies (longer ones go the
+    /// full way).
+    const TEXT_MAX: usize = 256;
+
+    /// Copies `req.<key>` into `out` and returns its length. The copy is taken under the
+    /// borrow, which is over before Lua copies it in turn: a Lua error may then jump over the
+    /// caller's frame, and code the allocation runs (a finalizer) may edit the request.
+    fn req_text(state: &RefCell<ReqState>, key: &[u8], out: &mut [u8; TEXT_MAX]) -> Option<usize> {
+        let st = state.try_borrow().ok()?;
+        let (e, base) = (&st.edits, st.base());
+        let text: &str = match key {
+            b"method" => e.method.as_ref().unwrap_or(&base.method).as_str(),
+            b"path" => match e.target.as_ref().unwrap_or(&base.target) {
+                super::Target::Path(p) => p,
+                super::Target::Url(_) => return None,
+            },
+            _ => e.name.as_ref().unwrap_or(&base.name),
+        };
+        let dest = out.get_mut(..text.len())?;
+        dest.copy_from_slice(text.as_bytes());
+        Some(text.len())
+    }
+
+    /// `res.<key>`: `status` and `body` of the user's `res` (the state in upvalue 2).
+    unsafe extern "C-unwind" fn res_index(l: *mut lua_State) -> c_int {
+        unsafe {
+            let state = ffi::lua_touserdata(l, ffi::lua_upvalueindex(2)).cast::<RefCell<super::ResState>>();
+            if ffi::lua_rawequal(l, 1, ffi::lua_upvalueindex(3)) != 0 && !state.is_null() {
+                match string_at(l, 2) {
+                    Some(b"status") => {
+                        if let Ok(st) = (*state).try_borrow() {
+                            let status = st.status;
+                            drop(st);
+                            ffi::lua_pushinteger(l, status.into());
+                            return 1;
+                        }
+                    }
+                    Some(b"body") => {
+                        // Only the host replaces the response, between calls into the script: the
+                        // bytes stay where they are while Lua copies them.
+                        if let Ok(st) = (*state).try_borrow() {
+                            let (p, n) = (st.body.as_ptr(), st.body.len());
+                            drop(st);
+                            ffi::lua_pushlstring(l, p.cast(), n);
+                            return 1;
+                        }
+                    }
+                    _ => {}
+                }
             }
             fall_through(l, 1)
         }
@@ -947,7 +1033,16 @@ fn res_json(lua: &Lua) -> mlua::Result<mlua::Function> {
 }
 
 /// Creates a user's `res` object (once per user) and the handle to its state.
-pub fn new_res(lua: &Lua) -> mlua::Result<(AnyUserData, Res)> {
+pub fn new_res(sandbox: &Sandbox) -> mlua::Result<(AnyUserData, Res)> {
+    let lua = &*sandbox.lua;
     let res = Res(Rc::new(RefCell::new(ResState::default())));
-    Ok((lua.create_userdata(res.clone())?, res))
+    let ud = lua.create_userdata(res.clone())?;
+    let state = sandbox.anchor(res.0.clone());
+    // SAFETY: as in `new_req`.
+    unsafe {
+        lua.exec_raw::<()>((&ud, mlua::LightUserData(state.cast_mut().cast())), |l| {
+            fast::install_res(l)
+        })?
+    };
+    Ok((ud, res))
 }

@@ -796,7 +796,7 @@ impl UserState {
             user.raw_set("id", id)?;
             user.raw_set("vars", lua.create_table()?)?;
             let (req_ud, req) = api::new_req(&sandbox, scenario.endpoints.clone())?;
-            let (res_ud, res) = api::new_res(lua)?;
+            let (res_ud, res) = api::new_res(&sandbox)?;
             // What loading left behind (the parser's garbage) is freed now, not by the first
             // hook calls: thousands of users would otherwise each carry it.
             // The host holds endpoints, options and host as Rust data: the user's copies are
@@ -1064,7 +1064,9 @@ mod tests {
               req.headers["X-Ratio"] = 1.5              -- full: a float
               req.headers["X-Gone"] = "x"
               req.headers["X-Gone"] = nil               -- full: a removal
-              seen = { req.headers["x-token"], req.method, type(req.headers) }
+              req.name = string.rep("n", 300)           -- read back the full way (long)
+              req.path = "/edited"
+              seen = { req.headers["x-token"], req.method, type(req.headers), #req.name, req.path }
             end
             function after_response(user, req, res)
               req.headers["bad name"] = "x"
@@ -1081,7 +1083,7 @@ mod tests {
         assert_eq!(spec.headers["x-ratio"], "1.5");
         assert!(!spec.headers.contains_key("x-gone"));
         let seen: Vec<String> = u.sandbox.lua.globals().get::<Vec<String>>("seen").unwrap();
-        assert_eq!(seen, ["t3", "GET", "userdata"]);
+        assert_eq!(seen, ["t3", "GET", "userdata", "300", "/edited"]);
         // The names set with strings and integers were parsed by the fast path (which keeps
         // them); the float and the removal went the full way.
         assert_eq!(u.req.0.borrow().cached_names(), ["X-Id", "X-Token", "X-Gone"]);
@@ -1090,7 +1092,7 @@ mod tests {
             .call::<()>(u.after_response.as_ref().unwrap(), (&u.user, &u.req_ud, &u.res_ud))
             .unwrap_err();
         assert!(err.message.contains("bad header name \"bad name\""), "{}", err.message);
-        assert!(err.message.starts_with("t.lua:12: req: "), "{}", err.message);
+        assert!(err.message.starts_with("t.lua:14: req: "), "{}", err.message);
     }
 
     #[test]
