@@ -776,7 +776,7 @@ mod fast {
     /// type in a state; a user's state has one of each).
     ///
     /// # Safety
-    /// `l` has the three values on its stack (and room for 3 more); the pointer is valid for
+    /// `l` has the three values on its stack (and room for 6 more); the pointer is valid for
     /// the state's life.
     pub unsafe fn install(l: *mut lua_State) {
         unsafe {
