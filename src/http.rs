@@ -143,28 +143,33 @@ impl Prepared {
     /// This request with a `Cookie` header added.
     fn with_cookie(&self, cookie: &str) -> Self {
         match HeaderValue::from_str(cookie) {
-            Ok(v) => self.with_headers_added(&[(hyper::header::COOKIE, v)]),
-            Err(_) => self.with_headers_added(&[]),
+            Ok(v) => self.with_headers_added(vec![(hyper::header::COOKIE, v)]),
+            Err(_) => self.with_headers_added(Vec::new()),
         }
     }
 
     /// This request with header lines added (headers it does not send already): its bytes
     /// with the lines spliced in before the blank line, not a rebuild.
-    pub fn with_headers_added(&self, added: &[(HeaderName, HeaderValue)]) -> Self {
+    pub fn with_headers_added(&self, added: Vec<(HeaderName, HeaderValue)>) -> Self {
         let head_end = self.wire.len() - self.body.len() - 2;
         let extra: usize = added.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
         let mut wire = Vec::with_capacity(self.wire.len() + extra);
         wire.extend_from_slice(&self.wire[..head_end]);
-        for (name, value) in added {
+        for (name, value) in &added {
             wire.extend_from_slice(name.as_str().as_bytes());
             wire.extend_from_slice(b": ");
             wire.extend_from_slice(value.as_bytes());
             wire.extend_from_slice(b"\r\n");
         }
         wire.extend_from_slice(&self.wire[head_end..]);
-        let mut all = Vec::with_capacity(self.added.len() + added.len());
-        all.extend_from_slice(&self.added);
-        all.extend_from_slice(added);
+        // (Usually nothing was added before: the list is kept as it came.)
+        let all = if self.added.is_empty() {
+            added
+        } else {
+            let mut all = self.added.clone();
+            all.extend(added);
+            all
+        };
         Self {
             method: self.method.clone(),
             origin: self.origin.clone(),
@@ -1413,7 +1418,9 @@ mod tests {
         base.headers
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let added = [(HeaderName::from_static("x-token"), HeaderValue::from_static("abc"))];
-        let spliced = Prepared::new(Some(&host), &base).unwrap().with_headers_added(&added);
+        let spliced = Prepared::new(Some(&host), &base)
+            .unwrap()
+            .with_headers_added(added.to_vec());
         let mut rebuilt_spec = base.clone();
         rebuilt_spec.headers.insert("x-token", HeaderValue::from_static("abc"));
         let rebuilt = Prepared::new(Some(&host), &rebuilt_spec).unwrap();

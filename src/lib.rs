@@ -332,6 +332,13 @@ fn prepare_alone(
     Ok((req, cfg, plan))
 }
 
+/// The summary of `setup` or `teardown` run alone, when they sent something or failed.
+fn print_if_it_sent(summary: &stats::Summary) {
+    if summary.total.requests > 0 || !summary.failures.is_empty() {
+        let _ = report::write_summary(&mut std::io::stdout().lock(), summary);
+    }
+}
+
 /// `stormlight setup`: runs the scenario's `setup()` alone and writes what it returned to
 /// `out`, for `run --setup-data` (setup once for every segment of a test).
 pub async fn setup(script: PathBuf, flags: Overrides, out: PathBuf) -> Result<Exit> {
@@ -339,9 +346,7 @@ pub async fn setup(script: PathBuf, flags: Overrides, out: PathBuf) -> Result<Ex
     check_writable(&out, "--out")?;
     let fingerprint = plan.scenario.fingerprint.clone();
     let (ran, summary) = runner::run_alone(&cfg, Arc::new(plan), runner::Alone::Setup).await?;
-    if summary.total.requests > 0 || !summary.failures.is_empty() {
-        let _ = report::write_summary(&mut std::io::stdout().lock(), &summary);
-    }
+    print_if_it_sent(&summary);
     match ran {
         Ok(data) => {
             let file = segment::SetupFile {
@@ -373,9 +378,7 @@ pub async fn teardown(script: PathBuf, flags: Overrides) -> Result<Exit> {
     let (_, cfg, plan) = prepare_alone(script, flags, "teardown()", |h| h.teardown)?;
     let data = cfg.setup_data.clone().unwrap_or_default();
     let (ran, summary) = runner::run_alone(&cfg, Arc::new(plan), runner::Alone::Teardown(data)).await?;
-    if summary.total.requests > 0 || !summary.failures.is_empty() {
-        let _ = report::write_summary(&mut std::io::stdout().lock(), &summary);
-    }
+    print_if_it_sent(&summary);
     if let Err(why) = ran {
         eprintln!("error: teardown() could not run: {why}");
         return Ok(Exit::SetupFailed);

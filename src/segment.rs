@@ -59,12 +59,6 @@ impl Segment {
     pub fn global(&self, local: u64) -> u64 {
         local * self.count as u64 + self.index as u64
     }
-
-    /// The first global number at or after `k` that is this segment's.
-    pub fn next_owned(&self, k: u64) -> u64 {
-        let (i, n) = (self.index as u64, self.count as u64);
-        k + (i + n - k % n) % n
-    }
 }
 
 /// What `--segment` changes, applied where the whole test's numbers are used.
@@ -263,11 +257,11 @@ mod tests {
                 assert_eq!(all, (0..total).collect::<Vec<_>>(), "each number once");
             }
         }
-        let s = Segment { index: 1, count: 3 };
-        assert_eq!(
-            (s.next_owned(0), s.next_owned(1), s.next_owned(2), s.next_owned(5)),
-            (1, 1, 4, 7)
-        );
+        // The open model's schedule: segment 1 of 3 fires iterations 1, 4, 7, ...
+        let s = Some(Segment { index: 1, count: 3 });
+        let fired: Vec<u64> = (0..3).map(|k| s.first() + k * s.step()).collect();
+        assert_eq!(fired, [1, 4, 7]);
+        assert_eq!((None::<Segment>.first(), None::<Segment>.step()), (0, 1));
     }
 
     #[test]

@@ -445,7 +445,7 @@ async fn iteration(
             // Sent from the endpoint's own bytes.
         } else if let Some(added) = edits.only_added_headers(&ep.spec) {
             // The common edit (a token header): the endpoint's bytes with lines added.
-            edited = Some(Box::new(ep.request.with_headers_added(&added)));
+            edited = Some(Box::new(ep.request.with_headers_added(added)));
         } else {
             let spec = edits.apply(&ep.spec);
             if edits.target.is_none() && edits.query.is_none() {

@@ -331,35 +331,28 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// the sum of `stormlight_requests_total` is the summary's total.
 pub fn metrics(summary: &Summary, agg: &Aggregate, status: &Status) -> String {
     let mut out = String::new();
-    family(
-        &mut out,
-        "stormlight_requests_total",
-        "counter",
-        "Requests sent, successes and failures, by request name.",
-    );
-    for (id, s) in agg.rows() {
-        let _ = writeln!(
-            out,
-            "stormlight_requests_total{{method=\"{}\",name=\"{}\"}} {}",
-            label(&id.method),
-            label(&id.name),
-            s.requests
-        );
-    }
-    family(
-        &mut out,
-        "stormlight_failures_total",
-        "counter",
-        "Failed requests, by request name.",
-    );
-    for (id, s) in agg.rows() {
-        let _ = writeln!(
-            out,
-            "stormlight_failures_total{{method=\"{}\",name=\"{}\"}} {}",
-            label(&id.method),
-            label(&id.name),
+    type Count = fn(&RowStats) -> u64;
+    let per_row: [(&str, &str, Count); 2] = [
+        (
+            "stormlight_requests_total",
+            "Requests sent, successes and failures, by request name.",
+            |s| s.requests,
+        ),
+        ("stormlight_failures_total", "Failed requests, by request name.", |s| {
             s.failures
-        );
+        }),
+    ];
+    for (name, help, value) in per_row {
+        family(&mut out, name, "counter", help);
+        for (id, s) in agg.rows() {
+            let _ = writeln!(
+                out,
+                "{name}{{method=\"{}\",name=\"{}\"}} {}",
+                label(&id.method),
+                label(&id.name),
+                value(s)
+            );
+        }
     }
     family(
         &mut out,

@@ -67,6 +67,22 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// `t` as unix seconds, as `--start-at` takes them.
+fn unix_secs(t: std::time::SystemTime) -> String {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        .to_string()
+}
+
+/// Runs stormlight with `args` and expects exit 2 with `says` in its error.
+fn assert_refused(args: &[String], says: &str) {
+    let out = stormlight(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(stderr.contains(says), "expected {says:?} in {stderr}");
+}
+
 fn read(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -160,11 +176,7 @@ fn three_segments_merge_into_the_whole_test() {
             None => "no network namespaces here: segments ran as three local processes",
         }
     );
-    let start_at = (std::time::SystemTime::now() + Duration::from_secs(2))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        .to_string();
+    let start_at = unix_secs(std::time::SystemTime::now() + Duration::from_secs(2));
     let children: Vec<_> = (0..3)
         .map(|i| {
             let prefix = match &lab {
@@ -386,10 +398,7 @@ fn an_arrival_rate_split_in_three_schedules_the_iterations_of_one_process() {
         ),
     ] {
         let set: Vec<&Path> = set.iter().map(|p| p.as_path()).collect();
-        let out = stormlight(&args(&set));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains(says), "expected {says:?} in {stderr}");
+        assert_refused(&args(&set), says);
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -511,11 +520,7 @@ function teardown(data) http.get("/items/" .. data.n) end
     let other = dir.join("other.lua");
     std::fs::write(&other, "endpoints = { Task(\"GET\", \"/hello\") }\n").unwrap();
     let (other, setup, host) = (other.to_str().unwrap(), setup.to_str().unwrap(), target.url());
-    let ago = (std::time::SystemTime::now() - Duration::from_secs(10))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        .to_string();
+    let ago = unix_secs(std::time::SystemTime::now() - Duration::from_secs(10));
     for (args, says) in [
         (
             vec!["run", other, "--host", &host, "-t", "1s", "--setup-data", setup],
@@ -546,10 +551,7 @@ function teardown(data) http.get("/items/" .. data.n) end
             "defines no setup()",
         ),
     ] {
-        let out = stormlight(&strings(&args));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(says), "expected {says:?} in {stderr}");
+        assert_refused(&strings(&args), says);
     }
     assert_eq!(target.counts.requests(), before, "nothing sent");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -565,11 +567,7 @@ fn stage_targets_split_so_the_segments_add_up_to_the_whole() {
         "endpoints = { Task(\"GET\", \"/hello\") }\nwait_time = constant(0.1)\n",
     )
     .unwrap();
-    let start_at = (std::time::SystemTime::now() + Duration::from_secs(2))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        .to_string();
+    let start_at = unix_secs(std::time::SystemTime::now() + Duration::from_secs(2));
     let files: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("st-{i}.json"))).collect();
     let children: Vec<_> = (0..3)
         .map(|i| {
