@@ -140,6 +140,11 @@ pub struct LoadArgs {
     /// How long requests in flight at the end may finish before they count as aborted.
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub grace: Option<Duration>,
+    /// How long one call into the scenario (a hook, scenario(), setup, teardown, loading the
+    /// file) may run, not counting its waits on http and sleep; past it the call stops and
+    /// counts as "script limit" [default: 5s].
+    #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
+    pub script_timeout: Option<Duration>,
     /// Connect timeout (capped by --timeout) [default: 10s].
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub connect_timeout: Option<Duration>,
@@ -313,6 +318,7 @@ impl LoadArgs {
             duration: self.duration,
             timeout: self.timeout,
             grace: self.grace,
+            script_timeout: self.script_timeout,
             connect_timeout: self.connect_timeout,
             max_body: self.max_body,
             max_redirects: self.max_redirects,

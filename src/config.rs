@@ -14,6 +14,18 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 /// Distinct request names that get a row of their own, by default.
 pub const DEFAULT_MAX_NAMES: usize = 1000;
 
+/// The longest duration accepted anywhere (run, stages, timeouts, think time, `sleep`): a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The highest open-model rate (iterations per second, the whole test's): far above what one
+/// machine sends.
+pub const MAX_RATE: f64 = 10_000_000.0;
+/// The most distinct names `--max-names` may allow (each row keeps its own histograms).
+pub const MAX_NAMES: usize = 100_000;
+/// The most redirects `--max-redirects` may follow within one request.
+pub const MAX_REDIRECTS: u32 = 100;
+/// The largest `--max-body`.
+pub const MAX_BODY: u64 = 1 << 30;
+
 /// Settings that may come from the command line or from the scenario's `options` table.
 /// `None` means "not given here".
 #[derive(Debug, Clone, Default)]
@@ -29,6 +41,8 @@ pub struct Overrides {
     pub max_redirects: Option<u32>,
     pub keepalive_idle: Option<Duration>,
     pub max_names: Option<usize>,
+    /// How long one call into the script may run, its waits not counted.
+    pub script_timeout: Option<Duration>,
     /// Ramping stages (`--stages`, `options.stages`): they set the users over time.
     pub stages: Option<Vec<crate::stages::Stage>>,
     /// Open model: iterations started per second (`--rate`), by a pool of users.
@@ -74,6 +88,8 @@ pub struct RunConfig {
     pub timeout: Duration,
     /// How long in-flight requests may finish after the run ends before they count as aborted.
     pub grace: Duration,
+    /// How long one call into the script may run, its waits not counted (`--script-timeout`).
+    pub script_timeout: Duration,
     pub out: Option<PathBuf>,
     pub live: LiveMode,
     /// Worker threads (each a current-thread runtime); defaults to the number of cores.
@@ -162,12 +178,20 @@ impl RunConfig {
             if !r.is_finite() || r <= 0.0 {
                 bail!("--rate must be a positive number of iterations per second (got {r})");
             }
+            if r > MAX_RATE {
+                bail!("--rate {r} is more than {MAX_RATE} iterations per second: split the test with --segment I/N");
+            }
             if stages.is_some() || rate_stages.is_some() {
                 bail!("give --rate or --stages, not both (rates by stage: --stages 30s:100/s,...)");
             }
         }
         if let Some(s) = &rate_stages {
             crate::stages::check_rates(s)?;
+            if let Some(r) = s.iter().map(|s| s.rate).find(|r| *r > MAX_RATE) {
+                bail!(
+                    "stages: a rate of {r}/s is more than {MAX_RATE} iterations per second: split the test with --segment I/N"
+                );
+            }
             if stages.is_some() {
                 bail!("stages are of users or of rates, not both");
             }
@@ -231,6 +255,13 @@ impl RunConfig {
             bail!("timeout must be more than 0");
         }
         let grace = cli.grace.or(scenario.grace).unwrap_or(DEFAULT_GRACE);
+        let script_timeout = cli
+            .script_timeout
+            .or(scenario.script_timeout)
+            .unwrap_or(crate::scenario::sandbox::DEFAULT_SCRIPT_TIMEOUT);
+        if script_timeout.is_zero() {
+            bail!("--script-timeout must be more than 0");
+        }
         let defaults = crate::http::Limits::default();
         let http = crate::http::Limits {
             connect_timeout: cli.connect_timeout.unwrap_or(defaults.connect_timeout).min(timeout),
@@ -246,8 +277,20 @@ impl RunConfig {
         if max_names == 0 {
             bail!("--max-names must be at least 1");
         }
+        if max_names > MAX_NAMES {
+            bail!("--max-names {max_names} is more than {MAX_NAMES} (each name keeps a row of histograms)");
+        }
         if http.max_body == 0 {
             bail!("--max-body must be more than 0 (it caps the body read; there is no unlimited)");
+        }
+        if http.max_body > MAX_BODY {
+            bail!("--max-body is at most 1GiB (a kept body is held in memory)");
+        }
+        if http.max_redirects > MAX_REDIRECTS {
+            bail!(
+                "--max-redirects is at most {MAX_REDIRECTS} (got {})",
+                http.max_redirects
+            );
         }
         if http.connect_timeout.is_zero() {
             bail!("connect timeout must be more than 0");
@@ -283,6 +326,7 @@ impl RunConfig {
             duration,
             timeout,
             grace,
+            script_timeout,
             out,
             live,
             workers: cores.min(users as usize).max(1),
@@ -393,9 +437,13 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     secs_to_duration(total).with_context(bad)
 }
 
-fn secs_to_duration(secs: f64) -> Result<Duration> {
+/// `secs` seconds as a duration, if it is one this program accepts (at most [`MAX_DURATION`]).
+pub fn secs_to_duration(secs: f64) -> Result<Duration> {
     if !secs.is_finite() || secs < 0.0 {
         bail!("a duration must be a non-negative number");
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        bail!("a duration is at most 365 days (got {secs} seconds)");
     }
     Duration::try_from_secs_f64(secs).context("duration out of range")
 }

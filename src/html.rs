@@ -305,6 +305,13 @@ pub fn sections(s: &Summary) -> String {
         }
         page.push_str("</tbody></table>");
     }
+    if !s.stuck.is_empty() {
+        page.push_str(r#"<h2>Still running when the run ended</h2><ul data-list="stuck">"#);
+        for what in &s.stuck {
+            let _ = write!(page, "<li>{}</li>", esc(what));
+        }
+        page.push_str("</ul>");
+    }
     if !s.thresholds.is_empty() {
         page.push_str(r#"<h2>Thresholds</h2><table data-table="thresholds"><tbody>"#);
         for v in &s.thresholds {

@@ -1382,6 +1382,9 @@ async fn first_address<I: Iterator<Item = SocketAddr>>(
 
 fn io_reason(io: &std::io::Error) -> Option<Reason> {
     use std::io::ErrorKind::*;
+    if matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+        return Some(Reason::OpenFiles);
+    }
     match io.kind() {
         ConnectionRefused => Some(Reason::Refused),
         ConnectionReset | ConnectionAborted | BrokenPipe => Some(Reason::Reset),

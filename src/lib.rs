@@ -15,6 +15,7 @@
 //! - [`segment`]: `--segment I/N`, `--start-at`, and the checks `report` makes of a set of
 //!   segment files (one test on several machines).
 //! - [`web`]: `--web`, the live dashboard, its Stop button and `/metrics`.
+//! - [`machine`]: the memory and open files this machine allows a run.
 //!
 //! This crate never exits the process: commands return an [`Exit`] or an error, and `main`
 //! chooses the exit code.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod csv_out;
 pub mod html;
 pub mod http;
+pub mod machine;
 pub mod merge;
 pub mod report;
 pub mod runner;
@@ -76,9 +78,17 @@ pub struct RunRequest {
 /// Loads a scenario, resolves the configuration and checks outputs: everything that can be bad
 /// input, before any traffic.
 pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, runner::Plan)> {
-    let scenario = match source {
-        Some(src) => scenario::load_source(&req.script, src, Default::default())?,
-        None => scenario::load(&req.script)?,
+    // Loading the file is a call into the script too: the flag's time limit holds for it.
+    let limits = scenario::sandbox::Limits {
+        time: req
+            .flags
+            .script_timeout
+            .unwrap_or(scenario::sandbox::DEFAULT_SCRIPT_TIMEOUT),
+        ..Default::default()
+    };
+    let mut scenario = match source {
+        Some(src) => scenario::load_source(&req.script, src, limits)?,
+        None => scenario::load_with(&req.script, limits)?,
     };
     for warning in &scenario.warnings {
         eprintln!("warning: {warning}");
@@ -104,9 +114,39 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
     if let Some(html) = &cfg.html {
         check_writable(html, "--html")?;
     }
+    scenario.limits.time = cfg.script_timeout;
+    check_machine(&cfg, &scenario)?;
     // Binding the endpoints to the host is the last check that can fail on bad input.
     let plan = runner::Plan::new(Arc::new(scenario), cfg.host.clone())?;
     Ok((cfg, plan))
+}
+
+/// What a user costs beside its Lua state: its task, its session, a connection's buffers and
+/// the kernel's socket.
+const USER_OVERHEAD: u64 = 8 << 10;
+
+/// Refuses users that cannot fit in this machine's memory (a hooked user's cost measured on
+/// one user's Lua state, made here) or open files (one connection each); caps the memory of
+/// all users' states together at the share of the machine's available memory.
+fn check_machine(cfg: &RunConfig, scenario: &scenario::Scenario) -> Result<()> {
+    let users = cfg.users as u64;
+    machine::check_open_files(users, machine::raise_open_files())?;
+    let available = machine::available_memory();
+    let (per_user, measured) = if scenario.hooks.any() {
+        let state = scenario::UserState::new(scenario, 1)
+            .map_err(|e| anyhow::anyhow!("{}: a user's state cannot be made: {e}", scenario.path.display()))?;
+        (
+            state.sandbox.used() as u64 + USER_OVERHEAD,
+            "measured on one user's Lua state",
+        )
+    } else {
+        (USER_OVERHEAD, "without hooks")
+    };
+    machine::check_memory(users, per_user, available, measured)?;
+    if let Some(available) = available {
+        scenario::sandbox::set_total_limit(machine::users_share(available) as usize);
+    }
+    Ok(())
 }
 
 /// Fails early if `path` cannot be written, so a long run does not end with nowhere to write.

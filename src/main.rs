@@ -18,7 +18,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(execute(cli)) {
+    let result = rt.block_on(execute(cli));
+    // What scripts printed goes out before the process ends.
+    stormlight::scenario::host::flush_log();
+    match result {
         Ok(Exit::Success) => ExitCode::SUCCESS,
         Ok(Exit::Interrupted) => ExitCode::from(130),
         Ok(Exit::OutputFailed) => ExitCode::from(3),

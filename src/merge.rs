@@ -198,6 +198,13 @@ pub fn merge(files: &[Summary]) -> Result<Summary> {
     out.protocols = protocols;
     out.script_errors = files.iter().map(|s| s.script_errors).sum();
     out.dropped_iterations = files.iter().map(|s| s.dropped_iterations).sum();
+    out.stuck = files
+        .iter()
+        .flat_map(|s| {
+            let seg = s.segment.map(|seg| format!(" (segment {seg})")).unwrap_or_default();
+            s.stuck.iter().map(move |what| format!("{what}{seg}"))
+        })
+        .collect();
     // A generator stopped by its own abort_on_fail threshold cut the test short: said, and
     // `report` fails.
     out.aborted_by = files.iter().find_map(|s| {

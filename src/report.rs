@@ -126,6 +126,12 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
             s.script_errors
         )?;
     }
+    if !s.stuck.is_empty() {
+        writeln!(w, "still running when the run ended (stopped):")?;
+        for what in &s.stuck {
+            writeln!(w, "  {what}")?;
+        }
+    }
     let mut due = (s.config.users as f64 - 1.0) / s.config.spawn_rate;
     if let Some(seg) = s.segment {
         // Its users are every Nth of the whole test's, the first of them I/rate in.

@@ -1,17 +1,20 @@
 //! The runner: worker threads, the spawn schedule, the duration, the reporting tick and the
 //! two-stage stop.
 //!
-//! Layout (measured for issue #2): one OS thread per core, each a current-thread tokio runtime
-//! with a `LocalSet`. Users are spread round-robin over the workers and never move, so a user's
-//! Lua state (mlua without `send`) stays on its thread, and a worker's recorder needs no lock.
-//! The control side (this module's [`run`]) talks to workers only through channels: it sends
-//! `Spawn`, asks for a `Flush` on every tick, and `Finish` at the end.
+//! Layout (chosen by the benchmark): one OS thread per core, each a current-thread tokio
+//! runtime with a `LocalSet`. Users are spread round-robin over the workers and never move, so
+//! a user's Lua state (mlua without `send`) stays on its thread, and a worker's recorder needs
+//! no lock. The control side (this module's [`run`]) talks to workers only through channels:
+//! it sends `Spawn`, asks for a `Flush` on every tick, and `Finish` at the end. It never waits
+//! for a worker without a deadline: a worker busy in a script hands its counts over late, and
+//! at the end the run's stop level stops every script, so that `-t`, Ctrl-C and Stop end the
+//! run within the grace period and a second whatever the scripts do.
 
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -22,6 +25,7 @@ use url::Url;
 
 use crate::config::{LiveMode, RunConfig};
 use crate::scenario::api::RequestSpec;
+use crate::scenario::sandbox::{self, Activity, STOP_ALL, STOP_USERS};
 use crate::scenario::{Scenario, UserState};
 use crate::segment::Split;
 use crate::stats::{Aggregate, ConfigSummary, Recorder, RowId, Snapshot, Summary, SummaryMeta};
@@ -53,6 +57,9 @@ pub struct Shared {
     pub open: bool,
     /// `--segment`: this process's share of the test.
     pub segment: Option<crate::segment::Segment>,
+    /// The stop level every script call checks (see `sandbox::STOP_USERS`): raised when the
+    /// grace period is over, so that no script holds a worker past the run's end.
+    pub scripts_stop: Arc<AtomicU8>,
 }
 
 /// A user's lifecycle (see `Shared::lives`).
@@ -109,6 +116,7 @@ impl Shared {
                 .collect(),
             open: cfg.open(),
             segment: cfg.segment,
+            scripts_stop: Arc::new(AtomicU8::new(0)),
         })
     }
 
@@ -203,8 +211,13 @@ enum Cmd {
     /// spawn rate. Replies when done.
     Prepare(Vec<u64>, oneshot::Sender<()>),
     Spawn(u64),
-    /// Open model: the iteration scheduled at this instant, for a free user of this worker.
-    Iterate(std::time::Instant),
+    /// Open model: `count` iterations for free users of this worker, the first scheduled at
+    /// `first` and the next ones `every` apart; those no free user takes are dropped.
+    Iterate {
+        first: std::time::Instant,
+        every: Duration,
+        count: u64,
+    },
     Flush(oneshot::Sender<Snapshot>),
     /// Run the scenario's `setup()` (the first worker, before any user starts); reply with
     /// its data.
@@ -230,6 +243,14 @@ pub struct RunResult {
     pub aborted_by: Option<String>,
 }
 
+/// How long after its deadline a worker may take to answer at the end of a run before the run
+/// ends without it (what it recorded since its last answer is then missing, and said so).
+const ANSWER: Duration = Duration::from_millis(800);
+
+/// How long a tick waits for the workers' counts; a worker busy in a script for longer hands
+/// its counts over at a later tick.
+const FLUSH_WAIT: Duration = Duration::from_millis(50);
+
 /// Runs the load test until the duration ends or `shutdown` resolves (then `interrupted`).
 /// `plan` comes from [`Plan::new`] with the same host as `cfg`.
 pub async fn run(cfg: &RunConfig, plan: Arc<Plan>, shutdown: impl Future<Output = ()>) -> Result<RunResult> {
@@ -247,7 +268,7 @@ pub async fn run_with(
     board: Option<&crate::web::Board>,
 ) -> Result<RunResult> {
     let shared = Shared::new(cfg);
-    let workers = start_workers(cfg, &plan, &shared, cfg.workers)?;
+    let mut workers = Workers::start(cfg, &plan, &shared, cfg.workers)?;
 
     // Sticky: once the stop has come (during setup(), say), every later wait sees it at once
     // rather than polling a finished future.
@@ -255,13 +276,18 @@ pub async fn run_with(
     tokio::pin!(shutdown);
     let mut setup_failed = None;
     let mut aborted_by = None;
+    // Stopped while setup() still ran: it gets the grace period to end, as users would.
+    let mut setup_cut = false;
     let (tx, rx) = oneshot::channel();
     if let Some(data) = &cfg.setup_data {
         // From `stormlight setup`: setup() ran once for every segment.
         let _ = shared.setup_data.set(data.clone());
-    } else if workers[0].send(Cmd::Setup(tx)).is_ok() {
+    } else if workers.send(0, Cmd::Setup(tx)) {
         let ran = tokio::select! {
-            () = &mut shutdown => Ok(None),
+            () = &mut shutdown => {
+                setup_cut = true;
+                Ok(None)
+            }
             ran = rx => ran.unwrap_or(Ok(None)),
         };
         match ran {
@@ -275,8 +301,12 @@ pub async fn run_with(
     let preparing = std::time::Instant::now();
     let interrupted_early = setup_failed.is_none()
         && tokio::select! {
-            () = &mut shutdown => true,
-            () = prepare_users(&workers, cfg.users as u64) => false,
+            () = &mut shutdown => {
+                // Nothing was sent yet: the states being made are not waited for.
+                shared.scripts_stop.fetch_max(STOP_USERS, Ordering::Relaxed);
+                true
+            }
+            () = workers.prepare(cfg.users as u64) => false,
         };
     if plan.scenario.hooks.any() && preparing.elapsed() > Duration::from_millis(500) {
         eprintln!(
@@ -289,13 +319,20 @@ pub async fn run_with(
     // The open model's pool is up and waiting before the schedule starts: an iteration due at
     // the start must find its users ready.
     let mut spawned: u64 = 0;
-    if cfg.open() && setup_failed.is_none() && !interrupted_early {
-        set_users(&workers, &shared, &mut spawned, cfg.users as u64);
-        let ready_by = Instant::now() + Duration::from_secs(30);
-        while shared.started.load(Ordering::Relaxed) < cfg.users as u64 && Instant::now() < ready_by {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
+    let interrupted_early = interrupted_early
+        || (cfg.open() && setup_failed.is_none() && {
+            set_users(&workers, &shared, &mut spawned, cfg.users as u64);
+            let ready_by = Instant::now() + Duration::from_secs(30);
+            let ready = async {
+                while shared.started.load(Ordering::Relaxed) < cfg.users as u64 && Instant::now() < ready_by {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => true,
+                () = ready => false,
+            }
+        });
     // --start-at: every segment starts at the same instant, its users ready.
     let interrupted_early = interrupted_early
         || match cfg.start_at.map(|at| at.duration_since(SystemTime::now())) {
@@ -374,12 +411,8 @@ pub async fn run_with(
     let mut ramp_step = 0u32;
     // Open model: iteration `k` is scheduled at start + k / rate; a segment fires its own
     // iterations of that one schedule.
+    let schedule = Schedule::new(cfg, start);
     let mut scheduled: u64 = cfg.segment.first();
-    let iteration_at = |k: u64| match (&cfg.rate_stages, cfg.rate) {
-        (Some(stages), _) => crate::stages::iteration_time(stages, 0.0, k).map(|d| start + d),
-        (None, Some(r)) => Some(iteration_time(start, r, k)),
-        (None, None) => None,
-    };
     let interrupted = setup_failed.is_none()
         && (interrupted_early
             || loop {
@@ -392,7 +425,7 @@ pub async fn run_with(
                     () = &mut shutdown => break true,
                     () = sleep_until_opt(deadline) => break false,
                     _ = ticker.tick() => {
-                        flush(&workers, &mut agg).await;
+                        workers.flush(&mut agg, Instant::now() + FLUSH_WAIT).await;
                         agg.end_tick(start.elapsed(), shared.running());
                         live.draw(&agg, start.elapsed(), spawned, cfg);
                         publish(&agg, crate::web::Phase::Running, None);
@@ -406,16 +439,10 @@ pub async fn run_with(
                             break false;
                         }
                     }
-                    () = sleep_until_opt(iteration_at(scheduled)) => {
-                        // Every iteration that is due (a late timer tick may cover several),
-                        // each with its own scheduled time.
-                        let now = Instant::now();
-                        while let Some(at) = iteration_at(scheduled).filter(|at| *at <= now) {
-                            let nth = scheduled / cfg.segment.step();
-                            let w = &workers[(nth % workers.len() as u64) as usize];
-                            let _ = w.send(Cmd::Iterate(at.into_std()));
-                            scheduled += cfg.segment.step();
-                        }
+                    () = sleep_until_opt(schedule.at(scheduled)) => {
+                        // Every iteration that is due (a late timer tick may cover many), in
+                        // one message per worker, each iteration with its own scheduled time.
+                        scheduled = schedule.dispatch(&workers, scheduled, cfg.segment);
                     }
                     () = sleep_until_opt(next_spawn) => {
                         let want = match &cfg.stages {
@@ -442,17 +469,9 @@ pub async fn run_with(
     shared.stopping.store(true, Ordering::Relaxed);
     shared.stopped.send_replace(true);
     publish(&agg, crate::web::Phase::Stopping, None);
-    {
-        let finishing = finish(&workers, Instant::now() + cfg.grace, cfg.grace, &mut agg);
-        tokio::pin!(finishing);
-        tokio::select! {
-            () = &mut finishing => {}
-            () = hurry => {
-                // The workers stop waiting and still hand over their counts.
-                shared.hurry.send_replace(true);
-                finishing.await;
-            }
-        }
+    let stuck = workers.finish(&shared, cfg.grace, setup_cut, hurry, &mut agg).await;
+    for what in &stuck {
+        eprintln!("warning: {what}");
     }
     live.clear();
     // The last, partial tick (and what the grace period finished) closes the series.
@@ -469,6 +488,7 @@ pub async fn run_with(
     });
     summary.thresholds = cfg.thresholds.iter().map(|t| t.judge(&agg, measured)).collect();
     summary.aborted_by = aborted_by.clone();
+    summary.stuck.extend(stuck);
     let phase = match interrupted || aborted_by.is_some() {
         true => crate::web::Phase::Stopped,
         false => crate::web::Phase::Finished,
@@ -512,27 +532,270 @@ impl<F: Future<Output = ()>> Future for Sticky<F> {
     }
 }
 
-/// Starts `n` worker threads; their command channels.
-fn start_workers(
-    cfg: &RunConfig,
-    plan: &Arc<Plan>,
-    shared: &Arc<Shared>,
-    n: usize,
-) -> Result<Vec<mpsc::UnboundedSender<Cmd>>> {
-    let mut workers = Vec::with_capacity(n);
-    let names = crate::stats::NameCap::new(cfg.max_names);
-    for i in 0..n {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut client = http::Client::with_limits(cfg.timeout, cfg.http, Some(cfg.tls.clone()));
-        client.protocol = cfg.protocol;
-        let (plan, shared, names) = (plan.clone(), shared.clone(), names.clone());
-        std::thread::Builder::new()
-            .name(format!("stormlight-worker-{i}"))
-            .spawn(move || worker_thread(plan, client, shared, names, rx))
-            .context("cannot start a worker thread")?;
-        workers.push(tx);
+/// The control side's view of the worker threads: their command channels, what their scripts
+/// are doing, and the counts they were asked for and have not handed over yet. Every wait for
+/// an answer has a deadline: a worker busy in a script (or stuck in one) never holds up the
+/// run.
+struct Workers {
+    tx: Vec<mpsc::UnboundedSender<Cmd>>,
+    activity: Vec<Arc<Activity>>,
+    /// A flush asked for at an earlier tick and not answered yet, per worker.
+    pending: Vec<Option<oneshot::Receiver<Snapshot>>>,
+}
+
+impl Workers {
+    /// Starts `n` worker threads.
+    fn start(cfg: &RunConfig, plan: &Arc<Plan>, shared: &Arc<Shared>, n: usize) -> Result<Self> {
+        let mut workers = Workers {
+            tx: Vec::with_capacity(n),
+            activity: Vec::with_capacity(n),
+            pending: Vec::with_capacity(n),
+        };
+        let names = crate::stats::NameCap::new(cfg.max_names);
+        for i in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut client = http::Client::with_limits(cfg.timeout, cfg.http, Some(cfg.tls.clone()));
+            client.protocol = cfg.protocol;
+            let activity = Arc::new(Activity::default());
+            let (plan, shared, names, seen) = (plan.clone(), shared.clone(), names.clone(), activity.clone());
+            std::thread::Builder::new()
+                .name(format!("stormlight-worker-{i}"))
+                .spawn(move || worker_thread(plan, client, shared, names, seen, rx))
+                .context("cannot start a worker thread")?;
+            workers.tx.push(tx);
+            workers.activity.push(activity);
+            workers.pending.push(None);
+        }
+        Ok(workers)
     }
-    Ok(workers)
+
+    fn len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Sends `cmd` to worker `w`; `false` if the worker is gone.
+    fn send(&self, w: usize, cmd: Cmd) -> bool {
+        self.tx[w].send(cmd).is_ok()
+    }
+
+    /// Sends every worker the command `make` builds around a reply channel, and waits for the
+    /// replies until `until`: `None` for a worker that did not answer in time (or is gone).
+    async fn ask_all<T>(
+        &self,
+        until: Option<Instant>,
+        mut make: impl FnMut(usize, oneshot::Sender<T>) -> Cmd,
+    ) -> Vec<Option<T>> {
+        let asked: Vec<_> = (0..self.len())
+            .map(|w| {
+                let (tx, rx) = oneshot::channel();
+                self.send(w, make(w, tx)).then_some(rx)
+            })
+            .collect();
+        let mut replies = Vec::with_capacity(asked.len());
+        for rx in asked {
+            replies.push(match (rx, until) {
+                (Some(rx), Some(until)) => tokio::time::timeout_at(until, rx).await.ok().and_then(Result::ok),
+                (Some(rx), None) => rx.await.ok(),
+                (None, _) => None,
+            });
+        }
+        replies
+    }
+
+    /// Has every worker create its users' Lua states; user `u` lives on worker (u - 1) % workers.
+    async fn prepare(&self, users: u64) {
+        let n = self.len();
+        self.ask_all(None, |w, reply| {
+            Cmd::Prepare((w as u64 + 1..=users).step_by(n).collect(), reply)
+        })
+        .await;
+    }
+
+    /// Asks every worker for its counts since it last handed them over and merges those that
+    /// come by `until`; a worker that is busy hands its counts over at a later call.
+    async fn flush(&mut self, agg: &mut Aggregate, until: Instant) {
+        for w in 0..self.len() {
+            if self.pending[w].is_none() {
+                let (tx, rx) = oneshot::channel();
+                if self.send(w, Cmd::Flush(tx)) {
+                    self.pending[w] = Some(rx);
+                }
+            }
+        }
+        for pending in &mut self.pending {
+            let Some(rx) = pending else { continue };
+            match tokio::time::timeout_at(until, &mut *rx).await {
+                Ok(Ok(snap)) => {
+                    agg.add(snap);
+                    *pending = None;
+                }
+                Ok(Err(_)) => *pending = None,
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Ends every worker: users finish until the grace period is over (then their scripts are
+    /// stopped), `teardown` runs (for as long again), and what is still in flight counts as
+    /// aborted; the last counts are merged into `agg`. `hurry` resolving (a second Ctrl-C)
+    /// stops everything at once. Returns what the workers that never answered were doing:
+    /// the run ends without their last counts, at most [`ANSWER`] after its deadline.
+    async fn finish(
+        &mut self,
+        shared: &Shared,
+        grace: Duration,
+        setup_cut: bool,
+        hurry: impl Future<Output = ()>,
+        agg: &mut Aggregate,
+    ) -> Vec<String> {
+        let stop = &shared.scripts_stop;
+        let hurried = std::cell::Cell::new(false);
+        let mut hurry = Sticky::new(async {
+            hurry.await;
+            hurried.set(true);
+            // The workers stop waiting and still hand over their counts.
+            shared.hurry.send_replace(true);
+            stop.fetch_max(STOP_ALL, Ordering::Relaxed);
+        });
+        // The users (and a setup() that was still running) have the grace period.
+        let users_until = Instant::now() + grace;
+        let level = if setup_cut { STOP_ALL } else { STOP_USERS };
+        let mut answered = vec![true; self.len()];
+        {
+            let drained = self.ask_all(Some(users_until + ANSWER), |_, tx| Cmd::Drain(users_until, tx));
+            tokio::select! {
+                replies = drained => {
+                    for (w, r) in replies.iter().enumerate() {
+                        answered[w] = r.is_some();
+                    }
+                }
+                () = stop_scripts_at(stop, users_until, level, &mut hurry) => {}
+            }
+        }
+        stop.fetch_max(STOP_USERS, Ordering::Relaxed);
+        // Every user has stopped (or its grace is over): `teardown` sees what they left.
+        let mut last = users_until;
+        if answered[0] && !hurried.get() {
+            let until = Instant::now() + grace;
+            last = until;
+            let (tx, rx) = oneshot::channel();
+            if self.send(0, Cmd::Teardown(grace, tx)) {
+                tokio::select! {
+                    done = tokio::time::timeout_at(until + ANSWER, rx) => answered[0] = done.is_ok(),
+                    () = stop_scripts_at(stop, until, STOP_ALL, &mut hurry) => {}
+                }
+            }
+        }
+        // Nothing of the scripts runs from here on.
+        stop.fetch_max(STOP_ALL, Ordering::Relaxed);
+        let until = (last + ANSWER).max(Instant::now() + Duration::from_millis(100));
+        let pending: Vec<_> = self.pending.iter_mut().map(Option::take).collect();
+        let finals = self.ask_all(Some(until), |_, tx| Cmd::Finish(tx)).await;
+        let mut stuck = Vec::new();
+        for (w, (flushed, last)) in pending.into_iter().zip(finals).enumerate() {
+            // A flush asked for earlier was answered before the final counts, if at all.
+            if let Some(rx) = flushed
+                && let Ok(Ok(snap)) = tokio::time::timeout_at(until, rx).await
+            {
+                agg.add(snap);
+            }
+            match last {
+                Some(snap) => agg.add(snap),
+                None => stuck.push(match self.activity[w].describe() {
+                    Some(what) => format!(
+                        "worker {w} did not stop: {what}; the run ended without its counts since it last handed them over"
+                    ),
+                    None => format!(
+                        "worker {w} did not answer at the end of the run; the run ended without its counts since it last handed them over"
+                    ),
+                }),
+            }
+        }
+        stuck
+    }
+}
+
+/// Waits until `at` (or the hurry), then raises the scripts' stop level to `level`; then
+/// waits forever (it is raced against the answers it cuts short).
+async fn stop_scripts_at(stop: &AtomicU8, at: Instant, level: u8, hurry: &mut (impl Future<Output = ()> + Unpin)) {
+    tokio::select! {
+        () = tokio::time::sleep_until(at) => {}
+        () = hurry => {}
+    }
+    stop.fetch_max(level, Ordering::Relaxed);
+    std::future::pending::<()>().await
+}
+
+/// The open model's schedule: when iteration `k` of the whole test is due, and how many are
+/// due by a given time.
+struct Schedule {
+    start: Instant,
+    rate: Option<f64>,
+    stages: Option<Vec<crate::stages::RateStage>>,
+}
+
+impl Schedule {
+    fn new(cfg: &RunConfig, start: Instant) -> Self {
+        Self {
+            start,
+            rate: cfg.rate,
+            stages: cfg.rate_stages.clone(),
+        }
+    }
+
+    /// When iteration `k` (0-based) is due; `None` past the last one (or without a schedule).
+    fn at(&self, k: u64) -> Option<Instant> {
+        match (&self.stages, self.rate) {
+            (Some(stages), _) => crate::stages::iteration_time(stages, 0.0, k).map(|d| self.start + d),
+            (None, Some(r)) => Some(iteration_time(self.start, r, k)),
+            (None, None) => None,
+        }
+    }
+
+    /// How many iterations (0, 1, ...) are due at `now`.
+    fn due(&self, now: Instant) -> u64 {
+        let t = now.saturating_duration_since(self.start);
+        match (&self.stages, self.rate) {
+            (Some(stages), _) => crate::stages::iterations_due(stages, 0.0, t),
+            (None, Some(r)) => (t.as_secs_f64() * r).floor() as u64 + 1,
+            (None, None) => 0,
+        }
+    }
+
+    /// Hands the iterations due now, from `next` on (this segment's: every `step`-th), to the
+    /// workers in turn, one message per worker; returns the next one to schedule.
+    fn dispatch(&self, workers: &Workers, next: u64, segment: Option<crate::segment::Segment>) -> u64 {
+        let now = Instant::now();
+        let step = segment.step();
+        let due = self.due(now);
+        if next >= due {
+            return next;
+        }
+        let n = workers.len() as u64;
+        // This process's iterations from `next` (its `nth` ones) go round-robin to the workers.
+        let (first_nth, count) = (next / step, (due - next).div_ceil(step));
+        let first_at = self.at(next).unwrap_or(now).min(now);
+        let last_at = self.at(next + (count - 1) * step).unwrap_or(now).min(now);
+        // The instants in between, evenly spread (exact for a constant rate).
+        let gap = if count > 1 {
+            (last_at - first_at) / (count - 1) as u32
+        } else {
+            Duration::ZERO
+        };
+        for i in 0..n.min(count) {
+            let w = ((first_nth + i) % n) as usize;
+            let mine = (count - i).div_ceil(n);
+            let _ = workers.send(
+                w,
+                Cmd::Iterate {
+                    first: (first_at + gap * i as u32).into_std(),
+                    every: gap * n as u32,
+                    count: mine,
+                },
+            );
+        }
+        next + count * step
+    }
 }
 
 /// What `stormlight setup` or `stormlight teardown` runs, alone.
@@ -550,7 +813,7 @@ pub async fn run_alone(
     job: Alone,
 ) -> Result<(Result<Option<serde_json::Value>, String>, Summary)> {
     let shared = Shared::new(cfg);
-    let workers = start_workers(cfg, &plan, &shared, 1)?;
+    let workers = Workers::start(cfg, &plan, &shared, 1)?;
     let started_at = SystemTime::now();
     let start = Instant::now();
     let gone = || anyhow::anyhow!("the worker thread ended early");
@@ -558,17 +821,20 @@ pub async fn run_alone(
     let ran = match job {
         Alone::Setup => {
             let (tx, rx) = oneshot::channel();
-            workers[0].send(Cmd::Setup(tx)).map_err(|_| gone())?;
+            workers.send(0, Cmd::Setup(tx)).then_some(()).ok_or_else(gone)?;
             rx.await.map_err(|_| gone())?
         }
         Alone::Teardown(data) => {
             let (tx, rx) = oneshot::channel();
-            workers[0].send(Cmd::Adopt(data, tx)).map_err(|_| gone())?;
+            workers.send(0, Cmd::Adopt(data, tx)).then_some(()).ok_or_else(gone)?;
             match rx.await.map_err(|_| gone())? {
                 Ok(()) => {
                     let (tx, rx) = oneshot::channel();
                     let limit = cfg.timeout;
-                    workers[0].send(Cmd::Teardown(limit, tx)).map_err(|_| gone())?;
+                    workers
+                        .send(0, Cmd::Teardown(limit, tx))
+                        .then_some(())
+                        .ok_or_else(gone)?;
                     let _ = rx.await;
                     Ok(None)
                 }
@@ -578,7 +844,7 @@ pub async fn run_alone(
     };
     let mut agg = Aggregate::with_rows(&plan.rows);
     let (tx, rx) = oneshot::channel();
-    if workers[0].send(Cmd::Finish(tx)).is_ok()
+    if workers.send(0, Cmd::Finish(tx))
         && let Ok(snap) = rx.await
     {
         agg.add(snap);
@@ -626,64 +892,17 @@ const RAMP_STEP: Duration = Duration::from_millis(50);
 /// Brings the running users to ids `1..=want`: new ones are spawned (or, if still finishing
 /// after being retired, kept), the highest ones above `want` are retired (they finish their
 /// current iteration, then stop).
-fn set_users(workers: &[mpsc::UnboundedSender<Cmd>], shared: &Shared, active: &mut u64, want: u64) {
+fn set_users(workers: &Workers, shared: &Shared, active: &mut u64, want: u64) {
     while *active < want {
         *active += 1;
         let id = *active;
         if shared.activate(id) {
-            let _ = workers[((id - 1) % workers.len() as u64) as usize].send(Cmd::Spawn(id));
+            workers.send(((id - 1) % workers.len() as u64) as usize, Cmd::Spawn(id));
         }
     }
     while *active > want {
         shared.retire(*active);
         *active -= 1;
-    }
-}
-
-/// Has every worker create its users' Lua states; user `u` lives on worker (u - 1) % workers.
-async fn prepare_users(workers: &[mpsc::UnboundedSender<Cmd>], users: u64) {
-    let mut ready = Vec::with_capacity(workers.len());
-    for (w, tx) in workers.iter().enumerate() {
-        let ids = (w as u64 + 1..=users).step_by(workers.len()).collect();
-        let (reply, rx) = oneshot::channel();
-        if tx.send(Cmd::Prepare(ids, reply)).is_ok() {
-            ready.push(rx);
-        }
-    }
-    for rx in ready {
-        let _ = rx.await;
-    }
-}
-
-/// Ends every worker: users finish until `by`, then what is in flight counts as aborted; the
-/// last counts are merged into `agg`.
-async fn finish(workers: &[mpsc::UnboundedSender<Cmd>], by: Instant, grace: Duration, agg: &mut Aggregate) {
-    let mut drained = Vec::with_capacity(workers.len());
-    for w in workers {
-        let (tx, rx) = oneshot::channel();
-        if w.send(Cmd::Drain(by, tx)).is_ok() {
-            drained.push(rx);
-        }
-    }
-    for rx in drained {
-        let _ = rx.await;
-    }
-    // Every user has stopped (or the grace is over): `teardown` sees what they left.
-    let (tx, rx) = oneshot::channel();
-    if workers[0].send(Cmd::Teardown(grace, tx)).is_ok() {
-        let _ = rx.await;
-    }
-    let mut finals = Vec::with_capacity(workers.len());
-    for w in workers {
-        let (tx, rx) = oneshot::channel();
-        if w.send(Cmd::Finish(tx)).is_ok() {
-            finals.push(rx);
-        }
-    }
-    for rx in finals {
-        if let Ok(snap) = rx.await {
-            agg.add(snap);
-        }
     }
 }
 
@@ -694,29 +913,16 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Asks every worker for its counts since the last tick and merges them.
-async fn flush(workers: &[mpsc::UnboundedSender<Cmd>], agg: &mut Aggregate) {
-    let mut pending = Vec::with_capacity(workers.len());
-    for w in workers {
-        let (tx, rx) = oneshot::channel();
-        if w.send(Cmd::Flush(tx)).is_ok() {
-            pending.push(rx);
-        }
-    }
-    for rx in pending {
-        if let Ok(snap) = rx.await {
-            agg.add(snap);
-        }
-    }
-}
-
 fn worker_thread(
     plan: Arc<Plan>,
     client: http::Client,
     shared: Arc<Shared>,
     names: Arc<crate::stats::NameCap>,
+    activity: Arc<Activity>,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
 ) {
+    // Every Lua state made on this thread stops at the run's stop level and says what it runs.
+    sandbox::attach_worker(shared.scripts_stop.clone(), activity);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -743,6 +949,10 @@ fn worker_thread(
                     if worker.plan.scenario.hooks.any() {
                         prepared.reserve(ids.len());
                         for id in ids {
+                            if worker.shared.scripts_stop.load(Ordering::Relaxed) >= STOP_USERS {
+                                // Interrupted before the start: the others are not made.
+                                break;
+                            }
                             let global = worker.shared.global_id(id);
                             prepared.insert(id, UserState::new(&worker.plan.scenario, global).map(Box::new));
                         }
@@ -756,7 +966,7 @@ fn worker_thread(
                         prepared = std::collections::HashMap::new();
                     }
                 }
-                Cmd::Iterate(at) => worker.dispatch(at),
+                Cmd::Iterate { first, every, count } => worker.dispatch(first, every, count),
                 Cmd::Flush(reply) => {
                     let _ = reply.send(worker.recorder.borrow_mut().take());
                 }

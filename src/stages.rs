@@ -158,6 +158,14 @@ pub fn iteration_time(stages: &[RateStage], from: f64, k: u64) -> Option<Duratio
     Some(Duration::from_secs_f64(hi))
 }
 
+/// How many iterations (0, 1, ...) are due in the first `t` of the rate stages: those whose
+/// [`iteration_time`] is at most `t`.
+pub fn iterations_due(stages: &[RateStage], from: f64, t: Duration) -> u64 {
+    let total: Duration = stages.iter().map(|s| s.duration).sum();
+    let all = iterations_by(stages, from, total).ceil();
+    (iterations_by(stages, from, t).floor() + 1.0).min(all).max(0.0) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,8 @@ pub enum Reason {
     Tls(&'static str),
     /// Any other connect error.
     Connect,
+    /// No socket could be opened: the process is at its open-files limit (`ulimit -n`).
+    OpenFiles,
     /// The response body could not be read.
     Body,
     /// The response was not valid HTTP.
@@ -87,6 +89,7 @@ impl fmt::Display for Reason {
             Reason::DnsTimeout => f.write_str("dns timeout"),
             Reason::Tls(what) => write!(f, "tls error: {what}"),
             Reason::Connect => f.write_str("connect error"),
+            Reason::OpenFiles => f.write_str("too many open files (ulimit -n)"),
             Reason::Body => f.write_str("error reading body"),
             Reason::Protocol => f.write_str("protocol error"),
             Reason::BodyTooLarge => f.write_str("body too large"),
@@ -256,8 +259,14 @@ pub struct Recorder {
     errors: u64,
     /// Open model: iterations that found no free user.
     pub dropped: u64,
+    /// Script calls the end of the run stopped (see [`Recorder::stuck`]).
+    stuck: Vec<String>,
     cap: Arc<NameCap>,
 }
+
+/// Script calls listed by name as still running at the end of a run; past this many, only
+/// counted.
+pub const STUCK_LISTED: usize = 20;
 
 /// What a recorder hands to the aggregator on each tick: the counts since the previous tick.
 #[derive(Default)]
@@ -268,6 +277,7 @@ pub struct Snapshot {
     pub checks: Vec<(String, [u64; 2])>,
     pub errors: u64,
     pub dropped: u64,
+    pub stuck: Vec<String>,
 }
 
 /// The name of the row that requests with names past the cap count under.
@@ -330,6 +340,7 @@ impl Recorder {
             checks: HashMap::new(),
             errors: 0,
             dropped: 0,
+            stuck: Vec::new(),
             cap,
         };
         for row in rows {
@@ -451,6 +462,15 @@ impl Recorder {
             checks: self.checks.drain().collect(),
             errors: std::mem::take(&mut self.errors),
             dropped: std::mem::take(&mut self.dropped),
+            stuck: std::mem::take(&mut self.stuck),
+        }
+    }
+
+    /// A script call was still running when the run ended and was stopped: `what` says which
+    /// (`user N in HOOK at FILE:LINE`).
+    pub fn stuck(&mut self, what: String) {
+        if self.stuck.len() < STUCK_LISTED {
+            self.stuck.push(what);
         }
     }
 }
@@ -473,6 +493,7 @@ pub struct Aggregate {
     checks: std::collections::BTreeMap<String, [u64; 2]>,
     errors: u64,
     dropped: u64,
+    stuck: Vec<String>,
 }
 
 impl Aggregate {
@@ -510,6 +531,8 @@ impl Aggregate {
         self.protocols[1] += snap.protocols[1];
         self.errors += snap.errors;
         self.dropped += snap.dropped;
+        let room = STUCK_LISTED.saturating_sub(self.stuck.len());
+        self.stuck.extend(snap.stuck.into_iter().take(room));
         for (name, [passes, fails]) in snap.checks {
             let counts = self.checks.entry(name).or_default();
             counts[0] += passes;
@@ -659,6 +682,7 @@ impl Aggregate {
             dropped_iterations: self.dropped,
             thresholds: Vec::new(),
             aborted_by: None,
+            stuck: self.stuck.clone(),
             checks: self
                 .checks
                 .iter()
@@ -717,6 +741,11 @@ pub struct Summary {
     /// The threshold (`abort_on_fail`) that stopped the run early, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborted_by: Option<String>,
+    /// Script calls still running when the run ended, stopped by it: `user N in HOOK at
+    /// FILE:LINE` (the first few). A worker that never answered is listed too: the counts it
+    /// recorded since it last handed them over are missing from this summary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stuck: Vec<String>,
     /// Script errors outside any request (a failing `scenario`, `on_start`, `on_stop`,
     /// `teardown`): listed in `failures` under `HOOK <name>` rows, not in the request totals.
     #[serde(default)]

@@ -29,11 +29,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Open model: hands the iteration scheduled at `at` to a free user; none free, it is
-    /// dropped and counted.
-    pub fn dispatch(&self, at: std::time::Instant) {
-        if !hand_out(&mut self.idle.borrow_mut(), at) {
-            self.recorder.borrow_mut().dropped += 1;
+    /// Open model: hands `count` iterations, the first scheduled at `first` and the next ones
+    /// `every` apart, to free users; those no free user takes are dropped and counted.
+    pub fn dispatch(&self, first: std::time::Instant, every: Duration, count: u64) {
+        let mut idle = self.idle.borrow_mut();
+        for i in 0..count {
+            let at = first + every.saturating_mul(i.min(u32::MAX as u64) as u32);
+            if !hand_out(&mut idle, at) {
+                self.recorder.borrow_mut().dropped += count - i;
+                return;
+            }
         }
     }
 }
@@ -99,15 +104,21 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<Box<UserSt
             .error(&plan.hook_row("setup"), Reason::Script(format!("user.setup: {e}")));
     }
     let session = &host.session;
+    let user_id = worker.shared.global_id(id);
+    // Whether the hook failed (a failure that waited on nothing lets the other users run).
     let hook = |name: &str, result: Result<(), HookError>| {
-        if let Err(e) = result
-            && !e.message.contains(host::STOPPING)
-        {
-            worker.recorder.borrow_mut().error(&plan.hook_row(name), e.reason(name));
+        let Err(e) = result else { return false };
+        if !e.message.contains(host::STOPPING) {
+            let mut recorder = worker.recorder.borrow_mut();
+            if e.stopped {
+                recorder.stuck(format!("user {user_id} in {name}: {}", e.message));
+            }
+            recorder.error(&plan.hook_row(name), e.reason(name));
         }
+        true
     };
     if let Some(f) = &state.on_start {
-        hook("on_start", state.run::<()>(f, state.user.clone()).await);
+        hook("on_start", state.run::<()>("on_start", f, state.user.clone()).await);
     }
     worker.shared.user_started();
     while !worker.shared.stopping.load(Ordering::Relaxed) && worker.shared.keep(id) {
@@ -116,10 +127,13 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<Box<UserSt
         }
         let sent = match &state.scenario {
             Some(f) => {
-                hook("scenario", state.run::<()>(f, state.user.clone()).await);
                 // A scenario() that waits on nothing (or fails at once, every time) must still
                 // let the worker's other tasks run: the run's stop among them.
-                tokio::task::consume_budget().await;
+                if hook("scenario", state.run::<()>("scenario", f, state.user.clone()).await) {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::task::consume_budget().await;
+                }
                 true
             }
             None => iteration(&worker, &state, session, &mut rng, think.correction()).await,
@@ -133,7 +147,7 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<Box<UserSt
     if let Some(f) = &state.on_stop {
         // `on_stop` may still send (a logout), within the grace period.
         host.allow_after_stop();
-        hook("on_stop", state.run::<()>(f, state.user.clone()).await);
+        hook("on_stop", state.run::<()>("on_stop", f, state.user.clone()).await);
     }
 }
 
@@ -158,7 +172,7 @@ pub async fn setup(worker: &Rc<Worker>) -> Result<Option<(UserState, serde_json:
     let data = match state.setup.as_ref() {
         Some(f) => {
             let value = state
-                .run::<Value>(f, ())
+                .run::<Value>("setup", f, ())
                 .await
                 .map_err(|e| e.reason("setup").to_string())?;
             state
@@ -190,7 +204,7 @@ pub async fn teardown(worker: &Rc<Worker>, state: &UserState, data: &serde_json:
         Ok(v) => v,
         Err(_) => Value::Nil,
     };
-    if let Err(e) = state.run::<()>(f, arg).await {
+    if let Err(e) = state.run::<()>("teardown", f, arg).await {
         worker
             .recorder
             .borrow_mut()
@@ -426,7 +440,10 @@ async fn iteration(
     // Boxed: held while the request is out, inline it would grow every user's task by its size.
     let mut edited: Option<Box<http::Prepared>> = None;
     if let Some(f) = &state.before_request {
-        match state.run::<Value>(f, (&state.user, &state.req_ud)).await {
+        match state
+            .run::<Value>("before_request", f, (&state.user, &state.req_ud))
+            .await
+        {
             Ok(Value::Boolean(false)) => return false,
             Ok(_) => {}
             Err(e) => {
@@ -476,7 +493,7 @@ async fn iteration(
             .borrow_mut()
             .set(resp.status, resp.headers, resp.body, resp.elapsed);
         let verdict = state
-            .run::<(Value, Option<String>)>(f, (&state.user, &state.req_ud, &state.res_ud))
+            .run::<(Value, Option<String>)>("after_response", f, (&state.user, &state.req_ud, &state.res_ud))
             .await;
         // Ten thousand idle users should not each hold their last response.
         *state.res.0.borrow_mut() = api::ResState::default();

@@ -1033,6 +1033,16 @@ fn two_interrupts_while_users_are_still_starting_leave_a_valid_file() {
     );
 }
 
+/// This process's hard limit of open files (what a run may raise its own to).
+fn open_files_limit() -> u64 {
+    std::process::Command::new("sh")
+        .args(["-c", "ulimit -Hn"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
 #[test]
 fn two_interrupts_before_the_first_request_leave_a_valid_file() {
     let target = target();
@@ -1042,13 +1052,15 @@ fn two_interrupts_before_the_first_request_leave_a_valid_file() {
         "endpoints = { { method = 'GET', path = '/hello' } }\nfunction before_request(user, req) end\n",
     );
     let out = dir.path().join("out.json");
-    // 20,000 Lua states take a while to prepare: the interrupts land before any traffic.
+    // 15,000 Lua states take a while to prepare: the interrupts land before any traffic.
+    // (Fewer where the open-files limit would refuse that many users.)
+    let users = open_files_limit().saturating_sub(200).min(15_000).to_string();
     let args = run_args(
         &script,
         &target.url(),
         &[
             "-u",
-            "20000",
+            &users,
             "-r",
             "10000",
             "-t",

@@ -168,6 +168,7 @@ fn sandbox_escapes_and_runaway_hooks_are_stopped_and_the_run_goes_on() {
     let limits = Limits {
         memory: 8 << 20,
         instructions: 5_000_000,
+        ..Default::default()
     };
     let s = run(&source, &t.url(), 2, 2.0, limits);
 

@@ -105,6 +105,7 @@ fn errors_and_runaways_in_scenario_count_and_the_next_iteration_starts() {
     let limits = Limits {
         memory: 8 << 20,
         instructions: 2_000_000,
+        ..Default::default()
     };
     let s = run(
         r#"

@@ -247,8 +247,10 @@ pub fn parse_request(t: &Table) -> FieldResult<RequestSpec> {
 /// A duration given as a number of seconds or as a string like "500ms".
 pub fn duration_value(v: &Value) -> Result<Duration, String> {
     match v {
-        Value::Integer(n) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
-        Value::Number(n) if n.is_finite() && *n >= 0.0 => Ok(Duration::from_secs_f64(*n)),
+        Value::Integer(n) if *n >= 0 => crate::config::secs_to_duration(*n as f64).map_err(|e| e.to_string()),
+        Value::Number(n) if n.is_finite() && *n >= 0.0 => {
+            crate::config::secs_to_duration(*n).map_err(|e| e.to_string())
+        }
         Value::String(s) => parse_duration(&s.to_string_lossy()).map_err(|e| e.to_string()),
         other => Err(format!(
             "expected seconds or a string like \"500ms\", got {}",
@@ -1026,7 +1028,7 @@ fn res_json(lua: &Lua) -> mlua::Result<mlua::Function> {
         if let Some(error) = error {
             return Err(mlua::Error::runtime(format!("res:json(): no response ({error})")));
         }
-        super::host::decode_json(lua, &body).map_err(|e| mlua::Error::runtime(format!("res:json(): {e}")))
+        super::host::decode_json(lua, &body).map_err(|e| super::host::prefixed(e, "res:json()"))
     })?;
     lua.set_named_registry_value(KEY, &f)?;
     Ok(f)

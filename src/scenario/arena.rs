@@ -15,6 +15,48 @@
 use std::alloc::{Layout, alloc, dealloc, realloc};
 use std::ffi::c_void;
 use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::sandbox::{Budget, LARGE_ALLOCATION};
+
+/// Memory that several states hold together, in reservations of [`QUANTUM`] bytes, and the
+/// most they may: ten thousand users each within their own limit could still take more memory
+/// than the machine has.
+pub struct Pool {
+    reserved: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+impl Pool {
+    pub const fn new(limit: usize) -> Self {
+        Self {
+            reserved: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+        }
+    }
+}
+
+/// The pool of every state of the process.
+static ALL_STATES: Pool = Pool::new(usize::MAX);
+
+/// A state reserves room from its pool in steps of this size, so that the shared counter is
+/// touched about once per 64 KiB a state grows or shrinks, not at every allocation.
+const QUANTUM: usize = 64 * 1024;
+
+/// Caps the memory all states of the process may hold together (a run sets it from the memory
+/// the machine has available when it starts).
+pub fn set_total_limit(bytes: usize) {
+    ALL_STATES.limit.store(bytes, Ordering::Relaxed);
+}
+
+/// Why the arena refused an allocation last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The state's own limit.
+    State,
+    /// The limit of all states together (the limit then).
+    AllStates(usize),
+}
 
 /// Small blocks are multiples of this; Lua needs no stricter alignment (its largest scalar is
 /// 8 bytes, and the userdata it lays out are only 8-aligned within their blocks anyway).
@@ -40,6 +82,12 @@ pub struct Arena {
     /// Bytes carved from chunks so far.
     carved: usize,
     first: usize,
+    /// Bytes reserved from the pool (at least `used`).
+    reserved: usize,
+    pool: &'static Pool,
+    /// The state's budget: large allocations look at its call's limits.
+    budget: *const Budget,
+    refused: Option<Refusal>,
 }
 
 fn class(size: usize) -> usize {
@@ -49,6 +97,11 @@ fn class(size: usize) -> usize {
 impl Arena {
     /// An arena for a state of at most `limit` bytes, whose first chunk is `first` bytes.
     pub fn new(limit: usize, first: usize) -> Box<Self> {
+        Self::in_pool(limit, first, &ALL_STATES)
+    }
+
+    /// [`Arena::new`], holding its memory against `pool` (tests use pools of their own).
+    pub fn in_pool(limit: usize, first: usize, pool: &'static Pool) -> Box<Self> {
         Box::new(Self {
             used: 0,
             limit,
@@ -58,12 +111,52 @@ impl Arena {
             chunks: Vec::new(),
             carved: 0,
             first: first.next_multiple_of(GRAIN).max(MIN_CHUNK),
+            reserved: 0,
+            pool,
+            budget: ptr::null(),
+            refused: None,
         })
     }
 
+    /// Large allocations of the state look at the limits of `budget`'s running call, which
+    /// must outlive the arena's use.
+    pub fn watch(&mut self, budget: *const Budget) {
+        self.budget = budget;
+    }
+
+    /// Why the last refused allocation was refused.
+    pub fn refused(&self) -> Option<Refusal> {
+        self.refused
+    }
+
+    /// Reserves room from the process's total for `used` to reach `want` bytes.
+    fn reserve(&mut self, want: usize) -> bool {
+        if want <= self.reserved {
+            return true;
+        }
+        let more = (want - self.reserved).next_multiple_of(QUANTUM);
+        let limit = self.pool.limit.load(Ordering::Relaxed);
+        let before = self.pool.reserved.fetch_add(more, Ordering::Relaxed);
+        if before.saturating_add(more) > limit {
+            self.pool.reserved.fetch_sub(more, Ordering::Relaxed);
+            self.refused = Some(Refusal::AllStates(limit));
+            return false;
+        }
+        self.reserved += more;
+        true
+    }
+
+    /// Gives back what the state reserved beyond its needs (keeping one step in hand).
+    fn unreserve(&mut self) {
+        if self.reserved - self.used > 2 * QUANTUM {
+            let back = (self.reserved - self.used - QUANTUM) / QUANTUM * QUANTUM;
+            self.reserved -= back;
+            self.pool.reserved.fetch_sub(back, Ordering::Relaxed);
+        }
+    }
+
     /// Bytes Lua holds now.
-    #[cfg(test)]
-    fn used(&self) -> usize {
+    pub fn used(&self) -> usize {
         self.used
     }
 
@@ -165,6 +258,7 @@ impl Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
+        self.pool.reserved.fetch_sub(self.reserved, Ordering::Relaxed);
         for (p, layout) in self.chunks.drain(..) {
             // SAFETY: allocated in `grow` with this layout.
             unsafe { dealloc(p.as_ptr(), layout) };
@@ -186,13 +280,28 @@ pub unsafe extern "C" fn lua_alloc(ud: *mut c_void, ptr: *mut c_void, osize: usi
         if !p.is_null() {
             unsafe { arena.release(p, old) };
             arena.used -= old;
+            arena.unreserve();
         }
         return ptr::null_mut();
     }
-    // Growing past the limit fails: Lua collects garbage and tries again, then raises a memory
+    // Growing past a limit fails: Lua collects garbage and tries again, then raises a memory
     // error. Shrinking always goes through.
-    if nsize > old && arena.used + (nsize - old) > arena.limit {
-        return ptr::null_mut();
+    if nsize > old {
+        let want = arena.used + (nsize - old);
+        if want > arena.limit {
+            arena.refused = Some(Refusal::State);
+            return ptr::null_mut();
+        }
+        // A large block ends work that one instruction or library call does (a long string
+        // built, a table grown): it fails once the running call is over its time or the run
+        // has ended (the call's error then says which).
+        // SAFETY: the budget outlives the arena's use (see `Sandbox`).
+        if nsize >= LARGE_ALLOCATION && unsafe { arena.budget.as_ref() }.is_some_and(Budget::allocation_refused) {
+            return ptr::null_mut();
+        }
+        if !arena.reserve(want) {
+            return ptr::null_mut();
+        }
     }
     let q = if p.is_null() {
         unsafe { arena.take(nsize) }
@@ -201,6 +310,9 @@ pub unsafe extern "C" fn lua_alloc(ud: *mut c_void, ptr: *mut c_void, osize: usi
     };
     if !q.is_null() {
         arena.used = arena.used - old + nsize;
+    }
+    if nsize < old {
+        arena.unreserve();
     }
     q.cast()
 }
@@ -234,6 +346,27 @@ mod tests {
         assert!(call(&mut a, ptr::null_mut(), 0, 6000).is_null(), "past the limit");
         assert!(call(&mut a, big, 5000, 0).is_null());
         assert!(!call(&mut a, ptr::null_mut(), 0, 6000).is_null(), "room again");
+    }
+
+    #[test]
+    fn states_together_are_held_to_their_pool() {
+        // Three states of 1 MiB each may hold 2 MiB together: the third is refused, and says
+        // which limit; freeing one lets it in.
+        static POOL: Pool = Pool::new(2 << 20);
+        let mut states: Vec<Box<Arena>> = (0..3).map(|_| Arena::in_pool(1 << 20, 1024, &POOL)).collect();
+        let big = 900 << 10;
+        let a = call(&mut states[0], ptr::null_mut(), 0, big);
+        let b = call(&mut states[1], ptr::null_mut(), 0, big);
+        assert!(!a.is_null() && !b.is_null());
+        assert!(call(&mut states[2], ptr::null_mut(), 0, big).is_null(), "past the pool");
+        assert_eq!(states[2].refused(), Some(Refusal::AllStates(2 << 20)));
+        // A state's own limit is told apart.
+        assert!(call(&mut states[0], ptr::null_mut(), 0, 200 << 10).is_null());
+        assert_eq!(states[0].refused(), Some(Refusal::State));
+        call(&mut states[1], b, big, 0);
+        assert!(!call(&mut states[2], ptr::null_mut(), 0, big).is_null(), "room again");
+        drop(states);
+        assert_eq!(POOL.reserved.load(Ordering::Relaxed), 0, "every reservation given back");
     }
 
     #[test]

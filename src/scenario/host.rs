@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::header::HeaderMap;
-use mlua::{Lua, LuaSerdeExt, Table, Value, Variadic};
+use mlua::{Lua, Table, Value, Variadic};
 use rand::RngExt;
 
 use super::api::{self, RequestSpec, Res, ResState};
+use super::sandbox::Budget;
 
 pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -56,7 +57,9 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
             may_wait(&lua, || "sleep".into())?;
             let pause = api::duration_value(&seconds).map_err(|e| mlua::Error::runtime(format!("sleep: {e}")))?;
             let host = user_host(&lua, "sleep")?;
+            let waiting = Waiting::begin(&lua);
             host.sleep(pause).await;
+            drop(waiting);
             Ok(())
         })?),
         "check" => Value::Function(lua.create_function(|lua, (value, name): (Value, Option<String>)| {
@@ -73,6 +76,24 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
         "data" => Value::Table(super::feed::data_table(lua)?),
         other => api::constructor(lua, other)?.map_or(Value::Nil, Value::Function),
     })
+}
+
+/// A wait of the running call (`http`, `sleep`), from `begin` until dropped: that time does not
+/// count against the call's time limit.
+struct Waiting(Option<(Rc<Budget>, Instant)>);
+
+impl Waiting {
+    fn begin(lua: &Lua) -> Self {
+        Self(lua.app_data_ref::<Rc<Budget>>().map(|b| (b.clone(), Instant::now())))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some((budget, since)) = &self.0 {
+            budget.waited(*since);
+        }
+    }
 }
 
 /// Refuses to wait from a coroutine the script made (see [`sandbox::in_script_coroutine`]):
@@ -159,7 +180,10 @@ fn request_spec(lua: &Lua, what: &str, method: Value, target: Value, opts: Optio
 
 async fn send(lua: Lua, spec: RequestSpec) -> mlua::Result<Value> {
     let host = user_host(&lua, "http")?;
-    let reply = host.request(spec).await.map_err(mlua::Error::runtime)?;
+    let waiting = Waiting::begin(&lua);
+    let reply = host.request(spec).await;
+    drop(waiting);
+    let reply = reply.map_err(mlua::Error::runtime)?;
     let mut state = ResState::default();
     state.set(reply.status, reply.headers, reply.body, reply.elapsed);
     state.error = reply.error;
@@ -171,39 +195,160 @@ fn json_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.raw_set(
         "encode",
-        lua.create_function(|_, v: Value| {
-            serde_json::to_string(&v).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))
+        lua.create_function(|lua, v: Value| {
+            // The text becomes a string of the state: it may not outgrow the state's memory.
+            let cap = lua.app_data_ref::<Rc<Budget>>().map_or(usize::MAX, |b| b.memory());
+            let mut out = Capped { bytes: Vec::new(), cap };
+            match serde_json::to_writer(&mut out, &v) {
+                Ok(()) => lua.create_string(&out.bytes),
+                Err(_) if out.bytes.len() >= cap => Err(mlua::Error::MemoryError(
+                    "json.encode: the text would be larger than the memory limit".into(),
+                )),
+                Err(e) => Err(mlua::Error::runtime(format!("json.encode: {e}"))),
+            }
         })?,
     )?;
     t.raw_set(
         "decode",
         lua.create_function(|lua, text: mlua::LuaString| {
-            decode_json(lua, &text.as_bytes()).map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))
+            decode_json(lua, &text.as_bytes()).map_err(|e| prefixed(e, "json.decode"))
         })?,
     )?;
     Ok(t)
 }
 
-/// JSON text as a Lua value (null as nil), for `json.decode` and `res:json()`.
-pub fn decode_json(lua: &Lua, text: &[u8]) -> Result<Value, String> {
-    let v: serde_json::Value = serde_json::from_slice(text).map_err(|e| format!("not valid JSON: {e}"))?;
-    let options = mlua::serde::SerializeOptions::new()
-        .serialize_none_to_null(false)
-        .serialize_unit_to_null(false);
-    lua.to_value_with(&v, options).map_err(|e| e.to_string())
+/// `e` with `what: ` before its message; a memory error stays one (the host reports it as the
+/// memory limit).
+pub fn prefixed(e: mlua::Error, what: &str) -> mlua::Error {
+    match e {
+        mlua::Error::MemoryError(_) => e,
+        mlua::Error::RuntimeError(m) => mlua::Error::runtime(format!("{what}: {m}")),
+        other => mlua::Error::runtime(format!("{what}: {other}")),
+    }
 }
 
-/// `log.info(...)`, `log.warn(...)`, `log.error(...)`: a line on stderr each, at most
-/// [`LOG_PER_SECOND`] a second across all users (the rest are counted, and the count is said).
+/// A writer that refuses to grow past `cap` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.cap {
+            self.bytes.truncate(self.cap);
+            return Err(std::io::Error::other("too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// JSON text as a Lua value (null as nil), for `json.decode` and `res:json()`: built in the
+/// state as it is parsed, so that it is held to the state's memory limit (no copy of the
+/// whole document is made outside it). A memory error stays one.
+pub fn decode_json(lua: &Lua, text: &[u8]) -> mlua::Result<Value> {
+    use serde::de::DeserializeSeed;
+    let failed = std::cell::RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let value = LuaJson { lua, failed: &failed }
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v));
+    match (value, failed.into_inner()) {
+        (Ok(v), _) => Ok(v),
+        (Err(_), Some(lua_error)) => Err(lua_error),
+        (Err(e), None) => Err(mlua::Error::runtime(format!("not valid JSON: {e}"))),
+    }
+}
+
+/// Builds the Lua value of a JSON document as serde_json reads it; a Lua error (memory) is
+/// kept in `failed` to be returned as it is.
+#[derive(Clone, Copy)]
+struct LuaJson<'a> {
+    lua: &'a Lua,
+    failed: &'a std::cell::RefCell<Option<mlua::Error>>,
+}
+
+impl LuaJson<'_> {
+    fn lua<T, E: serde::de::Error>(&self, r: mlua::Result<T>) -> Result<T, E> {
+        r.map_err(|e| {
+            let text = e.to_string();
+            *self.failed.borrow_mut() = Some(e);
+            E::custom(text)
+        })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for LuaJson<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for LuaJson<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Boolean(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Integer(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(i64::try_from(v).map_or(Value::Number(v as f64), Value::Integer))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::Number(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.lua(self.lua.create_string(v)).map(Value::String)
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Nil)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let t = self.lua(self.lua.create_table())?;
+        let mut i = 1i64;
+        while let Some(v) = seq.next_element_seed(self)? {
+            self.lua(t.raw_set(i, v))?;
+            i += 1;
+        }
+        Ok(Value::Table(t))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let t = self.lua(self.lua.create_table())?;
+        while let Some(k) = map.next_key_seed(self)? {
+            let v = map.next_value_seed(self)?;
+            self.lua(t.raw_set(k, v))?;
+        }
+        Ok(Value::Table(t))
+    }
+}
+
+/// `log.info(...)`, `log.warn(...)`, `log.error(...)`: a line on stderr each (see
+/// [`script_line`] for the limits).
 fn log_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     for level in ["info", "warn", "error"] {
         let f = lua.create_function(move |_, args: Variadic<Value>| {
-            let text: Vec<String> = args
-                .iter()
-                .map(|v| v.to_string().unwrap_or_else(|_| api::show(v)))
-                .collect();
-            log_line(level, &text.join(" "));
+            script_line(&format!("[{level}] "), " ", &args);
             Ok(())
         })?;
         t.raw_set(level, f)?;
@@ -211,36 +356,157 @@ fn log_table(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
-const LOG_PER_SECOND: u32 = 20;
+/// `print(...)`: its values, tab-separated, as a line on stderr (never stdout, where the
+/// tables go), with the limits of [`script_line`].
+pub fn print(_: &Lua, args: Variadic<Value>) -> mlua::Result<()> {
+    script_line("", "\t", &args);
+    Ok(())
+}
 
-static LOG_LIMIT: Mutex<Option<(Instant, u32, u64)>> = Mutex::new(None);
+/// Script output lines (`print`, `log`) written, across all users, per second; past it they
+/// are counted and the count is said.
+pub const LINES_PER_SECOND: u32 = 100;
+/// The longest script output line, in bytes; the rest is cut and its size said.
+pub const LINE_BYTES: usize = 4096;
+/// Lines waiting for stderr; past it (stderr slower than the script) they are dropped.
+const QUEUED_LINES: usize = 1024;
 
-/// Says how many log lines were dropped since the last line (at the end of a run).
-pub fn flush_log() {
-    if let Ok(mut guard) = LOG_LIMIT.lock()
-        && let Some((_, _, dropped)) = guard.as_mut()
-        && *dropped > 0
-    {
-        eprintln!("[log] {dropped} lines were dropped (more than {LOG_PER_SECOND} a second)");
-        *dropped = 0;
+/// The line of `args` (after `prefix`, joined by `sep`), cut at [`LINE_BYTES`], handed to the
+/// output thread: a script never waits on stderr (a slow terminal, a pipe no one reads), and
+/// never writes more than [`LINES_PER_SECOND`] lines a second or [`LINE_BYTES`] a line.
+fn script_line(prefix: &str, sep: &str, args: &[Value]) {
+    if !output().admit() {
+        return;
+    }
+    let mut line = String::from(prefix);
+    let mut cut = 0usize;
+    for (i, v) in args.iter().enumerate() {
+        if i > 0 {
+            line.push_str(sep);
+        }
+        let room = LINE_BYTES.saturating_sub(line.len());
+        match v {
+            // A long string's text is not copied whole to be cut.
+            Value::String(s) => {
+                let bytes = s.as_bytes();
+                let take = floor_char_boundary(&bytes, room);
+                line.push_str(&String::from_utf8_lossy(&bytes[..take]));
+                cut += bytes.len() - take;
+            }
+            other => {
+                let text = other.to_string().unwrap_or_else(|_| api::show(other));
+                let take = floor_char_boundary(text.as_bytes(), room);
+                line.push_str(&text[..take]);
+                cut += text.len() - take;
+            }
+        }
+    }
+    if cut > 0 {
+        line.push_str(&format!(" ... ({cut} more bytes cut)"));
+    }
+    output().send(line);
+}
+
+/// The largest `n <= max` at which `bytes` can be cut without splitting a UTF-8 character
+/// (bytes that are not UTF-8 are cut anywhere).
+fn floor_char_boundary(bytes: &[u8], max: usize) -> usize {
+    if bytes.len() <= max {
+        return bytes.len();
+    }
+    let mut n = max;
+    while n > 0 && n > max.saturating_sub(3) && (bytes[n] & 0xC0) == 0x80 {
+        n -= 1;
+    }
+    n
+}
+
+/// Where script output goes: a thread that writes it to stderr, fed through a bounded queue.
+struct Output {
+    tx: std::sync::mpsc::SyncSender<OutputMsg>,
+    /// This second's start, the lines written in it, the lines dropped since last said.
+    limit: Mutex<(Instant, u32, u64)>,
+}
+
+enum OutputMsg {
+    Line(String),
+    /// Every line before it is written: answer.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+fn output() -> &'static Output {
+    static OUTPUT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+    OUTPUT.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<OutputMsg>(QUEUED_LINES);
+        let _ = std::thread::Builder::new()
+            .name("stormlight-output".into())
+            .spawn(move || {
+                use std::io::Write;
+                for msg in rx {
+                    match msg {
+                        OutputMsg::Line(line) => {
+                            let _ = writeln!(std::io::stderr().lock(), "{line}");
+                        }
+                        OutputMsg::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        Output {
+            tx,
+            limit: Mutex::new((Instant::now(), 0, 0)),
+        }
+    })
+}
+
+impl Output {
+    /// Whether one more line fits in this second's share (and says what was dropped before).
+    fn admit(&self) -> bool {
+        let Ok(mut guard) = self.limit.lock() else { return false };
+        let (since, lines, dropped) = &mut *guard;
+        let now = Instant::now();
+        if now.duration_since(*since) >= Duration::from_secs(1) {
+            if *dropped > 0 {
+                let note = dropped_note(*dropped);
+                *dropped = 0;
+                let _ = self.tx.try_send(OutputMsg::Line(note));
+            }
+            (*since, *lines) = (now, 0);
+        }
+        if *lines < LINES_PER_SECOND {
+            *lines += 1;
+            true
+        } else {
+            *dropped += 1;
+            false
+        }
+    }
+
+    /// Queues `line`; a full queue (stderr slower than the script) drops it, counted.
+    fn send(&self, line: String) {
+        if self.tx.try_send(OutputMsg::Line(line)).is_err()
+            && let Ok(mut guard) = self.limit.lock()
+        {
+            guard.2 += 1;
+        }
     }
 }
 
-fn log_line(level: &str, text: &str) {
-    let Ok(mut guard) = LOG_LIMIT.lock() else { return };
-    let now = Instant::now();
-    let (since, lines, dropped) = guard.get_or_insert((now, 0, 0));
-    if now.duration_since(*since) >= Duration::from_secs(1) {
-        if *dropped > 0 {
-            eprintln!("[log] {dropped} lines were dropped (more than {LOG_PER_SECOND} a second)");
-        }
-        (*since, *lines, *dropped) = (now, 0, 0);
+fn dropped_note(n: u64) -> String {
+    format!("[log] {n} lines were dropped (more than {LINES_PER_SECOND} a second, or stderr too slow)")
+}
+
+/// Writes the script output still queued (waiting a second at most: stderr may be blocked)
+/// and says how many lines were dropped since it last said so (at the end of a run).
+pub fn flush_log() {
+    let out = output();
+    let dropped = out.limit.lock().map(|mut g| std::mem::take(&mut g.2)).unwrap_or(0);
+    if dropped > 0 {
+        let _ = out.tx.try_send(OutputMsg::Line(dropped_note(dropped)));
     }
-    if *lines < LOG_PER_SECOND {
-        *lines += 1;
-        eprintln!("[{level}] {text}");
-    } else {
-        *dropped += 1;
+    let (done, wait) = std::sync::mpsc::channel();
+    if out.tx.try_send(OutputMsg::Flush(done)).is_ok() {
+        let _ = wait.recv_timeout(Duration::from_secs(1));
     }
 }
 

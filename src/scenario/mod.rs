@@ -90,8 +90,13 @@ pub struct Scenario {
 
 /// Loads and validates a scenario file. Nothing is sent.
 pub fn load(path: &Path) -> Result<Scenario> {
+    load_with(path, Limits::default())
+}
+
+/// [`load`], the scenario's states held to `limits`.
+pub fn load_with(path: &Path, limits: Limits) -> Result<Scenario> {
     let source = std::fs::read_to_string(path).with_context(|| format!("cannot read scenario {}", path.display()))?;
-    load_source(path, &source, Limits::default())
+    load_source(path, &source, limits)
 }
 
 /// Globals whose assignment line is remembered, for messages about them.
@@ -101,24 +106,29 @@ pub const WATCHED: [&str; 5] = ["endpoints", "options", "host", "wait_time", "th
 pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario> {
     let file = path.display().to_string();
     let sb = Sandbox::new(limits, 0).map_err(|e| anyhow!("cannot create the Lua sandbox: {e}"))?;
+    sb.note_positions();
     let lua = &sb.lua;
     lua.set_app_data(TaskLines::default());
     let feeds = Arc::new(feed::Feeds::beside(path));
     lua.set_app_data(feeds.clone());
     let assigned = watch_globals(lua).map_err(|e| anyhow!("{e}"))?;
 
-    sb.budget.reset();
-    let chunk = lua
-        .load(source)
-        .set_name(format!("@{file}"))
-        .into_function()
-        .map_err(|e| anyhow!("{}", script_error(path, &e, &limits)))?;
+    let chunk = {
+        let _call = sb.call("the scenario file");
+        lua.load(source)
+            .set_name(format!("@{file}"))
+            .into_function()
+            .map_err(|e| anyhow!("{}", script_error(path, &sb, &e)))?
+    };
     // Users load this compiled form (debug info kept, so errors still say file:line): ten
     // thousand users spawned in a second must not parse the file ten thousand times.
     let bytecode: Arc<[u8]> = chunk.dump(false).into();
-    chunk
-        .call::<()>(())
-        .map_err(|e| anyhow!("{}", script_error(path, &e, &limits)))?;
+    {
+        let _call = sb.call("the scenario file");
+        chunk
+            .call::<()>(())
+            .map_err(|e| anyhow!("{}", script_error(path, &sb, &e)))?;
+    }
     if let Some(mt) = lua.globals().metatable() {
         let _ = mt.raw_set("__newindex", Value::Nil);
     }
@@ -498,6 +508,7 @@ const OPTIONS: &[&str] = &[
     "duration",
     "timeout",
     "grace",
+    "script_timeout",
     "stages",
     "rate",
     "max_users",
@@ -540,6 +551,13 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
             }
             "timeout" => o.timeout = Some(api::duration_value(&v).map_err(|e| format!("`timeout`: {e}"))?),
             "grace" => o.grace = Some(api::duration_value(&v).map_err(|e| format!("`grace`: {e}"))?),
+            "script_timeout" => {
+                let d = api::duration_value(&v).map_err(|e| format!("`script_timeout`: {e}"))?;
+                if d.is_zero() {
+                    return Err("`script_timeout` must be more than 0".into());
+                }
+                o.script_timeout = Some(d);
+            }
             "stages" => match stages_value(&v)? {
                 Ok(users) => o.stages = Some(users),
                 Err(rates) => o.rate_stages = Some(rates),
@@ -633,15 +651,20 @@ fn stages_value(v: &Value) -> Result<StagesOf, String> {
 }
 
 /// A Lua error from loading the file, as `file:line: message`.
-fn script_error(path: &Path, err: &mlua::Error, limits: &Limits) -> String {
+fn script_error(path: &Path, sb: &Sandbox, err: &mlua::Error) -> String {
     // Lua already prefixes syntax and runtime errors with `file:line:` (the chunk is named
-    // `@file`), and the instruction budget's error with the line it stopped; the memory limit
-    // is not raised at a line of the script.
-    let msg = sandbox::describe(err, limits);
-    if msg.starts_with("memory limit") || msg.starts_with("instruction budget") {
-        format!("{}: scenario stopped while loading: {msg}", path.display())
-    } else {
-        msg
+    // `@file`), and a limit's error with the line it stopped; a memory error carries no
+    // position: the line the script last reached says where.
+    let msg = sb.describe(err);
+    let file = path.display();
+    let limit = sb.budget.spent() || sandbox::is_memory_error(err);
+    match msg
+        .strip_prefix(&format!("{file}:"))
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((line, what)) if limit => format!("{file}:{line}: scenario stopped while loading: {what}"),
+        None if limit => format!("{file}: scenario stopped while loading: {msg}"),
+        _ => msg,
     }
 }
 
@@ -783,14 +806,16 @@ impl UserState {
     pub fn new(scenario: &Scenario, id: u64) -> Result<Self, String> {
         let learnt = &scenario.state_bytes;
         let sandbox = Sandbox::new(scenario.limits, learnt.load(Ordering::Relaxed)).map_err(|e| e.to_string())?;
-        let limits = scenario.limits;
+        sandbox.budget.set_user(id);
         let lua = &sandbox.lua;
         lua.set_app_data(scenario.feeds.clone());
-        sandbox.budget.reset();
-        lua.load(&*scenario.bytecode)
-            .set_mode(mlua::chunk::ChunkMode::Binary)
-            .exec()
-            .map_err(|e| sandbox::describe(&e, &limits))?;
+        {
+            let _call = sandbox.call("user state");
+            lua.load(&*scenario.bytecode)
+                .set_mode(mlua::chunk::ChunkMode::Binary)
+                .exec()
+                .map_err(|e| sandbox.describe(&e))?;
+        }
         let setup = || -> mlua::Result<_> {
             let user = lua.create_table()?;
             user.raw_set("id", id)?;
@@ -830,9 +855,15 @@ impl UserState {
         })
     }
 
-    /// Calls a hook within the instruction budget; errors are described in one line.
-    pub fn call<R: mlua::FromLuaMulti>(&self, f: &Function, args: impl mlua::IntoLuaMulti) -> Result<R, HookError> {
-        self.sandbox.budget.reset();
+    /// Calls the hook `name` (one of [`sandbox::CALLS`]) within the call's limits; errors are
+    /// described in one line.
+    pub fn call<R: mlua::FromLuaMulti>(
+        &self,
+        name: &'static str,
+        f: &Function,
+        args: impl mlua::IntoLuaMulti,
+    ) -> Result<R, HookError> {
+        let _call = self.sandbox.call(name);
         f.call(args).map_err(|e| self.hook_error(&e))
     }
 
@@ -840,18 +871,19 @@ impl UserState {
     /// scenario uses them (a waiting user holds up no other user of its thread).
     pub async fn run<R: mlua::FromLuaMulti>(
         &self,
+        name: &'static str,
         f: &Function,
         args: impl mlua::IntoLuaMulti,
     ) -> Result<R, HookError> {
         if !self.waits {
-            return self.call(f, args);
+            return self.call(name, f, args);
         }
-        self.sandbox.budget.reset();
+        let _call = self.sandbox.call(name);
         f.call_async(args).await.map_err(|e| self.hook_error(&e))
     }
 
     fn hook_error(&self, e: &mlua::Error) -> HookError {
-        let memory = is_memory_error(e);
+        let memory = sandbox::is_memory_error(e);
         if memory {
             // What filled the state is garbage now, but Lua collects it in an emergency only when
             // an object cannot be allocated, not when a stack cannot grow: the next call, a
@@ -860,15 +892,18 @@ impl UserState {
         }
         HookError {
             limit: self.sandbox.budget.spent() || memory,
-            message: sandbox::describe(e, &self.sandbox.limits),
+            stopped: self.sandbox.budget.hit() == Some(sandbox::Hit::Stop),
+            message: self.sandbox.describe(e),
         }
     }
 }
 
-/// Why a hook failed: its error, or the sandbox stopping it (CPU or memory limit).
+/// Why a hook failed: its error, or the sandbox stopping it (CPU, time or memory limit).
 #[derive(Debug)]
 pub struct HookError {
     pub limit: bool,
+    /// The end of the run stopped it (it was still running after the grace period).
+    pub stopped: bool,
     pub message: String,
 }
 
@@ -888,13 +923,6 @@ impl fmt::Display for HookError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
     }
-}
-
-fn is_memory_error(mut err: &mlua::Error) -> bool {
-    while let mlua::Error::CallbackError { cause, .. } = err {
-        err = cause;
-    }
-    matches!(err, mlua::Error::MemoryError(_))
 }
 
 #[cfg(test)]
@@ -993,6 +1021,22 @@ mod tests {
         assert!(err("endpoint = { Task('GET', '/') }").contains("did you mean `endpoints`"));
         assert!(err("endpoints = { Task('POST', '/', { json = '{}' }) }").contains("`json` must be a table"));
         assert!(err("while true do end").contains("instruction budget"));
+        // Memory limits while the file loads name the line too.
+        let e = err("x = 1\nlocal t = {} for i = 1, 1e8 do t[i] = ('x'):rep(100) .. i end");
+        assert!(
+            e.starts_with("t.lua:2: scenario stopped while loading: memory limit of 16 MiB reached"),
+            "{e}"
+        );
+        let e = err("\n\nlocal s = string.rep('x', 1 << 30)");
+        assert!(
+            e.starts_with("t.lua:3: scenario stopped while loading: memory limit of 16 MiB reached"),
+            "{e}"
+        );
+        let e = err("\nlocal s = ('x'):rep(1000)\nlocal t = {}\nwhile true do t[#t + 1] = s .. #t end");
+        assert!(
+            e.starts_with("t.lua:4: scenario stopped while loading: memory limit"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1006,8 +1050,8 @@ mod tests {
         let a = UserState::new(&s, 1).unwrap();
         let b = UserState::new(&s, 2).unwrap();
         let f = a.on_start.clone().unwrap();
-        a.call::<()>(&f, a.user.clone()).unwrap();
-        a.call::<()>(&f, a.user.clone()).unwrap();
+        a.call::<()>("on_start", &f, a.user.clone()).unwrap();
+        a.call::<()>("on_start", &f, a.user.clone()).unwrap();
         let vars: Table = a.user.get("vars").unwrap();
         assert_eq!(vars.get::<String>("token").unwrap(), "tok-1");
         assert_eq!(a.sandbox.lua.globals().get::<i64>("counter").unwrap(), 2);
@@ -1041,7 +1085,13 @@ mod tests {
         )
         .unwrap();
         let u = UserState::new(&s, 1).unwrap();
-        let call = || u.call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud));
+        let call = || {
+            u.call::<()>(
+                "before_request",
+                u.before_request.as_ref().unwrap(),
+                (&u.user, &u.req_ud),
+            )
+        };
         let first = call().unwrap_err();
         assert!(
             first.limit && first.message.contains("memory limit"),
@@ -1075,8 +1125,12 @@ mod tests {
         )
         .unwrap();
         let u = UserState::new(&s, 3).unwrap();
-        u.call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud))
-            .unwrap();
+        u.call::<()>(
+            "before_request",
+            u.before_request.as_ref().unwrap(),
+            (&u.user, &u.req_ud),
+        )
+        .unwrap();
         let spec = u.req.0.borrow().edits.apply(&s.endpoints[0]);
         assert_eq!(spec.headers["x-id"], "3");
         assert_eq!(spec.headers["x-token"], "t3");
@@ -1089,7 +1143,11 @@ mod tests {
         assert_eq!(u.req.0.borrow().cached_names(), ["X-Id", "X-Token", "X-Gone"]);
         // Errors are the full path's, with the script's line.
         let err = u
-            .call::<()>(u.after_response.as_ref().unwrap(), (&u.user, &u.req_ud, &u.res_ud))
+            .call::<()>(
+                "after_response",
+                u.after_response.as_ref().unwrap(),
+                (&u.user, &u.req_ud, &u.res_ud),
+            )
             .unwrap_err();
         assert!(err.message.contains("bad header name \"bad name\""), "{}", err.message);
         assert!(err.message.starts_with("t.lua:14: req: "), "{}", err.message);
@@ -1119,8 +1177,12 @@ mod tests {
         .unwrap();
         let u = UserState::new(&s, 7).unwrap();
         let g = u.sandbox.lua.globals();
-        u.call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud))
-            .unwrap();
+        u.call::<()>(
+            "before_request",
+            u.before_request.as_ref().unwrap(),
+            (&u.user, &u.req_ud),
+        )
+        .unwrap();
         let seen: Vec<Value> = g
             .get::<Table>("seen")
             .unwrap()
@@ -1161,8 +1223,12 @@ mod tests {
             bytes::Bytes::from_static(b"ok"),
             std::time::Duration::from_millis(3),
         );
-        u.call::<()>(u.after_response.as_ref().unwrap(), (&u.user, &u.req_ud, &u.res_ud))
-            .unwrap();
+        u.call::<()>(
+            "after_response",
+            u.after_response.as_ref().unwrap(),
+            (&u.user, &u.req_ud, &u.res_ud),
+        )
+        .unwrap();
         let got: Vec<String> = g
             .get::<Table>("got")
             .unwrap()
@@ -1175,7 +1241,11 @@ mod tests {
             .unwrap();
         let u = UserState::new(&bad, 1).unwrap();
         let err = u
-            .call::<()>(u.before_request.as_ref().unwrap(), (&u.user, &u.req_ud))
+            .call::<()>(
+                "before_request",
+                u.before_request.as_ref().unwrap(),
+                (&u.user, &u.req_ud),
+            )
             .unwrap_err();
         assert!(err.message.contains("req: no field `header`"), "{err}");
         assert!(!err.limit);
