@@ -176,7 +176,8 @@ pub struct LoadArgs {
     #[arg(long = "threshold", value_name = "EXPR")]
     pub thresholds: Vec<String>,
     /// Distinct request names with a row of their own; past it, new names share one overflow
-    /// row (and a warning says so) [default: 1000].
+    /// row (and a warning says so). The same number caps the distinct failure reasons with text
+    /// from the script, and the distinct check names, each on its own [default: 1000].
     #[arg(long, value_name = "N")]
     pub max_names: Option<usize>,
     /// Do not verify TLS certificates (self-signed test servers). Printed in the run header.

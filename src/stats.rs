@@ -102,6 +102,53 @@ impl fmt::Display for Reason {
     }
 }
 
+impl Reason {
+    /// The text a script made part of this reason (`error(...)`'s message, what
+    /// `after_response` returned), if it has any: only such reasons can vary without end.
+    fn script_text(&mut self) -> Option<&mut String> {
+        match self {
+            Reason::Script(why) | Reason::ScriptLimit(why) | Reason::Rejected(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    fn has_script_text(&self) -> bool {
+        matches!(self, Reason::Script(_) | Reason::ScriptLimit(_) | Reason::Rejected(_))
+    }
+
+    /// The overflow reason of the same class (see [`OVERFLOW_REASON`]).
+    fn overflow(&self) -> Reason {
+        let text = OVERFLOW_REASON.to_string();
+        match self {
+            Reason::ScriptLimit(_) => Reason::ScriptLimit(text),
+            Reason::Rejected(_) => Reason::Rejected(text),
+            _ => Reason::Script(text),
+        }
+    }
+}
+
+/// How many characters of a failure reason's text or of a check name are kept: a longer one is
+/// cut there (on a character boundary) and ends with `…`, so messages that differ only past
+/// the cut share a row.
+pub const MAX_TEXT_CHARS: usize = 200;
+
+/// Where [`MAX_TEXT_CHARS`] cuts `text`, if it is longer.
+fn cut_at(text: &str) -> Option<usize> {
+    // Up to MAX_TEXT_CHARS bytes is at most that many characters: no need to count them.
+    if text.len() <= MAX_TEXT_CHARS {
+        return None;
+    }
+    text.char_indices().nth(MAX_TEXT_CHARS).map(|(at, _)| at)
+}
+
+/// Cuts `text` to [`MAX_TEXT_CHARS`] characters and `…`, in place.
+fn shorten(text: &mut String) {
+    if let Some(at) = cut_at(text) {
+        text.truncate(at);
+        text.push('…');
+    }
+}
+
 /// A histogram in HdrHistogram's interchange encoding (V2, deflate-compressed), in base64: what
 /// HdrHistogram's own tools read.
 pub fn encode_histogram(h: &Histogram<u64>) -> String {
@@ -249,12 +296,15 @@ pub struct Recorder {
     /// is cut off while they are in flight.
     inflight: Vec<u64>,
     /// Keyed by row id rather than index so that errors outside any request (a failing
-    /// `on_start`) can be listed without adding a request row.
+    /// `on_start`) can be listed without adding a request row. Entries stay from one tick to
+    /// the next while they count (see [`Recorder::take`]), so a known reason costs one lookup.
     failures: HashMap<(Arc<RowId>, Reason), u64>,
     /// Responses received over HTTP/1.1 and over HTTP/2.
     protocols: [u64; 2],
-    /// `check(value, name)` results: passes and fails per name.
+    /// `check(value, name)` results: passes and fails per name (kept as `failures` are).
     checks: HashMap<String, [u64; 2]>,
+    /// Room to build a long check name's shortened form in without allocating.
+    check_key: String,
     /// Errors outside any request (see [`Recorder::error`]).
     errors: u64,
     /// Open model: iterations that found no free user.
@@ -283,13 +333,61 @@ pub struct Snapshot {
 /// The name of the row that requests with names past the cap count under.
 pub const OVERFLOW_NAME: &str = "(names past --max-names)";
 
-/// The cap on distinct request names, shared by every worker's recorder: URLs with ids in them
-/// (`/items/123`) would otherwise make a row each, without end.
+/// The text of the reason that new failure reasons past the cap count under, in the class of
+/// the reason they replace: `script error: (reasons past --max-names)`, `script limit: ...`,
+/// and for `after_response`'s own reasons the text alone.
+pub const OVERFLOW_REASON: &str = "(reasons past --max-names)";
+
+/// The name that new check names past the cap count under.
+pub const OVERFLOW_CHECK: &str = "(checks past --max-names)";
+
+/// The caps on distinct request names, failure reasons and check names (`--max-names` each),
+/// shared by every worker's recorder: URLs with ids in them (`/items/123`), or an id in an
+/// error message or a check's description, would otherwise make a row each, without end.
 #[derive(Debug)]
 pub struct NameCap {
     max: usize,
-    names: std::sync::Mutex<std::collections::HashSet<RowId>>,
+    names: Admitted<RowId>,
+    /// Only reasons with text from the script (see [`Reason::has_script_text`]): the others are
+    /// few by construction.
+    reasons: Admitted<Reason>,
+    checks: Admitted<String>,
+}
+
+/// What one cap has let in, and whether its warning was given.
+#[derive(Debug)]
+struct Admitted<T> {
+    seen: std::sync::Mutex<std::collections::HashSet<T>>,
     warned: std::sync::atomic::AtomicBool,
+}
+
+impl<T> Default for Admitted<T> {
+    fn default() -> Self {
+        Self {
+            seen: Default::default(),
+            warned: Default::default(),
+        }
+    }
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Admitted<T> {
+    /// Whether `item` may count on its own (it does already, or there is room); the first
+    /// time it may not, `warn` is called.
+    fn admit(&self, max: usize, item: &T, warn: impl FnOnce()) -> bool {
+        let Ok(mut seen) = self.seen.lock() else { return true };
+        if seen.contains(item) {
+            return true;
+        }
+        if seen.len() < max {
+            seen.insert(item.clone());
+            return true;
+        }
+        drop(seen);
+        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn();
+        }
+        false
+    }
 }
 
 impl NameCap {
@@ -297,28 +395,49 @@ impl NameCap {
         Arc::new(Self {
             max,
             names: Default::default(),
-            warned: Default::default(),
+            reasons: Default::default(),
+            checks: Default::default(),
         })
     }
 
     /// Whether `id` may have a row of its own (it has one already, or there is room).
     fn admit(&self, id: &RowId) -> bool {
-        let Ok(mut names) = self.names.lock() else { return true };
-        if names.contains(id) {
-            return true;
-        }
-        if names.len() < self.max {
-            names.insert(id.clone());
-            return true;
-        }
-        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        self.names.admit(self.max, id, || {
             eprintln!(
                 "warning: more than {} distinct request names; from {} {:?} on, new names count under \"{OVERFLOW_NAME}\". \
                  Give requests whose URL carries an id a `name` (e.g. name = \"/items/[id]\"), or raise --max-names.",
                 self.max, id.method, id.name
             );
+        })
+    }
+
+    /// Whether `reason` (shortened already) may be counted as itself: always for reasons
+    /// without text from the script.
+    fn admit_reason(&self, reason: &Reason) -> bool {
+        if !reason.has_script_text() {
+            return true;
         }
-        false
+        self.reasons.admit(self.max, reason, || {
+            eprintln!(
+                "warning: more than {} distinct failure reasons; from {:?} on, new reasons count under \"{}\". \
+                 Keep ids and other changing values out of error() messages and of the reasons after_response \
+                 returns, or raise --max-names.",
+                self.max,
+                reason.to_string(),
+                reason.overflow()
+            );
+        })
+    }
+
+    /// Whether the check `name` (shortened already) may be counted under its own name.
+    fn admit_check(&self, name: &String) -> bool {
+        self.checks.admit(self.max, name, || {
+            eprintln!(
+                "warning: more than {} distinct check names; from {name:?} on, new names count under \"{OVERFLOW_CHECK}\". \
+                 Keep ids and other changing values out of check() descriptions, or raise --max-names.",
+                self.max
+            );
+        })
     }
 }
 
@@ -338,6 +457,7 @@ impl Recorder {
             failures: HashMap::new(),
             protocols: [0; 2],
             checks: HashMap::new(),
+            check_key: String::new(),
             errors: 0,
             dropped: 0,
             stuck: Vec::new(),
@@ -397,28 +517,59 @@ impl Recorder {
     pub fn record(&mut self, row: usize, outcome: Outcome) {
         self.rows[row].1.record(&outcome);
         if let Some(reason) = outcome.failure {
-            *self.failures.entry((self.rows[row].0.clone(), reason)).or_insert(0) += 1;
+            self.count_failure(self.rows[row].0.clone(), reason, 1);
         }
     }
 
     /// Lists an error that belongs to no request (a hook outside a request failed): it shows in
     /// the failures table but adds nothing to the request counts.
     pub fn error(&mut self, id: &Arc<RowId>, reason: Reason) {
-        *self.failures.entry((id.clone(), reason)).or_insert(0) += 1;
+        self.count_failure(id.clone(), reason, 1);
         self.errors += 1;
     }
 
-    /// Counts a `check` by its name.
+    /// Counts `n` failures of row `id` for `reason`: its text shortened, and past the cap on
+    /// reasons under the overflow reason of its class.
+    fn count_failure(&mut self, id: Arc<RowId>, mut reason: Reason, n: u64) {
+        if let Some(text) = reason.script_text() {
+            shorten(text);
+        }
+        let mut key = (id, reason);
+        // The common case: a reason this row counted in this tick or the one before.
+        if let Some(count) = self.failures.get_mut(&key) {
+            *count += n;
+            return;
+        }
+        if !self.cap.admit_reason(&key.1) {
+            key.1 = key.1.overflow();
+        }
+        *self.failures.entry(key).or_insert(0) += n;
+    }
+
+    /// Counts a `check` by its name: shortened, and past the cap on check names under
+    /// [`OVERFLOW_CHECK`].
     pub fn check(&mut self, name: &str, passed: bool) {
         let i = usize::from(!passed);
-        match self.checks.get_mut(name) {
-            Some(counts) => counts[i] += 1,
-            None => {
-                let mut counts = [0; 2];
-                counts[i] = 1;
-                self.checks.insert(name.to_string(), counts);
+        let name = match cut_at(name) {
+            None => name,
+            Some(at) => {
+                self.check_key.clear();
+                self.check_key.push_str(&name[..at]);
+                self.check_key.push('…');
+                &self.check_key
             }
+        };
+        // The common case: a name counted in this tick or the one before.
+        if let Some(counts) = self.checks.get_mut(name) {
+            counts[i] += 1;
+            return;
         }
+        let name = name.to_string();
+        let key = match self.cap.admit_check(&name) {
+            true => name,
+            false => OVERFLOW_CHECK.to_string(),
+        };
+        self.checks.entry(key).or_default()[i] += 1;
     }
 
     /// Counts a response received for `row`: its HTTP version and its body bytes.
@@ -435,15 +586,14 @@ impl Recorder {
                 let stats = &mut self.rows[row].1;
                 stats.requests += n;
                 stats.failures += n;
-                *self
-                    .failures
-                    .entry((self.rows[row].0.clone(), Reason::Aborted))
-                    .or_insert(0) += n;
+                self.count_failure(self.rows[row].0.clone(), Reason::Aborted, n);
             }
         }
     }
 
-    /// Takes the counts since the last call, leaving the rows in place and empty.
+    /// Takes the counts since the last call, leaving the rows in place and empty. A failure
+    /// reason or a check name that counted keeps its entry (at 0) for the next tick, so that
+    /// counting it again is one lookup; one that did not is dropped, so entries do not pile up.
     pub fn take(&mut self) -> Snapshot {
         let rows = self
             .rows
@@ -454,12 +604,27 @@ impl Recorder {
                 (id.clone(), std::mem::replace(s, fresh))
             })
             .collect();
-        let failures = self.failures.drain().map(|((id, reason), n)| (id, reason, n)).collect();
+        let mut failures = Vec::new();
+        self.failures.retain(|(id, reason), n| {
+            if *n == 0 {
+                return false;
+            }
+            failures.push((id.clone(), reason.clone(), std::mem::take(n)));
+            true
+        });
+        let mut checks = Vec::new();
+        self.checks.retain(|name, counts| {
+            if *counts == [0; 2] {
+                return false;
+            }
+            checks.push((name.clone(), std::mem::take(counts)));
+            true
+        });
         Snapshot {
             rows,
             failures,
             protocols: std::mem::take(&mut self.protocols),
-            checks: self.checks.drain().collect(),
+            checks,
             errors: std::mem::take(&mut self.errors),
             dropped: std::mem::take(&mut self.dropped),
             stuck: std::mem::take(&mut self.stuck),
@@ -1004,5 +1169,211 @@ mod tests {
         let lat = Latency::of(&agg.rows().next().unwrap().1.latency_us).unwrap();
         assert!((lat.p50 - 50.0).abs() < 0.1, "p50 {}", lat.p50);
         assert!((lat.max - 100.0).abs() < 0.1, "max {}", lat.max);
+    }
+    fn failed(reason: Reason) -> Outcome {
+        Outcome {
+            elapsed: Some(Duration::from_millis(1)),
+            failure: Some(reason),
+            correction: Correction::None,
+        }
+    }
+
+    /// The summary of what `recorders` took, merged as the runner merges them.
+    fn merged(recorders: &mut [&mut Recorder]) -> Summary {
+        let mut agg = Aggregate::default();
+        for rec in recorders.iter_mut() {
+            agg.add(rec.take());
+        }
+        agg.end_tick(Duration::from_secs(1), 1);
+        agg.summary(SummaryMeta {
+            started_at: std::time::SystemTime::now(),
+            duration: Duration::from_secs(1),
+            interrupted: false,
+            all_users_started: None,
+            config: ConfigSummary {
+                host: None,
+                users: 1,
+                spawn_rate: 1.0,
+                script: "t.lua".into(),
+                load: String::new(),
+                duration_s: None,
+                start_at_ms: None,
+            },
+            segment: None,
+            fingerprint: String::new(),
+        })
+    }
+
+    /// Failures of the summary's row `name`, as (reason, count), sorted by reason.
+    fn reasons_of(s: &Summary, name: &str) -> Vec<(String, u64)> {
+        let mut out: Vec<_> = s
+            .failures
+            .iter()
+            .filter(|f| f.name == name)
+            .map(|f| (f.reason.clone(), f.count))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn past_the_cap_new_reasons_count_under_one_overflow_reason_per_row_and_counts_stay_exact() {
+        let a = Arc::new(RowId::new("GET", "/a"));
+        let b = Arc::new(RowId::new("GET", "/b"));
+        let mut rec = Recorder::with_cap(&[a.clone(), b.clone()], NameCap::new(3));
+        // Row /a: five script errors twice each; the first three reasons have room.
+        for _ in 0..2 {
+            for i in 0..5 {
+                rec.record(0, failed(Reason::Script(format!("before_request: boom {i}"))));
+            }
+        }
+        // Row /b: a reason already admitted keeps its own row, new ones overflow (keeping their
+        // class), and reasons without text from the script are not capped.
+        rec.record(1, failed(Reason::Script("before_request: boom 0".into())));
+        for i in 0..4 {
+            rec.record(1, failed(Reason::Rejected(format!("bad {i}"))));
+            rec.record(1, failed(Reason::ScriptLimit(format!("after_response: limit {i}"))));
+        }
+        rec.record(1, failed(Reason::Status(500)));
+        rec.record(1, failed(Reason::Refused));
+        // Errors outside requests go through the same cap.
+        let hook = Arc::new(RowId::new("HOOK", "scenario"));
+        for i in 0..3 {
+            rec.error(&hook, Reason::Script(format!("scenario: oops {i}")));
+        }
+
+        let s = merged(&mut [&mut rec]);
+        assert_eq!(
+            reasons_of(&s, "/a"),
+            [
+                ("script error: (reasons past --max-names)".to_string(), 4),
+                ("script error: before_request: boom 0".to_string(), 2),
+                ("script error: before_request: boom 1".to_string(), 2),
+                ("script error: before_request: boom 2".to_string(), 2),
+            ]
+        );
+        assert_eq!(
+            reasons_of(&s, "/b"),
+            [
+                ("(reasons past --max-names)".to_string(), 4),
+                ("HTTP 500".to_string(), 1),
+                ("connection refused".to_string(), 1),
+                ("script error: before_request: boom 0".to_string(), 1),
+                ("script limit: (reasons past --max-names)".to_string(), 4),
+            ]
+        );
+        assert_eq!(
+            reasons_of(&s, "scenario"),
+            [("script error: (reasons past --max-names)".to_string(), 3)]
+        );
+        for row in &s.endpoints {
+            let sum: u64 = reasons_of(&s, row.name.as_deref().unwrap()).iter().map(|r| r.1).sum();
+            assert_eq!(sum, row.failures, "{row:?}");
+        }
+        assert_eq!((s.total.requests, s.total.failures), (21, 21));
+        assert_eq!(s.script_errors, 3);
+    }
+
+    #[test]
+    fn long_reasons_and_check_names_are_cut_on_a_character_boundary_and_share_a_row() {
+        let a = Arc::new(RowId::new("GET", "/a"));
+        let mut rec = Recorder::with_cap(std::slice::from_ref(&a), NameCap::new(10));
+        // Two-byte characters: a cut at a byte count would split one.
+        let long = "é".repeat(250);
+        rec.record(0, failed(Reason::Script(format!("after_response: {long} 1"))));
+        rec.record(0, failed(Reason::Script(format!("after_response: {long} 2"))));
+        rec.record(0, failed(Reason::Rejected(format!("{long}x"))));
+        let short = "é".repeat(200);
+        rec.record(0, failed(Reason::Rejected(short.clone())));
+        rec.check(&format!("{long} a"), true);
+        rec.check(&format!("{long} b"), false);
+        rec.check(&short, true);
+
+        let s = merged(&mut [&mut rec]);
+        let cut = |text: &str| format!("{}…", text.chars().take(200).collect::<String>());
+        let mut want = vec![
+            (format!("script error: {}", cut(&format!("after_response: {long}"))), 2),
+            (cut(&long), 1),
+            (short.clone(), 1),
+        ];
+        want.sort();
+        assert_eq!(reasons_of(&s, "/a"), want);
+        let mut checks: Vec<_> = s.checks.iter().map(|c| (c.name.clone(), c.passes, c.fails)).collect();
+        checks.sort();
+        let mut want = vec![(cut(&long), 1, 1), (short, 1, 0)];
+        want.sort();
+        assert_eq!(checks, want);
+    }
+
+    #[test]
+    fn past_the_cap_new_check_names_count_under_one_overflow_check() {
+        let mut rec = Recorder::with_cap(&[], NameCap::new(3));
+        let mut calls = 0;
+        for round in 0..3 {
+            for i in 0..6 {
+                rec.check(&format!("check {i}"), (i + round) % 2 == 0);
+                calls += 1;
+            }
+        }
+        let s = merged(&mut [&mut rec]);
+        let checks: Vec<_> = s.checks.iter().map(|c| (c.name.as_str(), c.passes, c.fails)).collect();
+        assert_eq!(
+            checks,
+            [
+                ("(checks past --max-names)", 4, 5),
+                ("check 0", 2, 1),
+                ("check 1", 1, 2),
+                ("check 2", 2, 1),
+            ]
+        );
+        let counted: u64 = s.checks.iter().map(|c| c.passes + c.fails).sum();
+        assert_eq!(counted, calls);
+    }
+
+    #[test]
+    fn workers_sharing_one_cap_admit_at_most_its_size_of_reasons_and_checks_together() {
+        let a = Arc::new(RowId::new("GET", "/a"));
+        let cap = NameCap::new(2);
+        let mut one = Recorder::with_cap(std::slice::from_ref(&a), cap.clone());
+        let mut two = Recorder::with_cap(std::slice::from_ref(&a), cap);
+        one.record(0, failed(Reason::Rejected("r0".into())));
+        two.record(0, failed(Reason::Rejected("r1".into())));
+        // Full: a third reason overflows in either worker; one the other worker admitted does not.
+        one.record(0, failed(Reason::Rejected("r2".into())));
+        two.record(0, failed(Reason::Rejected("r0".into())));
+        one.record(0, failed(Reason::Rejected("r1".into())));
+        one.check("c0", true);
+        two.check("c1", true);
+        two.check("c2", false);
+        one.check("c1", false);
+        one.check("c3", true);
+
+        // Over several ticks: what a worker admitted stays admitted after a take.
+        let first = merged(&mut [&mut one, &mut two]);
+        two.record(0, failed(Reason::Rejected("r3".into())));
+        two.record(0, failed(Reason::Rejected("r1".into())));
+        let second = merged(&mut [&mut one, &mut two]);
+
+        assert_eq!(
+            reasons_of(&first, "/a"),
+            [
+                ("(reasons past --max-names)".to_string(), 1),
+                ("r0".to_string(), 2),
+                ("r1".to_string(), 2),
+            ]
+        );
+        assert_eq!(
+            reasons_of(&second, "/a"),
+            [("(reasons past --max-names)".to_string(), 1), ("r1".to_string(), 1)]
+        );
+        let checks: Vec<_> = first
+            .checks
+            .iter()
+            .map(|c| (c.name.as_str(), c.passes, c.fails))
+            .collect();
+        assert_eq!(
+            checks,
+            [("(checks past --max-names)", 1, 1), ("c0", 1, 0), ("c1", 1, 1)]
+        );
     }
 }

@@ -863,10 +863,15 @@ fn dead_host_is_counted_not_rejected() {
 
 /// The process's resident memory in KiB, from /proc.
 fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A field of `/proc/PID/status` given in KiB (`VmRSS:`, `VmHWM:`).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -949,6 +954,77 @@ fn endless_and_trickled_bodies_end_at_their_limits_with_flat_memory() {
     let json = read_json(&out);
     assert_eq!(json["failures"][0]["reason"], "request timeout", "{json:#}");
     assert_eq!(json["total"]["failures"], json["total"]["requests"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failure reasons and check names made unique per request stay within --max-names
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn reasons_and_check_names_unique_per_request_keep_memory_flat_over_time() {
+    let target = target();
+    let dir = TempDir::new("unique");
+    let out = dir.path().join("out.json");
+    let out_arg = out.display().to_string();
+    let script = dir.write(
+        "unique.lua",
+        r#"endpoints = { Task("GET", "/hello") }
+           function after_response(u, req, res)
+             check(false, "c " .. uuid())
+             if rand.int(1, 3) == 1 then error("id " .. uuid()) end
+             return false, "bad " .. uuid()
+           end"#,
+    );
+    // The peak resident memory (VmHWM) of a run of `secs`, its requests, its file's size and
+    // what it said on stderr.
+    let run_for = |secs: &str| {
+        let args = run_args(
+            &script,
+            &target.url(),
+            &["-u", "50", "-t", secs, "-q", "--out", &out_arg],
+        );
+        let proc = Proc::spawn(&args);
+        let pid = proc.id();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            while let Some(kib) = status_kib(pid, "VmHWM:") {
+                peak = kib;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        let f = proc.wait(Duration::from_secs(20));
+        let peak = sampler.join().unwrap();
+        assert_eq!(f.code(), Some(0), "{}", f.show());
+        let json = read_json(&out);
+        let requests = json["total"]["requests"].as_u64().unwrap();
+        assert_eq!(
+            json["total"]["failures"].as_u64(),
+            Some(requests),
+            "every request failed"
+        );
+        let size = std::fs::metadata(&out).unwrap().len();
+        (peak, requests, size, f)
+    };
+    let (short_peak, short_requests, _, _) = run_for("2s");
+    let (long_peak, long_requests, long_size, long) = run_for("6s");
+    assert!(
+        long_requests > 2 * short_requests,
+        "the long run sent more: {short_requests} then {long_requests}"
+    );
+    assert!(
+        long_peak <= short_peak + short_peak / 10 + 1024,
+        "peak RSS {short_peak} KiB after 2 s, {long_peak} KiB after 6 s ({short_requests} and {long_requests} requests)"
+    );
+    assert!(long_size < 1 << 20, "--out is {long_size} bytes");
+    for warned in ["distinct failure reasons", "distinct check names"] {
+        assert_eq!(
+            long.stderr.matches(warned).count(),
+            1,
+            "one warning: {warned}\n{}",
+            long.show()
+        );
+    }
 }
 
 #[test]

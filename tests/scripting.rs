@@ -430,6 +430,66 @@ fn past_the_name_cap_new_names_share_one_row() {
 }
 
 #[test]
+fn reasons_and_check_names_made_unique_per_request_stay_within_the_name_cap() {
+    let t = target();
+    let s = run_at(
+        Path::new("unique.lua"),
+        r#"
+        endpoints = { Task("GET", "/hello") }
+        local n = 0
+        function after_response(u, req, res)
+          n = n + 1
+          check(false, "c " .. uuid())
+          if n % 3 == 0 then error("id " .. uuid()) end
+          return false, "bad " .. uuid()
+        end
+        "#,
+        &t.url(),
+        4,
+        3.0,
+        Limits::default(),
+        Overrides {
+            max_names: Some(50),
+            ..Default::default()
+        },
+    );
+    let overflow = stormlight::stats::OVERFLOW_REASON;
+    let own: Vec<_> = s.failures.iter().filter(|f| !f.reason.contains(overflow)).collect();
+    assert!(own.len() <= 50, "{} reasons of their own", own.len());
+    let over: Vec<_> = s.failures.iter().filter(|f| f.reason.contains(overflow)).collect();
+    let classes: Vec<&str> = over.iter().map(|f| f.reason.as_str()).collect();
+    assert_eq!(
+        classes.len(),
+        2,
+        "one overflow reason per class: {classes:?} (and {} more rows)",
+        own.len()
+    );
+    assert!(classes.contains(&overflow), "{classes:?}");
+    assert!(
+        classes.contains(&format!("script error: {overflow}").as_str()),
+        "{classes:?}"
+    );
+    assert!(s.checks.len() <= 51, "{} check names", s.checks.len());
+    let past = s
+        .checks
+        .iter()
+        .find(|c| c.name == stormlight::stats::OVERFLOW_CHECK)
+        .expect("an overflow check");
+    assert!(past.fails > 50, "{past:?}");
+
+    // Every request failed once, counted under one reason; every call to check is counted.
+    let requests = t.counts.requests();
+    assert!(requests > 200, "{requests} requests");
+    assert_eq!(s.total.requests, requests);
+    assert_eq!(s.total.failures, requests);
+    assert_eq!(s.failures.iter().map(|f| f.count).sum::<u64>(), requests);
+    assert_eq!(s.checks.iter().map(|c| c.passes + c.fails).sum::<u64>(), requests);
+    assert_eq!(s.checks.iter().map(|c| c.passes).sum::<u64>(), 0);
+    let json = serde_json::to_vec(&s).unwrap();
+    assert!(json.len() < 1 << 20, "the result is {} bytes", json.len());
+}
+
+#[test]
 fn the_luals_definitions_cover_every_global_the_host_defines() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/types/stormlight.meta.lua");
     let meta = std::fs::read_to_string(&path).expect("scripts/types/stormlight.meta.lua");

@@ -104,7 +104,8 @@ function on_start(user) end
 function before_request(user, req) end
 
 ---After each response: return false, "why" to count it as a failure, true to count a
----status >= 400 as a success.
+---status >= 400 as a success. Keep ids out of "why": past --max-names distinct reasons, new
+---ones share one row.
 ---@param user stormlight.User
 ---@param req stormlight.Req
 ---@param res stormlight.Res
@@ -221,7 +222,8 @@ function http.request(method, path_or_url, opts) end
 ---@param seconds number|string
 function sleep(seconds) end
 
----Counts a pass (value is not false or nil) or a fail under `description`.
+---Counts a pass (value is not false or nil) or a fail under `description`. Keep it fixed: past
+---the --max-names distinct descriptions, new ones count under "(checks past --max-names)".
 ---@param value any
 ---@param description string
 ---@return boolean passed
