@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use mlua::{AnyUserData, Lua, LuaSerdeExt, Table, UserData, UserDataMethods, Value};
 use rand::RngExt;
 
+use crate::files;
+
 /// The feeds of one scenario, by the file they came from.
 #[derive(Debug)]
 pub struct Feeds {
@@ -76,7 +78,11 @@ impl Feeds {
         if let Some(feed) = loaded.get(&path) {
             return Ok(feed.clone());
         }
-        let text = std::fs::read(&path).map_err(|e| format!("cannot read {file:?}: {e}"))?;
+        let cap = match kind {
+            Kind::Csv => files::CSV_FEED_MAX,
+            Kind::Json => files::JSON_FEED_MAX,
+        };
+        let text = files::read(&path, &format!("{file:?}"), cap).map_err(|e| e.to_string())?;
         let rows = match kind {
             Kind::Csv => csv_rows(&text).map_err(|e| format!("{file}: {e}"))?,
             Kind::Json => json_rows(&text).map_err(|e| format!("{file}: {e}"))?,
