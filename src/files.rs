@@ -8,8 +8,9 @@
 //! - Outputs ([`check_writable`] at the start, [`write`] at the end) go to regular files and new
 //!   paths atomically (a temporary file beside the target, then renamed over it), and *into*
 //!   character devices (`/dev/null`, a terminal) and FIFOs (`/dev/stdout` on a pipe,
-//!   `--out >(jq .)`) in place, with a bounded wait for a reader that does not read. Anything
-//!   else (a directory, a block device, a socket) is refused: a rename would replace it.
+//!   `--out >(jq .)`) in place, with a bounded wait for a reader that does not read, and to
+//!   stdout after what it holds when they name the file stdout is redirected to. Anything else
+//!   (a directory, a block device, a socket) is refused: a rename would replace it.
 //!   Symbolic links are followed to decide.
 
 use std::fs::{File, FileType, Metadata, OpenOptions};
@@ -23,7 +24,8 @@ const MIB: u64 = 1 << 20;
 
 /// The largest scenario file read.
 pub const SCENARIO_MAX: u64 = 8 * MIB;
-/// The largest `data.csv` feed read. Its rows are kept as text, about its own size in memory.
+/// The largest `data.csv` feed read. Its fields are kept end to end in one string (1.3 to 4
+/// times the file in memory), so this keeps a feed under about 1 GiB.
 pub const CSV_FEED_MAX: u64 = 256 * MIB;
 /// The largest `data.json` feed read: its items are kept parsed, and a parsed JSON value takes
 /// 6 to 36 times its text in real feeds, up to ~120 times for the worst shape (nested
@@ -230,9 +232,34 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn write_with(path: &Path, bytes: &[u8], stall: Duration) -> Result<()> {
     match Kind::at(path) {
+        Some(Kind::Regular) if is_stdout(path) => {
+            // `--out /dev/stdout > file`: after what the run printed there, not over it.
+            let mut out = std::io::stdout().lock();
+            Ok(out.write_all(bytes).and_then(|()| out.flush())?)
+        }
         None | Some(Kind::Regular) => atomic(&resolve(path), bytes),
         Some(kind) if kind.in_place() => into(path, kind, bytes, stall),
         Some(kind) => bail!("it is {}, not a regular file", kind.name()),
+    }
+}
+
+/// Whether `path` names the file this process's stdout writes to (`/dev/stdout`, or the file
+/// itself, when stdout is redirected to a file).
+fn is_stdout(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let stdout = std::io::stdout().as_fd().try_clone_to_owned().map(File::from);
+        match (std::fs::metadata(path), stdout.and_then(|f| f.metadata())) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
     }
 }
 

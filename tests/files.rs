@@ -102,18 +102,26 @@ fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
 
 /// Runs the binary with `args`; kills it and panics if it is still running after `limit`.
 fn run<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Finished {
+    run_to(args, limit, Stdio::piped())
+}
+
+/// [`run`], with stdout going to `stdout` (`Finished::stdout` is empty unless it is piped).
+fn run_to<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration, stdout: Stdio) -> Finished {
     let what: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
     let started = Instant::now();
     let mut child = Proc(
         Command::new(BIN)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}")),
     );
-    let out = drain(child.0.stdout.take().unwrap());
+    let out = match child.0.stdout.take() {
+        Some(piped) => drain(piped),
+        None => std::thread::spawn(String::new),
+    };
     let err = drain(child.0.stderr.take().unwrap());
     let status = loop {
         match child.0.try_wait().expect("wait for the child") {
@@ -369,4 +377,31 @@ fn a_directory_or_a_socket_as_an_output_is_refused_before_any_traffic() {
     assert_refused(&f, &[&format!("cannot write --out {}: it is a socket", s(&sock))]);
     assert_eq!(target.counts.requests(), 0, "nothing was sent");
     assert!(std::fs::metadata(&sock).unwrap().file_type().is_socket());
+}
+
+#[test]
+fn an_output_naming_stdout_redirected_to_a_file_goes_after_the_summary() {
+    // `--out /proc/self/fd/1` is `--out /dev/stdout` without a link in /dev.
+    let dir = TempDir::new("stdout-file");
+    let log = dir.join("log.txt");
+    let file = std::fs::File::create(&log).unwrap();
+    let f = run_to(
+        &["demo", "-t", "1s", "-u", "1", "-q", "--out", "/proc/self/fd/1"],
+        RUN,
+        Stdio::from(file),
+    );
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let json_at = text.find("\n{").unwrap_or_else(|| panic!("no JSON in stdout:\n{text}"));
+    assert!(
+        text[..json_at].contains("Aggregated"),
+        "the summary comes first:\n{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&text[json_at..]).expect("the rest is the JSON");
+    assert!(json["total"]["requests"].as_u64().unwrap() > 0, "{json}");
+    let names: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["log.txt"], "no temporary file left");
 }
