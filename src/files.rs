@@ -35,7 +35,8 @@ pub const JSON_FEED_MAX: u64 = 16 * MIB;
 pub const SETUP_DATA_MAX: u64 = 16 * MIB;
 /// The largest `--ca-cert`, `--cert` or `--key` PEM file read.
 pub const PEM_MAX: u64 = 4 * MIB;
-/// The largest result file `report` reads (a week of per-second series stays well under it).
+/// The largest result file `report` reads: its series takes about 3 KB a second of run (a
+/// demo's spread of latencies), so this holds some four days.
 pub const RESULT_MAX: u64 = 1024 * MIB;
 
 /// How long a write into a FIFO or a device may make no progress (a reader that does not read)
