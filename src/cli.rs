@@ -207,7 +207,9 @@ pub struct LoadArgs {
     /// network needed to view it.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
-    /// Write the final summary as JSON to FILE.
+    /// Write the final summary as JSON to FILE: atomically (a temporary file, renamed over
+    /// it), or in place into a device such as /dev/null or a FIFO; never over a directory, a
+    /// block device or a socket.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Serve a live dashboard (charts, tables, a Stop button) and Prometheus metrics

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 
+use crate::files;
 use crate::stats::{RowSummary, Summary, decode_histogram, new_histogram};
 
 /// Locust's percentile columns.
@@ -127,25 +128,33 @@ fn stats_row(row: &RowSummary, secs: f64) -> Result<Vec<String>> {
     Ok(fields)
 }
 
-/// Writes the three files.
+/// Writes the three files (each as [`files::write`] does: atomically, or into a device or FIFO).
 pub fn write(prefix: &Path, s: &Summary) -> Result<()> {
-    let [stats_path, history_path, failures_path] = paths(prefix);
-    let [stats_head, history_head, failures_head] = headers();
-    let open = |p: &Path| csv::Writer::from_path(p).with_context(|| format!("cannot write {}", p.display()));
+    for (path, bytes) in paths(prefix).into_iter().zip(render(s)?) {
+        files::write(&path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
 
-    let mut w = open(&stats_path)?;
+/// The three files' contents, in the order of [`paths`].
+pub fn render(s: &Summary) -> Result<[Vec<u8>; 3]> {
+    let [stats_head, history_head, failures_head] = headers();
+    let open = || csv::Writer::from_writer(Vec::new());
+    let done = |w: csv::Writer<Vec<u8>>| w.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()));
+
+    let mut w = open();
     w.write_record(&stats_head)?;
     for row in s.endpoints.iter().chain(std::iter::once(&s.total)) {
         w.write_record(stats_row(row, s.duration_s)?)?;
     }
-    w.flush()?;
+    let stats = done(w)?;
 
     // One row a second for the aggregate, with the totals so far (as Locust's history has).
     let start = humantime::parse_rfc3339(&s.started_at)
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0.0, |d| d.as_secs_f64());
-    let mut w = open(&history_path)?;
+    let mut w = open();
     w.write_record(&history_head)?;
     let (mut so_far, mut requests, mut failures, mut last_t) = (new_histogram(), 0u64, 0u64, 0.0);
     let mut bytes = 0u64;
@@ -189,9 +198,9 @@ pub fn write(prefix: &Path, s: &Summary) -> Result<()> {
         ]);
         w.write_record(&fields)?;
     }
-    w.flush()?;
+    let history = done(w)?;
 
-    let mut w = open(&failures_path)?;
+    let mut w = open();
     w.write_record(&failures_head)?;
     for f in &s.failures {
         w.write_record([
@@ -201,6 +210,5 @@ pub fn write(prefix: &Path, s: &Summary) -> Result<()> {
             &f.count.to_string(),
         ])?;
     }
-    w.flush()?;
-    Ok(())
+    Ok([stats, history, done(w)?])
 }

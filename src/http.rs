@@ -373,7 +373,8 @@ pub fn tls_config(options: &TlsOptions, protocol: Protocol) -> Result<Arc<rustls
     let mut config = match &options.client_cert {
         Some((cert, key)) => {
             let chain = read_certs(cert, "--cert")?;
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+            let pem = crate::files::read(key, &format!("--key {}", key.display()), crate::files::PEM_MAX)?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
                 .with_context(|| format!("--key {}: no PEM private key read", key.display()))?;
             builder
                 .with_client_auth_cert(chain, key)
@@ -388,11 +389,12 @@ pub fn tls_config(options: &TlsOptions, protocol: Protocol) -> Result<Arc<rustls
     Ok(Arc::new(config))
 }
 
-/// The certificates of a PEM file (at least one).
+/// The certificates of a PEM file (at least one; a file of at most [`crate::files::PEM_MAX`]
+/// bytes).
 fn read_certs(path: &std::path::Path, flag: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
-    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("cannot read {flag} {}", path.display()))?
+    let pem = crate::files::read(path, &format!("{flag} {}", path.display()), crate::files::PEM_MAX)?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{flag} {}: not a PEM certificate", path.display()))?;
     if certs.is_empty() {

@@ -11,6 +11,8 @@
 //! - [`runner`]: worker threads, spawn rate, duration, ticks, two-stage stop.
 //! - [`stats`]: per-worker recorders, the merged aggregate, the summary schema.
 //! - [`report`]: live table, final tables, JSON file.
+//! - [`files`]: reading inputs and writing outputs safely (regular files only, size caps,
+//!   devices and FIFOs written in place).
 //! - [`target`]: the built-in HTTP target used by `demo`, by hand and by the tests.
 //! - [`segment`]: `--segment I/N`, `--start-at`, and the checks `report` makes of a set of
 //!   segment files (one test on several machines).
@@ -23,6 +25,7 @@
 pub mod cli;
 pub mod config;
 pub mod csv_out;
+pub mod files;
 pub mod html;
 pub mod http;
 pub mod machine;
@@ -43,7 +46,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use config::{LiveMode, Overrides, RunConfig};
 
@@ -104,15 +107,15 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
         cfg.setup_data = Some(segment::read_setup_data(path, &scenario.fingerprint)?);
     }
     if let Some(out) = &cfg.out {
-        check_writable(out, "--out")?;
+        files::check_writable(out, "--out")?;
     }
     if let Some(prefix) = &cfg.csv {
         for path in csv_out::paths(prefix) {
-            check_writable(&path, "--csv")?;
+            files::check_writable(&path, "--csv")?;
         }
     }
     if let Some(html) = &cfg.html {
-        check_writable(html, "--html")?;
+        files::check_writable(html, "--html")?;
     }
     scenario.limits.time = cfg.script_timeout;
     check_machine(&cfg, &scenario)?;
@@ -146,24 +149,6 @@ fn check_machine(cfg: &RunConfig, scenario: &scenario::Scenario) -> Result<()> {
     if let Some(available) = available {
         scenario::sandbox::set_total_limit(machine::users_share(available) as usize);
     }
-    Ok(())
-}
-
-/// Fails early if `path` cannot be written, so a long run does not end with nowhere to write.
-fn check_writable(path: &Path, flag: &str) -> Result<()> {
-    if path.is_dir() {
-        bail!(
-            "cannot write {flag} {}: it is a directory (give a file name)",
-            path.display()
-        );
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let probe = dir.join(format!(".stormlight-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("cannot write {flag} {}", path.display()))?;
-    let _ = std::fs::remove_file(probe);
     Ok(())
 }
 
@@ -383,7 +368,7 @@ fn print_if_it_sent(summary: &stats::Summary) {
 /// `out`, for `run --setup-data` (setup once for every segment of a test).
 pub async fn setup(script: PathBuf, flags: Overrides, out: PathBuf) -> Result<Exit> {
     let (req, cfg, plan) = prepare_alone(script, flags, "setup()", |h| h.setup)?;
-    check_writable(&out, "--out")?;
+    files::check_writable(&out, "--out")?;
     let fingerprint = plan.scenario.fingerprint.clone();
     let (ran, summary) = runner::run_alone(&cfg, Arc::new(plan), runner::Alone::Setup).await?;
     print_if_it_sent(&summary);

@@ -41,6 +41,12 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             Ok(Exit::Success)
         }
         Command::Report { files, out, html } => {
+            if let Some(out) = &out {
+                stormlight::files::check_writable(out, "--out")?;
+            }
+            if let Some(html) = &html {
+                stormlight::files::check_writable(html, "--html")?;
+            }
             let named: Vec<(String, _)> = files
                 .iter()
                 .map(|f| Ok((f.display().to_string(), stormlight::merge::read(f)?)))

@@ -8,14 +8,15 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 
+use crate::files;
 use crate::stats::{
     CheckSummary, FailureSummary, Latency, RowSummary, SeriesPoint, Summary, decode_histogram, encode_histogram,
     new_histogram,
 };
 
-/// Reads a result file written by `--out`.
+/// Reads a result file written by `--out` (at most [`files::RESULT_MAX`] bytes).
 pub fn read(path: &Path) -> Result<Summary> {
-    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = files::read(path, &path.display().to_string(), files::RESULT_MAX)?;
     serde_json::from_slice(&text).with_context(|| format!("{} is not a stormlight result file", path.display()))
 }
 

@@ -11,6 +11,7 @@ use tabled::settings::object::Columns;
 use tabled::settings::{Alignment, Style};
 
 use crate::config::RunConfig;
+use crate::files;
 use crate::stats::{Aggregate, Latency, RowSummary, Summary};
 
 /// Milliseconds with precision that suits their size.
@@ -193,24 +194,16 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes the summary as JSON, atomically: to a temporary file beside it, then renamed.
+/// Writes the summary as JSON (see [`write_file`]).
 pub fn write_json(path: &Path, s: &Summary) -> Result<()> {
     let json = serde_json::to_vec_pretty(s).context("cannot encode the summary")?;
     write_file(path, &json)
 }
 
-/// Writes `bytes` to `path` atomically: to a temporary file beside it, then renamed.
-pub fn write_file(path: &Path, json: &[u8]) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
-        std::process::id()
-    ));
-    let written = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.with_context(|| format!("cannot write the summary to {}", path.display()))
+/// Writes `bytes` to `path`: atomically to a regular file or a new path (a temporary file
+/// beside it, then renamed), in place into a character device or a FIFO (see [`files::write`]).
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    files::write(path, bytes).with_context(|| format!("cannot write the summary to {}", path.display()))
 }
 
 /// The live view on stderr.

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::files;
 use crate::stats::Summary;
 
 /// `--segment I/N`: this process is share `index` (0-based) of `count`.
@@ -116,7 +117,7 @@ pub fn fingerprint(source: &str) -> String {
 /// Reads `--setup-data FILE` (written by `stormlight setup --out FILE`) for the scenario with
 /// this fingerprint.
 pub fn read_setup_data(path: &Path, fingerprint: &str) -> Result<serde_json::Value> {
-    let text = std::fs::read(path).with_context(|| format!("--setup-data: cannot read {}", path.display()))?;
+    let text = files::read(path, &format!("--setup-data {}", path.display()), files::SETUP_DATA_MAX)?;
     let file: SetupFile = serde_json::from_slice(&text).with_context(|| {
         format!(
             "--setup-data: {} is not a file written by `stormlight setup`",

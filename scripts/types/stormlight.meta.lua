@@ -293,12 +293,12 @@ function Feed:for_user(user) end
 
 data = {}
 
----A CSV file with a header line, beside the scenario.
+---A CSV file with a header line, beside the scenario (a regular file, at most 256 MiB).
 ---@param file string
 ---@return stormlight.Feed
 function data.csv(file) end
 
----A JSON file holding an array, beside the scenario.
+---A JSON file holding an array, beside the scenario (a regular file, at most 16 MiB).
 ---@param file string
 ---@return stormlight.Feed
 function data.json(file) end

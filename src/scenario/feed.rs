@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use mlua::{AnyUserData, Lua, LuaSerdeExt, Table, UserData, UserDataMethods, Value};
 use rand::RngExt;
 
+use crate::files;
+
 /// The feeds of one scenario, by the file they came from.
 #[derive(Debug)]
 pub struct Feeds {
@@ -26,10 +28,14 @@ pub struct Feed {
 
 #[derive(Debug)]
 enum Rows {
-    /// A header line, then rows of as many fields.
+    /// A header line, then rows of as many fields. The fields are kept end to end in one
+    /// string, with where each ends (field `k` of row `r` is number `r * columns + k`): about the
+    /// file's own size, where a `String` per field would take 10 to 80 times it.
     Csv {
         columns: Vec<String>,
-        rows: Vec<Vec<String>>,
+        rows: usize,
+        text: String,
+        ends: Vec<u32>,
     },
     /// The items of a JSON array.
     Json(Vec<serde_json::Value>),
@@ -76,7 +82,11 @@ impl Feeds {
         if let Some(feed) = loaded.get(&path) {
             return Ok(feed.clone());
         }
-        let text = std::fs::read(&path).map_err(|e| format!("cannot read {file:?}: {e}"))?;
+        let cap = match kind {
+            Kind::Csv => files::CSV_FEED_MAX,
+            Kind::Json => files::JSON_FEED_MAX,
+        };
+        let text = files::read(&path, &format!("{file:?}"), cap).map_err(|e| e.to_string())?;
         let rows = match kind {
             Kind::Csv => csv_rows(&text).map_err(|e| format!("{file}: {e}"))?,
             Kind::Json => json_rows(&text).map_err(|e| format!("{file}: {e}"))?,
@@ -90,23 +100,39 @@ impl Feeds {
     }
 }
 
-fn csv_rows(text: &[u8]) -> Result<Rows, String> {
-    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(text);
+fn csv_rows(bytes: &[u8]) -> Result<Rows, String> {
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(bytes);
     let columns: Vec<String> = reader
         .headers()
         .map_err(|e| format!("bad CSV header: {e}"))?
         .iter()
         .map(str::to_string)
         .collect();
-    let mut rows = Vec::new();
-    for (i, record) in reader.records().enumerate() {
-        let record = record.map_err(|e| format!("row {}: {e}", i + 1))?;
-        rows.push(record.iter().map(str::to_string).collect());
+    let (mut rows, mut text, mut ends) = (0, String::new(), Vec::new());
+    let mut record = csv::StringRecord::new();
+    // The reader refuses a row with more or fewer fields than the header.
+    while reader
+        .read_record(&mut record)
+        .map_err(|e| format!("row {}: {e}", rows + 1))?
+    {
+        for field in &record {
+            text.push_str(field);
+            // The file is capped well under 4 GiB, so every offset fits.
+            ends.push(u32::try_from(text.len()).map_err(|_| "too large".to_string())?);
+        }
+        rows += 1;
     }
-    if rows.is_empty() {
+    if rows == 0 {
         return Err("no rows under the header".into());
     }
-    Ok(Rows::Csv { columns, rows })
+    text.shrink_to_fit();
+    ends.shrink_to_fit();
+    Ok(Rows::Csv {
+        columns,
+        rows,
+        text,
+        ends,
+    })
 }
 
 fn json_rows(text: &[u8]) -> Result<Rows, String> {
@@ -120,7 +146,7 @@ fn json_rows(text: &[u8]) -> Result<Rows, String> {
 impl Feed {
     fn len(&self) -> usize {
         match &self.rows {
-            Rows::Csv { rows, .. } => rows.len(),
+            Rows::Csv { rows, .. } => *rows,
             Rows::Json(items) => items.len(),
         }
     }
@@ -128,10 +154,16 @@ impl Feed {
     /// Row `i` (1-based) as a Lua value: a table by column name for CSV, the item for JSON.
     fn row(&self, lua: &Lua, i: usize) -> mlua::Result<Value> {
         match &self.rows {
-            Rows::Csv { columns, rows } => {
+            Rows::Csv {
+                columns, text, ends, ..
+            } => {
                 let t = lua.create_table_with_capacity(0, columns.len())?;
-                for (column, field) in columns.iter().zip(&rows[i - 1]) {
-                    t.raw_set(column.as_str(), field.as_str())?;
+                let first = (i - 1) * columns.len();
+                let mut start = first.checked_sub(1).map_or(0, |k| ends[k] as usize);
+                for (column, end) in columns.iter().zip(&ends[first..first + columns.len()]) {
+                    let end = *end as usize;
+                    t.raw_set(column.as_str(), &text[start..end])?;
+                    start = end;
                 }
                 Ok(Value::Table(t))
             }
@@ -212,6 +244,29 @@ mod tests {
             Arc::ptr_eq(&users, &feeds.get("./users.csv", Kind::Csv).unwrap()),
             "read once"
         );
+        let lua = Lua::new();
+        let row = |feed: &Feed, i: usize| -> Vec<(String, String)> {
+            let t = match feed.row(&lua, i).unwrap() {
+                Value::Table(t) => t,
+                other => panic!("row {i} is {other:?}"),
+            };
+            let mut pairs: Vec<(String, String)> = t.pairs().map(|p| p.unwrap()).collect();
+            pairs.sort();
+            pairs
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(row(&users, 1), [pair("name", "ann"), pair("password", "a1")]);
+        assert_eq!(row(&users, 2), [pair("name", "bob"), pair("password", "b2")]);
+        std::fs::write(dir.join("gaps.csv"), "a,b,c\n,x,\n\u{e9}t\u{e9},,z\n").unwrap();
+        let gaps = feeds.get("gaps.csv", Kind::Csv).unwrap();
+        assert_eq!(row(&gaps, 1), [pair("a", ""), pair("b", "x"), pair("c", "")]);
+        assert_eq!(
+            row(&gaps, 2),
+            [pair("a", "\u{e9}t\u{e9}"), pair("b", ""), pair("c", "z")]
+        );
+        std::fs::write(dir.join("short.csv"), "a,b\n1,2\n3\n").unwrap();
+        let err = feeds.get("short.csv", Kind::Csv).unwrap_err();
+        assert!(err.contains("row 2"), "{err}");
         assert_eq!(feeds.get("items.json", Kind::Json).unwrap().len(), 2);
         let outside = feeds.get("../stormlight-feeds-x/users.csv", Kind::Csv);
         assert!(outside.is_err());

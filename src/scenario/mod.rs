@@ -23,6 +23,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use mlua::{Function, Lua, Table, Value};
 
 use crate::config::{Overrides, parse_duration};
+use crate::files;
 use api::{RequestSpec, TaskLines};
 use sandbox::{Limits, Sandbox};
 
@@ -88,14 +89,17 @@ pub struct Scenario {
     pub fingerprint: String,
 }
 
-/// Loads and validates a scenario file. Nothing is sent.
+/// Loads and validates a scenario file (a regular file of at most [`files::SCENARIO_MAX`]
+/// bytes). Nothing is sent.
 pub fn load(path: &Path) -> Result<Scenario> {
     load_with(path, Limits::default())
 }
 
 /// [`load`], the scenario's states held to `limits`.
 pub fn load_with(path: &Path, limits: Limits) -> Result<Scenario> {
-    let source = std::fs::read_to_string(path).with_context(|| format!("cannot read scenario {}", path.display()))?;
+    let label = format!("scenario {}", path.display());
+    let source = String::from_utf8(files::read(path, &label, files::SCENARIO_MAX)?)
+        .map_err(|_| anyhow!("cannot read {label}: it is not UTF-8 text"))?;
     load_source(path, &source, limits)
 }
 
