@@ -212,6 +212,11 @@ pub struct LoadArgs {
     /// With --web: keep serving the dashboard and /metrics after the run, until Ctrl-C.
     #[arg(long, requires = "web")]
     pub linger: bool,
+    /// With --web: ask for HTTP Basic credentials USER:PASS on every route (the page, its
+    /// events, /metrics, Stop). Also from the environment variable STORMLIGHT_WEB_AUTH, which
+    /// keeps the password out of `ps`; the flag wins.
+    #[arg(long, value_name = "USER:PASS")]
+    pub web_auth: Option<String>,
     /// Run share I (0 to N-1) of a test split over N processes or machines: users, their
     /// spawn schedule, stages and the arrival rate are dealt out so the shares add up to the
     /// whole; `user.id` stays unique. See "Running on many machines" in the README.
@@ -334,6 +339,11 @@ impl LoadArgs {
             html: self.html.clone(),
             web: self.web,
             linger: self.linger,
+            web_auth: self.web_auth.clone().or_else(|| {
+                // The environment's credentials serve a --web run; elsewhere they are not asked for.
+                let from_env = std::env::var("STORMLIGHT_WEB_AUTH").ok().filter(|v| !v.is_empty());
+                self.web.and(from_env)
+            }),
             segment: self.segment,
             start_at: self.start_at,
             setup_data: self.setup_data.clone(),
