@@ -534,7 +534,11 @@ const DASH_SCRIPT: &str = r#"
 const $ = (id) => document.getElementById(id);
 const clock = (s) => { s = Math.floor(s); return Math.floor(s / 60) + ':' + String(s % 60).padStart(2, '0'); };
 let over = false;
-const events = new EventSource('events');
+// The page's own address without a user and password: a page opened as
+// http://user:pass@host/ may not fetch a URL that carries them (the browser sends the
+// credentials it was given by itself).
+const base = location.origin + location.pathname.replace(/[^/]*$/, '');
+const events = new EventSource(base + 'events');
 events.onmessage = (e) => {
   const d = JSON.parse(e.data);
   if (d.title) { $('title').textContent = 'stormlight: ' + d.title; document.title = 'stormlight (' + d.phase + '): ' + d.title; }
@@ -562,7 +566,7 @@ $('stop').onclick = () => {
   $('stop').disabled = true;
   $('phase').textContent = 'stopping';
   $('phase').className = 'phase stopping';
-  fetch('stop', { method: 'POST', headers: { 'X-Stormlight': 'stop' } });
+  fetch(base + 'stop', { method: 'POST', headers: { 'X-Stormlight': 'stop' } });
 };
 "#;
 

@@ -358,7 +358,10 @@ struct Browser {
 
 impl Browser {
     fn open(driver: SocketAddr) -> Browser {
-        let profile = temp_dir("chromium-profile");
+        // One profile per browser: two at once may not share one.
+        static OPENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = OPENED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let profile = temp_dir(&format!("chromium-profile-{n}"));
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -772,5 +775,47 @@ fn a_dashboard_beyond_loopback_is_warned_about_before_the_run() {
             None => assert!(warning.is_none(), "{stderr}"),
         }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_dashboard_behind_web_auth_works_in_headless_chromium() {
+    let Some((mut driver, driver_addr)) = chromedriver() else {
+        return;
+    };
+    let t = common::target();
+    let dir = temp_dir("dashboard-auth");
+    let script = scenario(&dir);
+    let out = dir.join("out.json");
+    let mut run = Run::web_run(&script, &t, &out, &["-u", "2", "--web-auth", "prom:pw"]);
+    let browser = Browser::open(driver_addr);
+    // The credentials in the address, as a user may type them (or answer the browser's prompt).
+    browser.cmd("POST", "/url", json!({"url": format!("http://prom:pw@{}/", run.web)}));
+    let requests = "const b = document.querySelector('.cards b'); return b ? Number(b.textContent) : 0;";
+    assert!(browser.until(requests, Duration::from_secs(15)).as_f64().unwrap() > 0.0);
+    let stop = browser.cmd("POST", "/element", json!({"using": "css selector", "value": "#stop"}));
+    let id = stop
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    browser.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    assert_eq!(
+        run.wait(Duration::from_secs(20)),
+        Some(130),
+        "the page's Stop reaches the run through --web-auth"
+    );
+    let phase = browser.until(
+        "const p = document.getElementById('phase').textContent; return p === 'stopped' ? p : '';",
+        Duration::from_secs(5),
+    );
+    assert_eq!(phase, "stopped");
+    drop(browser);
+    let _ = driver.kill();
+    let _ = driver.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }
