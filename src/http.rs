@@ -138,7 +138,10 @@ fn take_credentials(url: &mut Url) -> Option<HeaderValue> {
     let _ = url.set_username("");
     let _ = url.set_password(None);
     let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair));
-    HeaderValue::from_str(&value).ok()
+    let mut value = HeaderValue::from_str(&value).ok()?;
+    // Never shown by Debug, never indexed by HTTP/2's header compression.
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// Where `url` connects: scheme, host (without IPv6 brackets) and port.
