@@ -47,10 +47,10 @@ impl WebAuth {
     /// repeat the value: it holds a password.
     pub fn parse(text: &str) -> Result<Self> {
         let Some((user, password)) = text.split_once(':') else {
-            anyhow::bail!("--web-auth: expected USER:PASS (the user, a colon, the password)");
+            anyhow::bail!("--web-auth (or STORMLIGHT_WEB_AUTH): expected USER:PASS (the user, a colon, the password)");
         };
         if password.is_empty() {
-            anyhow::bail!("--web-auth: the password is empty (expected USER:PASS)");
+            anyhow::bail!("--web-auth (or STORMLIGHT_WEB_AUTH): the password is empty (expected USER:PASS)");
         }
         Ok(Self {
             user: user.to_string(),
