@@ -82,7 +82,7 @@ pub enum Command {
     },
     /// Run the built-in target alone, for trying scenarios by hand.
     #[command(
-        after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\nGET /__stats (requests received), /__down?ms=N (refuse connections for N ms),\n/__stall?ms=N (hold every answer for N ms),\n/fault/... (resets, trickles, hangs, huge or endless bodies, a bad status line,\nredirect chains; see the README).\nLogin flows: POST /login {\"user\": NAME} gives a token and a session cookie; /account and\nPOST /orders need both (else 401)."
+        after_help = "Example:\n  stormlight target --port 8000\n  # then: stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -t 10s\n\nRoutes: GET /hello, POST /api/upload (echoes JSON), GET /items/ID, /slow?ms=N,\n/stall?ms=N (headers now, body after N ms), /status/N, /reset (TCP reset),\n/auth?user=U&pass=P (200 with that Basic auth, else 401), /redirect?to=URL (a 302),\nGET /__stats (requests received), /__down?ms=N (refuse connections for N ms),\n/__stall?ms=N (hold every answer for N ms),\n/fault/... (resets, trickles, hangs, huge or endless bodies, a bad status line,\nredirect chains; see the README).\nLogin flows: POST /login {\"user\": NAME} gives a token and a session cookie; /account and\nPOST /orders need both (else 401)."
     )]
     Target {
         /// Port to listen on (0: any free port).
@@ -109,7 +109,8 @@ pub enum Command {
 pub struct RunArgs {
     /// The scenario file (Lua).
     pub script: PathBuf,
-    /// Base URL the endpoints' paths are joined to (wins over the scenario's `host`).
+    /// Base URL the endpoints' paths are joined to (wins over the scenario's `host`). A user and
+    /// password in it (http://user:pass@host) are sent as Basic auth, and shown as user:***.
     #[arg(long, value_name = "URL")]
     pub host: Option<String>,
     #[command(flatten)]
@@ -214,12 +215,18 @@ pub struct LoadArgs {
     pub out: Option<PathBuf>,
     /// Serve a live dashboard (charts, tables, a Stop button) and Prometheus metrics
     /// (/metrics) while the test runs, at 127.0.0.1:8089, or at --web=ADDR (IP:PORT, or PORT
-    /// on 127.0.0.1; note the `=`).
+    /// on 127.0.0.1; note the `=`). Beyond loopback anyone who can reach it can read it and
+    /// press Stop: see --web-auth.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, require_equals = true, default_missing_value = "127.0.0.1:8089", value_parser = web_addr)]
     pub web: Option<std::net::SocketAddr>,
     /// With --web: keep serving the dashboard and /metrics after the run, until Ctrl-C.
     #[arg(long, requires = "web")]
     pub linger: bool,
+    /// With --web: ask for HTTP Basic credentials USER:PASS on every route (the page, its
+    /// events, /metrics, Stop). Also from the environment variable STORMLIGHT_WEB_AUTH, which
+    /// keeps the password out of `ps`; the flag wins.
+    #[arg(long, value_name = "USER:PASS")]
+    pub web_auth: Option<String>,
     /// Run share I (0 to N-1) of a test split over N processes or machines: users, their
     /// spawn schedule, stages and the arrival rate are dealt out so the shares add up to the
     /// whole; `user.id` stays unique. See "Running on many machines" in the README.
@@ -243,7 +250,8 @@ pub struct LoadArgs {
 pub struct AloneArgs {
     /// The scenario file (Lua).
     pub script: PathBuf,
-    /// Base URL for paths (overrides the scenario's `host`).
+    /// Base URL for paths (overrides the scenario's `host`); a user:pass@ in it is sent as
+    /// Basic auth.
     #[arg(long, value_name = "URL")]
     pub host: Option<String>,
     /// Request timeout; teardown() may take this long too.
@@ -343,6 +351,11 @@ impl LoadArgs {
             html: self.html.clone(),
             web: self.web,
             linger: self.linger,
+            web_auth: self.web_auth.clone().or_else(|| {
+                // The environment's credentials serve a --web run; elsewhere they are not asked for.
+                let from_env = std::env::var("STORMLIGHT_WEB_AUTH").ok().filter(|v| !v.is_empty());
+                self.web.and(from_env)
+            }),
             segment: self.segment,
             start_at: self.start_at,
             setup_data: self.setup_data.clone(),

@@ -59,6 +59,8 @@ pub struct Overrides {
     pub web: Option<std::net::SocketAddr>,
     /// `--linger`: keep serving `--web` after the run, until Ctrl-C.
     pub linger: bool,
+    /// `--web-auth USER:PASS` (or `STORMLIGHT_WEB_AUTH`): HTTP Basic on every route of `--web`.
+    pub web_auth: Option<String>,
     /// `--segment I/N`: this process's share of a test split over N processes.
     pub segment: Option<crate::segment::Segment>,
     /// `--start-at`: wait until then to start.
@@ -119,6 +121,8 @@ pub struct RunConfig {
     pub web: Option<std::net::SocketAddr>,
     /// Keep serving them after the run, until Ctrl-C.
     pub linger: bool,
+    /// The credentials the dashboard asks for.
+    pub web_auth: Option<crate::web::WebAuth>,
     /// This process's share of the test (`users` is then the share; `spawn_rate`, `rate`
     /// and the stages stay the whole test's, see `segment`).
     pub segment: Option<crate::segment::Segment>,
@@ -298,6 +302,13 @@ impl RunConfig {
         if cli.tls.insecure && cli.tls.ca_cert.is_some() {
             bail!("give --insecure or --ca-cert, not both");
         }
+        let web_auth = match &cli.web_auth {
+            Some(_) if cli.web.is_none() => {
+                bail!("--web-auth protects the dashboard: give it with --web")
+            }
+            Some(text) => Some(crate::web::WebAuth::parse(text)?),
+            None => None,
+        };
         let protocol = cli.protocol.unwrap_or_default();
         let tls = crate::http::tls_config(&cli.tls, protocol)?;
         if let Some(at) = cli.start_at {
@@ -343,6 +354,7 @@ impl RunConfig {
             html: cli.html.clone(),
             web: cli.web,
             linger: cli.linger,
+            web_auth,
             segment,
             whole_users: whole,
             start_at: cli.start_at,
@@ -356,6 +368,13 @@ impl RunConfig {
     /// Whether the run is an open model (`--rate`, or stages of rates).
     pub fn open(&self) -> bool {
         self.rate.is_some() || self.rate_stages.is_some()
+    }
+
+    /// The host as the run header and the result files show it: no trailing `/`, and its
+    /// password hidden.
+    pub fn shown_host(&self) -> Option<String> {
+        let host = self.host.as_ref()?;
+        Some(crate::http::redact(host.as_str().trim_end_matches('/')).into_owned())
     }
 }
 
@@ -384,20 +403,22 @@ pub fn describe_load(cfg: &RunConfig) -> String {
     }
 }
 
-/// Parses and checks a host URL: http or https, with a host name.
+/// Parses and checks a host URL: http or https, with a host name. Messages show it with its
+/// password hidden.
 pub fn parse_host(s: &str) -> Result<Url> {
+    let shown = crate::http::redact_input(s);
     if !s.contains("://") {
-        bail!("bad host URL {s:?}: it needs a scheme, e.g. http://{s}");
+        bail!("bad host URL {shown:?}: it needs a scheme, e.g. http://{shown}");
     }
-    let url = Url::parse(s).with_context(|| format!("bad host URL {s:?}: expected e.g. http://127.0.0.1:8080"))?;
+    let url = Url::parse(s).with_context(|| format!("bad host URL {shown:?}: expected e.g. http://127.0.0.1:8080"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        bail!("bad host URL {s:?}: the scheme must be http or https");
+        bail!("bad host URL {shown:?}: the scheme must be http or https");
     }
     if url.host_str().is_none_or(str::is_empty) {
-        bail!("bad host URL {s:?}: it has no host");
+        bail!("bad host URL {shown:?}: it has no host");
     }
     if url.query().is_some() || url.fragment().is_some() {
-        bail!("bad host URL {s:?}: put queries in the endpoints, not the host");
+        bail!("bad host URL {shown:?}: put queries in the endpoints, not the host");
     }
     Ok(url)
 }
@@ -577,5 +598,44 @@ mod tests {
             })
             .is_ok()
         );
+    }
+
+    #[test]
+    fn host_creds_are_hidden_in_errors_and_in_the_shown_host() {
+        for host in [
+            "ada:s3cret@127.0.0.1:8000",
+            "ftp://ada:s3cret@x",
+            "http://ada:s3cret@h/?q=1",
+            "http://ada:s3cret@h:99999",
+        ] {
+            let e = format!("{:#}", parse_host(host).unwrap_err());
+            assert!(e.contains("ada:***@") && !e.contains("s3cret"), "{e}");
+        }
+        let cli = Overrides {
+            host: Some("http://ada:s3cret@127.0.0.1:8000/api/".into()),
+            ..Default::default()
+        };
+        let cfg = RunConfig::resolve("x.lua".into(), &cli, &Overrides::default(), None, LiveMode::Off).unwrap();
+        assert_eq!(cfg.shown_host().as_deref(), Some("http://ada:***@127.0.0.1:8000/api"));
+    }
+
+    #[test]
+    fn web_auth_needs_web_and_a_user_colon_password() {
+        let web = Some("127.0.0.1:0".parse().unwrap());
+        let with = |web, auth: &str| {
+            let cli = Overrides {
+                web,
+                web_auth: Some(auth.into()),
+                ..Default::default()
+            };
+            RunConfig::resolve("x.lua".into(), &cli, &Overrides::default(), None, LiveMode::Off)
+        };
+        assert_eq!(with(web, "prom:pw").unwrap().web_auth.unwrap().user(), "prom");
+        let e = format!("{:#}", with(None, "prom:pw").unwrap_err());
+        assert!(e.contains("--web-auth") && e.contains("--web"), "{e}");
+        for bad in ["prompw", "prom:"] {
+            let e = format!("{:#}", with(web, bad).unwrap_err());
+            assert!(e.contains("USER:PASS") && !e.contains("prompw"), "{e}");
+        }
     }
 }

@@ -12,7 +12,12 @@
 //! own HTTP/1.1 connection API 8.0 µs (a third of it building response `HeaderMap`s and
 //! dispatching between tasks); this engine: see the README's "Performance".
 //! TLS is rustls (ring provider) with one `ClientConfig` shared by every connection.
+//!
+//! Credentials in a URL (`http://user:pass@host/`) become a Basic `Authorization` header when
+//! the request is prepared, as curl and k6 do; the URL on the wire never carries them, and
+//! [`redact`] hides the password wherever a URL is shown.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -23,7 +28,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::Full;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use hyper::header::{
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT,
+};
 use hyper::{Method, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -61,14 +68,103 @@ pub struct Prepared {
     body: Bytes,
     /// The absolute URI HTTP/2 needs (`:scheme`, `:authority`, `:path`).
     h2_uri: Uri,
-    /// The same, parsed once: cookies are matched against it and redirects resolved from it.
+    /// The same, parsed once (without its userinfo): cookies are matched against it and
+    /// redirects resolved from it.
     url: Arc<Url>,
+    /// `Basic ...` from the URL's userinfo (or the host's), sent unless the scenario sets its
+    /// own `Authorization`.
+    credentials: Option<HeaderValue>,
+}
+
+/// `text` with the password of every URL in it hidden: `http://user:***@host/` (a user alone
+/// stays `user@`). Every URL stormlight prints or writes goes through here: row names, the run
+/// header, result files, `/metrics`, error messages.
+///
+/// A URL's authority runs from `://` to the first `/`, `\`, `?`, `#` or white space (as the URL
+/// standard reads it), and its userinfo is what comes before the last `@` in it.
+pub fn redact(text: &str) -> Cow<'_, str> {
+    if !text.contains("://") || !text.contains('@') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (before, after) = rest.split_at(i + 3);
+        out.push_str(before);
+        let end = after
+            .find(|c: char| matches!(c, '/' | '\\' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+/// What the user gave as a URL, for an error message about it: [`redact`]ed, also when it lacks
+/// its scheme (`user:pass@host:8000` shows as `user:***@host:8000`).
+pub fn redact_input(s: &str) -> String {
+    if s.contains("://") {
+        return redact(s).into_owned();
+    }
+    let with_scheme = format!("x://{s}");
+    redact(&with_scheme)["x://".len()..].to_string()
+}
+
+/// Takes the userinfo out of `url` and returns it as a Basic `Authorization` value: user and
+/// password percent-decoded, `Basic base64(user:password)` (`user:` without a password).
+fn take_credentials(url: &mut Url) -> Option<HeaderValue> {
+    use base64::Engine as _;
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let mut pair: Vec<u8> = percent_encoding::percent_decode_str(url.username()).collect();
+    pair.push(b':');
+    pair.extend(percent_encoding::percent_decode_str(url.password().unwrap_or("")));
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair));
+    let mut value = HeaderValue::from_str(&value).ok()?;
+    // Never shown by Debug, never indexed by HTTP/2's header compression.
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// Where `url` connects: scheme, host (without IPv6 brackets) and port.
+fn origin_of(url: &Url) -> Result<Origin> {
+    let https = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        other => bail!("unsupported scheme {other:?} in {}", redact(url.as_str())),
+    };
+    let host = url.host_str().context("URL without a host")?;
+    let port = url.port_or_known_default().context("URL without a port")?;
+    Ok(Origin {
+        https,
+        // `[::1]` comes back from url with brackets; sockets want the bare address.
+        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        port,
+    })
 }
 
 /// The URL a request goes to: `host` + path (+ query), or its absolute `url` (+ query).
 pub fn request_url(host: Option<&Url>, spec: &RequestSpec) -> Result<Url> {
     let mut url = match &spec.target {
-        Target::Url(u) => Url::parse(u).with_context(|| format!("bad url {u:?}"))?,
+        Target::Url(u) => Url::parse(u).with_context(|| format!("bad url {:?}", redact_input(u)))?,
         Target::Path(p) => {
             let host = host.context("no host: pass --host URL or set `host` in the scenario")?;
             // Join by text, as Locust does, so a host with a base path keeps it.
@@ -86,15 +182,17 @@ static USER_AGENT_VALUE: HeaderValue = HeaderValue::from_static(concat!("stormli
 
 impl Prepared {
     /// Builds the request once: URL parsed, headers checked, body encoded, bytes laid out.
+    /// Credentials in the URL (or in the host it is joined to) become its `Authorization`.
     pub fn new(host: Option<&Url>, spec: &RequestSpec) -> Result<Self> {
-        let url = request_url(host, spec)?;
-        let https = match url.scheme() {
-            "http" => false,
-            "https" => true,
-            other => bail!("unsupported scheme {other:?} in {url}"),
-        };
-        let host_str = url.host_str().context("URL without a host")?.to_string();
-        let port = url.port_or_known_default().context("URL without a port")?;
+        Self::at(request_url(host, spec)?, spec.clone(), None)
+    }
+
+    /// The request `spec` describes, sent to `url`; `inherited` credentials apply when the URL
+    /// carries none of its own (a redirect within the origin).
+    fn at(mut url: Url, spec: RequestSpec, inherited: Option<HeaderValue>) -> Result<Self> {
+        let credentials = take_credentials(&mut url).or(inherited);
+        let origin = Arc::new(origin_of(&url)?);
+        let host_str = url.host_str().context("URL without a host")?;
         let mut target = url.path().to_string();
         if let Some(q) = url.query() {
             target.push('?');
@@ -105,16 +203,9 @@ impl Prepared {
             .with_context(|| format!("bad request target {target:?}"))?;
         let authority = match url.port() {
             Some(p) => format!("{host_str}:{p}"),
-            None => host_str.clone(),
+            None => host_str.to_string(),
         };
         let host_header = HeaderValue::from_str(&authority).context("bad host header")?;
-        // `[::1]` comes back from url with brackets; sockets want the bare address.
-        let host_str = host_str.trim_start_matches('[').trim_end_matches(']').to_string();
-        let origin = Arc::new(Origin {
-            https,
-            host: host_str,
-            port,
-        });
         let scheme = if origin.https { "https" } else { "http" };
         let h2_uri = format!("{scheme}://{authority}{target}")
             .parse()
@@ -124,7 +215,8 @@ impl Prepared {
             Arc::from(target),
             host_header,
             (h2_uri, Arc::new(url)),
-            spec.clone(),
+            spec,
+            credentials,
         ))
     }
 
@@ -137,6 +229,7 @@ impl Prepared {
             self.host_header.clone(),
             (self.h2_uri.clone(), self.url.clone()),
             spec,
+            self.credentials.clone(),
         )
     }
 
@@ -151,6 +244,21 @@ impl Prepared {
     /// This request with header lines added (headers it does not send already): its bytes
     /// with the lines spliced in before the blank line, not a rebuild.
     pub fn with_headers_added(&self, added: Vec<(HeaderName, HeaderValue)>) -> Self {
+        if self.sends_credentials() && added.iter().any(|(n, _)| n == AUTHORIZATION) {
+            // A hook's own `Authorization` replaces the URL's credentials: laid out again.
+            let mut headers = self.scenario_headers();
+            headers.extend(added);
+            return self.with_spec(RequestSpec {
+                method: self.method.clone(),
+                target: Target::Path(String::new()),
+                headers,
+                query: Vec::new(),
+                body: Some(self.body.clone()),
+                name: String::new(),
+                weight: 1,
+                timeout: self.timeout,
+            });
+        }
         let head_end = self.wire.len() - self.body.len() - 2;
         let extra: usize = added.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
         let mut wire = Vec::with_capacity(self.wire.len() + extra);
@@ -182,7 +290,14 @@ impl Prepared {
             body: self.body.clone(),
             h2_uri: self.h2_uri.clone(),
             url: self.url.clone(),
+            credentials: self.credentials.clone(),
         }
+    }
+
+    /// Whether the URL's credentials go out as this request's `Authorization` (the scenario
+    /// sets none of its own).
+    fn sends_credentials(&self) -> bool {
+        self.credentials.is_some() && !self.sets(&AUTHORIZATION)
     }
 
     /// The scenario's headers with those a hook added (HTTP/2 and redirects only: HTTP/1.1
@@ -201,14 +316,20 @@ impl Prepared {
     }
 
     /// The request a redirect to `location` asks for: GET without a body after 303, and after
-    /// 301/302 to a POST (as browsers do); the same method and body otherwise.
+    /// 301/302 to a POST (as browsers do); the same method and body otherwise. Credentials (the
+    /// URL's, or an `Authorization` header the scenario set) go along within the same origin
+    /// only, as curl and browsers do.
     fn redirected(&self, status: u16, location: &str) -> Option<Self> {
         let there = self.url.join(location).ok()?;
+        let same_origin = origin_of(&there).is_ok_and(|o| o == *self.origin);
         let to_get = status == 303 || (matches!(status, 301 | 302) && self.method == Method::POST);
         let mut headers = self.scenario_headers();
         headers.remove(HOST);
         if to_get {
             headers.remove(CONTENT_TYPE);
+        }
+        if !same_origin {
+            headers.remove(AUTHORIZATION);
         }
         let spec = RequestSpec {
             method: if to_get { Method::GET } else { self.method.clone() },
@@ -224,7 +345,8 @@ impl Prepared {
             weight: 1,
             timeout: self.timeout,
         };
-        Prepared::new(None, &spec).ok()
+        let credentials = self.credentials.clone().filter(|_| same_origin);
+        Prepared::at(there, spec, credentials).ok()
     }
 
     fn assemble(
@@ -233,6 +355,7 @@ impl Prepared {
         host_header: HeaderValue,
         (h2_uri, url): (Uri, Arc<Url>),
         spec: RequestSpec,
+        credentials: Option<HeaderValue>,
     ) -> Self {
         use std::io::Write as _;
         let body = spec.body.unwrap_or_default();
@@ -252,6 +375,11 @@ impl Prepared {
         }
         if !spec.headers.contains_key(USER_AGENT) {
             line(USER_AGENT.as_str(), USER_AGENT_VALUE.as_bytes());
+        }
+        if let Some(c) = &credentials
+            && !spec.headers.contains_key(AUTHORIZATION)
+        {
+            line(AUTHORIZATION.as_str(), c.as_bytes());
         }
         // A body, or a method that usually has one, says how long it is.
         for (name, value) in &spec.headers {
@@ -276,6 +404,7 @@ impl Prepared {
             body,
             h2_uri,
             url,
+            credentials,
         }
     }
 }
@@ -961,6 +1090,11 @@ async fn exchange_h2_inner(
     if !headers.contains_key(USER_AGENT) {
         headers.insert(USER_AGENT, USER_AGENT_VALUE.clone());
     }
+    if let Some(c) = &req.credentials
+        && !headers.contains_key(AUTHORIZATION)
+    {
+        headers.insert(AUTHORIZATION, c.clone());
+    }
     let resp = sender.send_request(request).await.map_err(|e| h2_reason(&e))?;
     let status = resp.status().as_u16();
     let location = resp
@@ -1516,6 +1650,107 @@ mod tests {
         let text = String::from_utf8(p.wire.to_vec()).unwrap();
         assert!(text.starts_with("POST /x HTTP/1.1\r\nhost: [::1]\r\n"), "{text}");
         assert!(text.ends_with("content-length: 2\r\n\r\n{}"), "{text}");
+    }
+
+    fn wire_text(p: &Prepared) -> String {
+        String::from_utf8(p.wire.to_vec()).unwrap()
+    }
+
+    fn basic(pair: &str) -> String {
+        use base64::Engine as _;
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+    }
+
+    #[test]
+    fn url_creds_are_hidden_in_every_url_of_a_text() {
+        for (text, shown) in [
+            ("http://u:secret@h:8/x?y=1", "http://u:***@h:8/x?y=1"),
+            ("http://u@h/x", "http://u@h/x"),
+            ("https://:pw@h", "https://:***@h"),
+            ("http://u:p@ss@h/", "http://u:***@h/"),
+            ("http://u:p@h?q=a@b", "http://u:***@h?q=a@b"),
+            ("http://h/a@b:c", "http://h/a@b:c"),
+            (
+                "bad url \"http://a:b@h\" and http://c:d@i/x",
+                "bad url \"http://a:***@h\" and http://c:***@i/x",
+            ),
+            ("GET /users/@me", "GET /users/@me"),
+        ] {
+            assert_eq!(redact(text), shown, "{text}");
+        }
+        assert!(matches!(redact("http://h/x"), Cow::Borrowed(_)));
+        assert_eq!(redact_input("u:secret@h:8000"), "u:***@h:8000");
+        assert_eq!(redact_input("ftp://u:secret@h"), "ftp://u:***@h");
+    }
+
+    #[test]
+    fn url_creds_become_a_basic_header_and_leave_the_url() {
+        let p = Prepared::new(
+            None,
+            &spec(Target::Url("http://us%40er:p%3Ass@127.0.0.1:9/x".into()), &[]),
+        )
+        .unwrap();
+        let text = wire_text(&p);
+        assert!(text.starts_with("GET /x HTTP/1.1\r\nhost: 127.0.0.1:9\r\n"), "{text}");
+        assert!(
+            text.contains(&format!("\r\nauthorization: {}\r\n", basic("us@er:p:ss"))),
+            "{text}"
+        );
+        assert!(!text.contains("p%3Ass") && !text.contains("us%40er"), "{text}");
+        assert_eq!(p.url.as_str(), "http://127.0.0.1:9/x");
+        assert_eq!(p.h2_uri, "http://127.0.0.1:9/x");
+
+        // A user alone is `user:`; the host's credentials go with the paths joined to it.
+        let host = Url::parse("http://ada@127.0.0.1:9/api").unwrap();
+        let p = Prepared::new(Some(&host), &spec(Target::Path("/items".into()), &[])).unwrap();
+        assert!(wire_text(&p).contains(&format!("authorization: {}\r\n", basic("ada:"))));
+
+        // The scenario's own header wins, also when a hook adds it.
+        let mut own = spec(Target::Url("http://u:p@127.0.0.1:9/".into()), &[]);
+        own.headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let text = wire_text(&Prepared::new(None, &own).unwrap());
+        assert_eq!(text.matches("authorization").count(), 1, "{text}");
+        assert!(text.contains("authorization: Bearer t\r\n"), "{text}");
+        let p = Prepared::new(None, &spec(Target::Url("http://u:p@127.0.0.1:9/".into()), &[])).unwrap();
+        let hooked = p.with_headers_added(vec![(AUTHORIZATION, HeaderValue::from_static("Bearer h"))]);
+        let text = wire_text(&hooked);
+        assert_eq!(text.matches("authorization").count(), 1, "{text}");
+        assert!(text.contains("authorization: Bearer h\r\n"), "{text}");
+        // Other added headers (and a rebuild with another method) keep the URL's.
+        let added = p.with_headers_added(vec![(HeaderName::from_static("x-a"), HeaderValue::from_static("1"))]);
+        assert!(wire_text(&added).contains(&format!("authorization: {}\r\n", basic("u:p"))));
+        let mut post = spec(Target::Url("http://u:p@127.0.0.1:9/".into()), &[]);
+        post.method = Method::POST;
+        assert!(wire_text(&p.with_spec(post)).contains(&format!("authorization: {}\r\n", basic("u:p"))));
+    }
+
+    #[test]
+    fn redirects_carry_creds_within_the_origin_only() {
+        let auth = |p: &Prepared| {
+            let text = wire_text(p);
+            text.lines()
+                .find_map(|l| l.strip_prefix("authorization: "))
+                .map(str::to_string)
+        };
+        let from_url = Prepared::new(None, &spec(Target::Url("http://u:p@127.0.0.1:9/x".into()), &[])).unwrap();
+        let mut own = spec(Target::Url("http://127.0.0.1:9/x".into()), &[]);
+        own.headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let explicit = Prepared::new(None, &own).unwrap();
+        for (p, sent) in [(&from_url, basic("u:p")), (&explicit, "Bearer t".to_string())] {
+            for location in ["/y", "http://127.0.0.1:9/z"] {
+                let next = p.redirected(302, location).unwrap();
+                assert_eq!(auth(&next), Some(sent.clone()), "{location}");
+            }
+            for location in ["http://127.0.0.1:10/z", "https://127.0.0.1:9/z", "http://localhost:9/z"] {
+                let next = p.redirected(302, location).unwrap();
+                assert_eq!(auth(&next), None, "{location}: {}", wire_text(&next));
+                assert!(!next.scenario_headers().contains_key(AUTHORIZATION));
+            }
+        }
+        // A location with credentials of its own sends those.
+        let next = from_url.redirected(302, "http://v:q@127.0.0.1:10/").unwrap();
+        assert_eq!(auth(&next), Some(basic("v:q")));
+        assert_eq!(next.url.as_str(), "http://127.0.0.1:10/");
     }
 
     /// Serves canned responses, one per request read, on a fresh loopback port; returns the

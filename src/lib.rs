@@ -188,17 +188,13 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
     let web = match cfg.web {
         Some(addr) => {
             let board = web::Board::new();
-            let bound = web::serve(addr, board.clone()).await?;
+            let bound = web::serve(addr, board.clone(), cfg.web_auth.clone()).await?;
             Some((board, bound))
         }
         None => None,
     };
     let board = web.as_ref().map(|(b, _)| b.as_ref());
-    let host = cfg
-        .host
-        .as_ref()
-        .map(|h| h.as_str().trim_end_matches('/').to_string())
-        .unwrap_or_else(|| "(urls in scenario)".into());
+    let host = cfg.shown_host().unwrap_or_else(|| "(urls in scenario)".into());
     let duration = cfg
         .duration
         .map(config::format_duration)
@@ -224,6 +220,9 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
     }
     if let Some((_, bound)) = &web {
         eprintln!("dashboard: http://{bound}/ (Prometheus metrics: http://{bound}/metrics)");
+        if let Some(warning) = exposed_dashboard(*bound, cfg.web_auth.as_ref()) {
+            eprintln!("{warning}");
+        }
     }
     // How many interrupts had come when the run was stopped: the next one hurries (the second
     // after a Ctrl-C, the first after the Stop button or the end of the duration).
@@ -261,6 +260,28 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
         }
     }
     Ok(exit)
+}
+
+/// The warning for a dashboard served beyond loopback: who can reach it, and how it is (or can
+/// be) protected. `None` on loopback.
+fn exposed_dashboard(bound: SocketAddr, auth: Option<&web::WebAuth>) -> Option<String> {
+    if bound.ip().to_canonical().is_loopback() {
+        return None;
+    }
+    let who = match bound.ip().is_unspecified() {
+        true => format!("this machine on port {}", bound.port()),
+        false => bound.to_string(),
+    };
+    let at = format!("warning: the dashboard at http://{bound}/ listens beyond loopback");
+    Some(match auth {
+        Some(a) => format!(
+            "{at} ({who}); it is protected by --web-auth: only user {:?} with its password can read the numbers and press Stop (HTTP Basic sends the password in clear: use a trusted network or a tunnel)",
+            a.user()
+        ),
+        None => format!(
+            "{at}: anyone who can reach {who} can read the numbers and press Stop. Protect it with --web-auth USER:PASS (or STORMLIGHT_WEB_AUTH=USER:PASS), or serve it on 127.0.0.1 and reach it through an SSH tunnel"
+        ),
+    })
 }
 
 /// Prints the summary, writes every requested output, and says how the run ended.

@@ -867,7 +867,7 @@ pub async fn run_alone(
 /// The run's configuration as the summary records it.
 fn config_summary(cfg: &RunConfig) -> ConfigSummary {
     ConfigSummary {
-        host: cfg.host.as_ref().map(|h| h.as_str().trim_end_matches('/').to_string()),
+        host: cfg.shown_host(),
         users: cfg.users,
         // A segment's users start at its share of the rate (the shares add up to it).
         spawn_rate: cfg.spawn_rate / cfg.segment.step() as f64,

@@ -25,7 +25,9 @@
 //! | `/fault/wrong-length` | promises 100 bytes, sends 10, closes |
 //! | `/fault/redirect?n=N` | redirects N+1 times (n=N, N-1, .., 0), ending at `/hello` |
 //! | `/fault/redirect-loop` | redirects to itself |
-//! | `GET /__stats` | `{"requests":N,"paths":{..}}`: what was received (not counted itself) |
+//! | `/auth?user=U&pass=P` | 200 when the request has `Authorization: Basic` of `U:P`, else 401 |
+//! | `/redirect?to=URL` | a 302 to URL (another origin, say) |
+//! | `GET /__stats` | `{"requests":N,"paths":{..},"authorized":N}`: what was received (not counted itself) |
 //! | `/__down?ms=N` | closes the listener and every connection for N ms (not counted) |
 //! | `/__stall?ms=N` | holds every answer for N ms from now (not counted) |
 //! | anything else | 404 |
@@ -74,6 +76,8 @@ pub struct Counts {
     /// Requests received over HTTP/1.x and over HTTP/2.
     protocols: [AtomicU64; 2],
     connections: AtomicU64,
+    /// Requests to `/auth` whose Basic credentials matched.
+    authorized: AtomicU64,
 }
 
 impl Counts {
@@ -89,6 +93,11 @@ impl Counts {
     /// Requests received per path.
     pub fn paths(&self) -> HashMap<String, u64> {
         self.paths.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Requests to `/auth` that carried the Basic credentials it asked for.
+    pub fn authorized(&self) -> u64 {
+        self.authorized.load(Ordering::SeqCst)
     }
 
     /// Requests received over HTTP/2.
@@ -478,6 +487,29 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     full(status, "application/json", value.to_string())
 }
 
+/// A query parameter, decoded.
+fn query_text(req: &Request<Incoming>, key: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    url::form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Whether the request carries `Authorization: Basic` of the `user` and `pass` it names.
+fn basic_matches(req: &Request<Incoming>) -> bool {
+    use base64::Engine as _;
+    let (Some(user), Some(pass)) = (query_text(req, "user"), query_text(req, "pass")) else {
+        return false;
+    };
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    );
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes() == expected.as_bytes())
+}
+
 /// A numeric query parameter, or `default`.
 fn query_num(req: &Request<Incoming>, key: &str, default: u64) -> u64 {
     req.uri()
@@ -542,7 +574,12 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
     if path == STATS_PATH {
         let paths = counts.paths();
         let protocols = serde_json::json!({ "HTTP/1.1": counts.requests() - counts.http2(), "HTTP/2": counts.http2() });
-        let stats = serde_json::json!({ "requests": counts.requests(), "paths": paths, "protocols": protocols });
+        let stats = serde_json::json!({
+            "requests": counts.requests(),
+            "paths": paths,
+            "protocols": protocols,
+            "authorized": counts.authorized(),
+        });
         return Ok(json(StatusCode::OK, stats));
     }
     if path == STALL_PATH {
@@ -661,6 +698,19 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, reset: Arc<AtomicBool
             n => redirect(&format!("/fault/redirect?n={}", n - 1)),
         },
         (_, "/fault/redirect-loop") => redirect("/fault/redirect-loop"),
+        (_, "/auth") if basic_matches(&req) => {
+            counts.authorized.fetch_add(1, Ordering::SeqCst);
+            full(StatusCode::OK, "text/plain", "authorized\n")
+        }
+        (_, "/auth") => full(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "wrong or no Basic credentials\n",
+        ),
+        (_, "/redirect") => match query_text(&req, "to") {
+            Some(to) => redirect(&to),
+            None => full(StatusCode::BAD_REQUEST, "text/plain", "give ?to=URL\n"),
+        },
         (_, "/fault/bad-status") => {
             // Only reachable when it was not the first request on its connection.
             full(

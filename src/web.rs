@@ -10,6 +10,10 @@
 //! - `GET /metrics`: counters of requests and failures, latency histograms, users.
 //! - `POST /stop` (with the header `X-Stormlight: stop`, which a page of another origin cannot
 //!   send without a preflight we never grant): ends the run as Ctrl-C does.
+//!
+//! With `--web-auth USER:PASS` ([`WebAuth`]) every route asks for HTTP Basic first (`401` and
+//! `WWW-Authenticate: Basic realm="stormlight"` otherwise); the browser then sends the
+//! credentials with the page's own requests (events, Stop) by itself.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -25,9 +29,65 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::stats::{Aggregate, RowStats, Summary};
+
+/// `--web-auth USER:PASS`: the credentials every route of the dashboard asks for.
+#[derive(Clone)]
+pub struct WebAuth {
+    user: String,
+    /// `user:password`, as a Basic `Authorization` header carries it (base64-decoded).
+    pair: Vec<u8>,
+}
+
+impl WebAuth {
+    /// Reads `USER:PASS` (the first `:` splits; the password may hold more). Errors never
+    /// repeat the value: it holds a password.
+    pub fn parse(text: &str) -> Result<Self> {
+        let Some((user, password)) = text.split_once(':') else {
+            anyhow::bail!("--web-auth (or STORMLIGHT_WEB_AUTH): expected USER:PASS (the user, a colon, the password)");
+        };
+        if password.is_empty() {
+            anyhow::bail!("--web-auth (or STORMLIGHT_WEB_AUTH): the password is empty (expected USER:PASS)");
+        }
+        Ok(Self {
+            user: user.to_string(),
+            pair: text.as_bytes().to_vec(),
+        })
+    }
+
+    /// The user name (the password is never shown).
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Whether `headers` carry these credentials as HTTP Basic; compared in constant time.
+    fn admits(&self, headers: &hyper::HeaderMap) -> bool {
+        use base64::Engine as _;
+        let Some(value) = headers.get(hyper::header::AUTHORIZATION) else {
+            return false;
+        };
+        let value = value.as_bytes();
+        let Some((scheme, encoded)) = value.split_at_checked(6) else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case(b"basic ") {
+            return false;
+        }
+        let Ok(pair) = base64::engine::general_purpose::STANDARD.decode(encoded.trim_ascii()) else {
+            return false;
+        };
+        pair.ct_eq(&self.pair).into()
+    }
+}
+
+impl std::fmt::Debug for WebAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WebAuth({}:***)", self.user)
+    }
+}
 
 /// Where the run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -171,9 +231,9 @@ impl Board {
     }
 }
 
-/// Binds `addr` and serves the board there until the process ends; returns the bound address
-/// (the port, when `addr` asked for port 0).
-pub async fn serve(addr: SocketAddr, board: Arc<Board>) -> Result<SocketAddr> {
+/// Binds `addr` and serves the board there until the process ends, to clients with `auth`'s
+/// credentials when given; returns the bound address (the port, when `addr` asked for port 0).
+pub async fn serve(addr: SocketAddr, board: Arc<Board>, auth: Option<WebAuth>) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--web: cannot listen on {addr}"))?;
@@ -185,11 +245,12 @@ pub async fn serve(addr: SocketAddr, board: Arc<Board>) -> Result<SocketAddr> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let board = board.clone();
+            let (board, auth) = (board.clone(), auth.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let board = board.clone();
-                    async move { Ok::<_, Infallible>(handle(req, &board)) }
+                    let allowed = auth.as_ref().is_none_or(|a| a.admits(req.headers()));
+                    async move { Ok::<_, Infallible>(if allowed { handle(req, &board) } else { unauthorized() }) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -212,6 +273,20 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
     res.headers_mut().insert(
         hyper::header::CACHE_CONTROL,
         hyper::header::HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
+/// The answer to a request without the `--web-auth` credentials.
+fn unauthorized() -> Response<Body> {
+    let mut res = full(
+        StatusCode::UNAUTHORIZED,
+        "text/plain; charset=utf-8",
+        "this dashboard needs the user and password of --web-auth\n",
+    );
+    res.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static(r#"Basic realm="stormlight""#),
     );
     res
 }
@@ -459,7 +534,11 @@ const DASH_SCRIPT: &str = r#"
 const $ = (id) => document.getElementById(id);
 const clock = (s) => { s = Math.floor(s); return Math.floor(s / 60) + ':' + String(s % 60).padStart(2, '0'); };
 let over = false;
-const events = new EventSource('events');
+// The page's own address without a user and password: a page opened as
+// http://user:pass@host/ may not fetch a URL that carries them (the browser sends the
+// credentials it was given by itself).
+const base = location.origin + location.pathname.replace(/[^/]*$/, '');
+const events = new EventSource(base + 'events');
 events.onmessage = (e) => {
   const d = JSON.parse(e.data);
   if (d.title) { $('title').textContent = 'stormlight: ' + d.title; document.title = 'stormlight (' + d.phase + '): ' + d.title; }
@@ -487,6 +566,43 @@ $('stop').onclick = () => {
   $('stop').disabled = true;
   $('phase').textContent = 'stopping';
   $('phase').className = 'phase stopping';
-  fetch('stop', { method: 'POST', headers: { 'X-Stormlight': 'stop' } });
+  fetch(base + 'stop', { method: 'POST', headers: { 'X-Stormlight': 'stop' } });
 };
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(value: &str) -> hyper::HeaderMap {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(hyper::header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn web_auth_admits_its_own_basic_creds_only() {
+        use base64::Engine as _;
+        let auth = WebAuth::parse("prom:s3cr:et").unwrap();
+        assert_eq!(auth.user(), "prom");
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert!(auth.admits(&basic(&format!("Basic {}", b64("prom:s3cr:et")))));
+        assert!(auth.admits(&basic(&format!("basic  {} ", b64("prom:s3cr:et")))));
+        for wrong in [
+            format!("Basic {}", b64("prom:s3cr")),
+            format!("Basic {}", b64("prom:s3cr:etc")),
+            format!("Basic {}", b64("other:s3cr:et")),
+            format!("Bearer {}", b64("prom:s3cr:et")),
+            "Basic !!!".to_string(),
+            "Basic".to_string(),
+        ] {
+            assert!(!auth.admits(&basic(&wrong)), "{wrong}");
+        }
+        assert!(!auth.admits(&hyper::HeaderMap::new()));
+        assert!(!format!("{auth:?}").contains("s3cr"));
+        for bad in ["prom", "prom:", ""] {
+            let e = WebAuth::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("USER:PASS"), "{e}");
+        }
+    }
+}

@@ -1322,3 +1322,149 @@ fn the_live_view_shows_progress_without_colour_off_a_terminal() {
         f.show()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Credentials in URLs: sent as Basic auth, never printed or written
+// ---------------------------------------------------------------------------------------------
+
+/// The password the next tests put in URLs; it must appear in no output.
+const SECRET: &str = "s3cr3t-pw";
+
+/// Asserts that `text` (an output called `what`) shows `***` and never [`SECRET`].
+fn hides_the_secret(text: &str, what: &str) {
+    assert!(!text.contains(SECRET), "{what} shows the password:\n{text}");
+    assert!(text.contains(":***@"), "{what} shows no redacted URL:\n{text}");
+}
+
+#[test]
+fn url_creds_never_reach_an_output_or_the_terminal() {
+    let target = target();
+    let addr = target.addr;
+    let dir = TempDir::new("creds");
+    let script = dir.write(
+        "creds.lua",
+        &format!(
+            r#"wait_time = constant(0.02)
+endpoints = {{
+  Task("GET", "/hello"),
+  {{ method = "GET", url = "http://ada:{SECRET}@{addr}/items/1" }},
+  {{ method = "GET", url = "http://ada:{SECRET}@{addr}/status/500" }},
+  Task("GET", "/hello", {{ name = "rewritten" }}),
+}}
+function before_request(user, req)
+  -- a URL the request cannot go to: its failure reason quotes it
+  if req.name == "rewritten" then req.url = "http://ada:{SECRET}@127.0.0.1:99999/" end
+end
+"#
+        ),
+    );
+    let host = format!("http://ada:{SECRET}@{addr}");
+    let (out, csv, html) = (
+        dir.path().join("out.json"),
+        dir.path().join("run"),
+        dir.path().join("run.html"),
+    );
+    let f = run(
+        &run_args(
+            &script,
+            &host,
+            &[
+                "-u",
+                "2",
+                "-t",
+                "2500ms",
+                "--out",
+                out.to_str().unwrap(),
+                "--csv",
+                csv.to_str().unwrap(),
+                "--html",
+                html.to_str().unwrap(),
+            ],
+        ),
+        Duration::from_secs(20),
+    );
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    // Stdout: the summary's tables. Stderr: the start line, the live table, the failures.
+    hides_the_secret(&f.stdout, "stdout");
+    hides_the_secret(&f.stderr, "stderr");
+    assert!(
+        f.stderr.contains(&format!("against http://ada:***@{addr} ")),
+        "{}",
+        f.show()
+    );
+    let json = read_json(&out);
+    assert_eq!(json["config"]["host"], format!("http://ada:***@{addr}"));
+    hides_the_secret(&json.to_string(), "--out");
+    let reasons: Vec<&str> = json["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("http://ada:***@127.0.0.1:99999/")),
+        "a failure reason quotes the URL, redacted: {reasons:?}"
+    );
+    for suffix in ["_stats.csv", "_failures.csv"] {
+        let path = dir.path().join(format!("run{suffix}"));
+        hides_the_secret(&std::fs::read_to_string(&path).unwrap(), suffix);
+    }
+    let history = std::fs::read_to_string(dir.path().join("run_stats_history.csv")).unwrap();
+    assert!(!history.contains(SECRET));
+    hides_the_secret(&std::fs::read_to_string(&html).unwrap(), "--html");
+    // The requests went out with the credentials, the URLs without them.
+    let rows = json["endpoints"].as_array().unwrap();
+    let named = |name: String| rows.iter().find(|r| r["name"] == name.as_str()).cloned();
+    let items = named(format!("http://ada:***@{addr}/items/1")).expect("the URL names its row");
+    assert_eq!(items["failures"], 0);
+    let unsent = named("rewritten".into()).unwrap()["requests"].as_u64().unwrap();
+    assert_eq!(
+        json["total"]["requests"].as_u64().unwrap() - unsent,
+        target.counts.requests()
+    );
+
+    // `check` shows the scenario's URLs and host the same way.
+    let with_host = dir.write(
+        "check.lua",
+        &format!(
+            "host = \"{host}\"\nendpoints = {{ {{ method = \"GET\", url = \"http://bo:{SECRET}@{addr}/x\" }} }}\n"
+        ),
+    );
+    let f = run(&["check".to_string(), with_host.display().to_string()], QUICK);
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    hides_the_secret(&f.stdout, "check");
+    assert!(
+        f.stdout.contains("bo:***@") && f.stdout.contains("ada:***@"),
+        "{}",
+        f.show()
+    );
+}
+
+#[test]
+fn bad_urls_with_creds_are_refused_without_showing_the_password() {
+    let target = target();
+    let dir = TempDir::new("creds-bad");
+    let good = dir.write("good.lua", "endpoints = { Task('GET', '/hello') }\n");
+    let ftp = dir.write(
+        "ftp.lua",
+        &format!("endpoints = {{ {{ method = 'GET', url = 'ftp://ada:{SECRET}@127.0.0.1/x' }} }}\n"),
+    );
+    let port = dir.write(
+        "port.lua",
+        &format!("endpoints = {{ {{ method = 'GET', url = 'http://ada:{SECRET}@127.0.0.1:99999/x' }} }}\n"),
+    );
+    let host_bad = format!("http://ada:{SECRET}@127.0.0.1:99999");
+    let no_scheme = format!("ada:{SECRET}@{}", target.addr);
+    for (script, host, says) in [
+        (&good, host_bad.as_str(), "bad host URL"),
+        (&good, no_scheme.as_str(), "needs a scheme"),
+        (&ftp, target.url().as_str(), "must be absolute"),
+        (&port, target.url().as_str(), "bad url"),
+    ] {
+        let f = run(&run_args(script, host, &["-t", "1s", "-q"]), QUICK);
+        assert_eq!(f.code(), Some(2), "{}", f.show());
+        assert!(f.stderr.contains(says), "{}", f.show());
+        hides_the_secret(&f.stderr, says);
+    }
+    assert_eq!(target.counts.requests(), 0);
+}

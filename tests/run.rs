@@ -293,3 +293,158 @@ fn think_time_paces_each_user() {
         "constant_pacing(0.25): {n} requests, expected ~16"
     );
 }
+
+/// `Basic base64(pair)`, as the target's `/auth` expects it.
+fn basic(pair: &str) -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+}
+
+/// Asserts that row `name` sent requests and that `failures` of them failed (all or none).
+fn all_or_none(s: &Summary, name: &str, fail: bool) -> u64 {
+    let r = row(s, name);
+    assert!(r.requests > 0, "{name} was never sent");
+    let expected = if fail { r.requests } else { 0 };
+    assert_eq!(r.failures, expected, "{name}: {:?}", s.failures);
+    r.requests
+}
+
+#[test]
+fn url_creds_go_out_as_basic_auth_and_an_explicit_header_wins() {
+    let t = target();
+    let addr = t.addr;
+    let xy = basic("x:y");
+    let s = run(
+        &format!(
+            r#"
+            wait_time = constant(0.01)
+            endpoints = {{
+              -- percent-encoded: the user is "us@er", the password "p:ss"
+              {{ method = "GET", url = "http://us%40er:p%3Ass@{addr}/auth?user=us%40er&pass=p%3Ass" }},
+              {{ method = "GET", url = "http://u:p@{addr}/auth", query = {{ user = "x", pass = "y" }},
+                 headers = {{ Authorization = "{xy}" }}, name = "explicit" }},
+              {{ method = "GET", url = "http://u:p@{addr}/auth", query = {{ user = "u", pass = "p" }},
+                 headers = {{ Authorization = "{xy}" }}, name = "explicit, not the url's" }},
+              {{ method = "GET", url = "http://u:p@{addr}/auth", query = {{ user = "v", pass = "w" }},
+                 name = "hook's header" }},
+              Task("GET", "/auth", {{ query = {{ user = "k", pass = "v" }}, name = "hook's url" }}),
+            }}
+            function before_request(user, req)
+              if req.name == "hook's url" then req.url = "http://k:v@{addr}/auth?user=k&pass=v" end
+              if req.name == "hook's header" then req.headers.authorization = "{vw}" end
+            end
+            "#,
+            vw = basic("v:w"),
+        ),
+        &t.url(),
+        2,
+        1.0,
+        Limits::default(),
+    );
+    // The default name is the URL, its password hidden.
+    let by_url = format!("http://us%40er:***@{addr}/auth?user=us%40er&pass=p%3Ass");
+    let mut authorized = 0;
+    for name in [by_url.as_str(), "explicit", "hook's url", "hook's header"] {
+        authorized += all_or_none(&s, name, false);
+    }
+    all_or_none(&s, "explicit, not the url's", true);
+    assert_eq!(
+        s.failures.iter().map(|f| f.reason.as_str()).collect::<Vec<_>>(),
+        ["HTTP 401"]
+    );
+    assert_eq!(
+        t.counts.authorized(),
+        authorized,
+        "every request that should be, was authorized"
+    );
+    assert_eq!(s.total.requests, t.counts.requests());
+
+    // `http.get` of such a URL, in a scenario (over the user's own calls).
+    let t = target();
+    let s = run(
+        &format!(
+            r#"
+            wait_time = constant(0.01)
+            function scenario(user) http.get("http://s:t@{}/auth?user=s&pass=t", {{ name = "get" }}) end
+            "#,
+            t.addr
+        ),
+        &t.url(),
+        2,
+        1.0,
+        Limits::default(),
+    );
+    let sent = all_or_none(&s, "get", false);
+    assert_eq!(t.counts.authorized(), sent);
+}
+
+#[test]
+fn host_creds_go_with_every_path_over_http1_and_http2() {
+    for protocol in [None, Some(stormlight::http::Protocol::Http2)] {
+        let t = target();
+        let host = format!("http://h:pw@{}", t.addr);
+        let flags = Overrides {
+            host: Some(host),
+            users: Some(2),
+            duration: Some(Duration::from_secs(1)),
+            protocol,
+            ..Default::default()
+        };
+        let s = common::run_scenario(
+            Path::new("host.lua"),
+            r#"
+            wait_time = constant(0.01)
+            endpoints = {
+              Task("GET", "/auth?user=h&pass=pw", { name = "get" }),
+              Task("POST", "/auth?user=h&pass=pw", { json = { a = 1 }, name = "post" }),
+            }
+            "#,
+            Limits::default(),
+            flags,
+        );
+        let sent = all_or_none(&s, "get", false) + all_or_none(&s, "post", false);
+        assert_eq!(t.counts.authorized(), sent, "{protocol:?}");
+        assert_eq!(s.total.requests, t.counts.requests());
+        if protocol.is_some() {
+            assert_eq!(t.counts.http2(), sent, "over HTTP/2");
+        }
+        assert_eq!(s.config.host, Some(format!("http://h:***@{}", t.addr)));
+    }
+}
+
+#[test]
+fn redirects_carry_creds_to_the_same_origin_only() {
+    let (here, there) = (target(), target());
+    let s = run(
+        &format!(
+            r#"
+            wait_time = constant(0.01)
+            endpoints = {{
+              {{ method = "GET", url = "http://u:p@{a}/redirect", query = {{ to = "/auth?user=u&pass=p" }},
+                 name = "same origin" }},
+              {{ method = "GET", url = "http://u:p@{a}/redirect", query = {{ to = "http://{b}/auth?user=u&pass=p" }},
+                 name = "other origin" }},
+              {{ method = "GET", url = "http://{a}/redirect", query = {{ to = "http://{b}/auth?user=u&pass=p" }},
+                 headers = {{ Authorization = "{up}" }}, name = "other origin, explicit header" }},
+            }}
+            "#,
+            a = here.addr,
+            b = there.addr,
+            up = basic("u:p"),
+        ),
+        &here.url(),
+        2,
+        1.0,
+        Limits::default(),
+    );
+    let same = all_or_none(&s, "same origin", false);
+    let other = all_or_none(&s, "other origin", true) + all_or_none(&s, "other origin, explicit header", true);
+    assert_eq!(here.counts.authorized(), same);
+    assert_eq!(there.counts.authorized(), 0, "no credentials crossed to another origin");
+    assert_eq!(
+        there.counts.paths()["/auth"],
+        other,
+        "every cross-origin redirect arrived"
+    );
+    assert!(s.failures.iter().all(|f| f.reason == "HTTP 401"), "{:?}", s.failures);
+}

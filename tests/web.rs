@@ -28,8 +28,14 @@ struct Run {
 
 impl Run {
     fn start(args: &[&str]) -> Run {
+        Run::start_with_env(args, &[])
+    }
+
+    /// [`Run::start`], with variables added to the child's environment.
+    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -352,7 +358,10 @@ struct Browser {
 
 impl Browser {
     fn open(driver: SocketAddr) -> Browser {
-        let profile = temp_dir("chromium-profile");
+        // One profile per browser: two at once may not share one.
+        static OPENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = OPENED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let profile = temp_dir(&format!("chromium-profile-{n}"));
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -519,5 +528,294 @@ fn a_stop_or_ctrl_c_while_setup_runs_still_ends_with_the_summary_written() {
         assert!(summary["interrupted"].as_bool().unwrap());
         assert_eq!(summary["total"]["requests"], 1, "setup()'s request, counted");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `Basic base64(pair)`.
+fn basic(pair: &str) -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+}
+
+/// The status and head of a response (lower-case), read no further: for `/events`, whose
+/// body never ends.
+fn head_of(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read a response head");
+        assert!(n > 0, "the connection closed before a response head");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status");
+    (status, head)
+}
+
+/// The first event of `/events` with data in it (the raw text up to its end).
+fn first_event(addr: SocketAddr, headers: &[(&str, &str)]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("GET /events HTTP/1.1\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = String::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        if let Some(at) = raw.find("data: ")
+            && raw[at..].contains("\n\n")
+        {
+            return raw;
+        }
+        let n = s.read(&mut buf).expect("read the event stream");
+        assert!(n > 0, "the event stream ended:\n{raw}");
+        raw.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[test]
+fn metrics_and_events_hide_url_creds() {
+    const SECRET: &str = "s3cr3t-pw";
+    let t = common::target();
+    let dir = temp_dir("creds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("creds.lua");
+    std::fs::write(
+        &script,
+        format!(
+            r#"wait_time = constant(0.02)
+endpoints = {{ Task("GET", "/hello"), {{ method = "GET", url = "http://ada:{SECRET}@{}/status/503" }} }}
+"#,
+            t.addr
+        ),
+    )
+    .unwrap();
+    let host = format!("http://bo:{SECRET}@{}", t.addr);
+    let mut run = Run::start(&[
+        "run",
+        script.to_str().unwrap(),
+        "--host",
+        &host,
+        "-t",
+        "60s",
+        "-q",
+        "--web=127.0.0.1:0",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, metrics) = http(run.web, "GET", "/metrics", &[], "");
+    assert_eq!(status, 200);
+    assert!(!metrics.contains(SECRET), "{metrics}");
+    let labelled = format!("name=\"http://ada:***@{}/status/503\"", t.addr);
+    for family in ["stormlight_requests_total{", "stormlight_failure_reasons_total{"] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(family) && l.contains(&labelled)),
+            "{family} has no redacted row:\n{metrics}"
+        );
+    }
+    let event = first_event(run.web, &[]);
+    assert!(!event.contains(SECRET), "{event}");
+    assert!(event.contains("bo:***@") && event.contains("ada:***@"), "{event}");
+    assert!(!run.stderr.lock().unwrap().contains(SECRET));
+    assert_eq!(http(run.web, "POST", "/stop", &[("X-Stormlight", "stop")], "").0, 202);
+    assert_eq!(run.wait(Duration::from_secs(20)), Some(130));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn web_auth_guards_every_route_and_only_its_stop_ends_the_run() {
+    let t = common::target();
+    let dir = temp_dir("auth");
+    let script = scenario(&dir);
+    let out = dir.join("out.json");
+    let mut run = Run::web_run(&script, &t, &out, &["-u", "1", "--web-auth", "prom:pa:ss"]);
+    let right = basic("prom:pa:ss");
+    let routes = [("GET", "/"), ("GET", "/metrics"), ("GET", "/events"), ("POST", "/stop")];
+    for wrong in [
+        None,
+        Some(basic("prom:pa")),
+        Some(basic("other:pa:ss")),
+        Some("Bearer x".into()),
+    ] {
+        for (method, path) in routes {
+            let mut headers = vec![("X-Stormlight", "stop")];
+            if let Some(w) = &wrong {
+                headers.push(("Authorization", w));
+            }
+            let (status, head) = head_of(run.web, method, path, &headers);
+            assert_eq!(status, 401, "{method} {path} with {wrong:?}");
+            assert!(head.contains("www-authenticate: basic realm=\"stormlight\""), "{head}");
+        }
+    }
+    let auth = [("Authorization", right.as_str())];
+    assert_eq!(http(run.web, "GET", "/", &auth, "").0, 200);
+    assert_eq!(head_of(run.web, "GET", "/events", &auth).0, 200);
+    assert!(first_event(run.web, &auth).contains("data: {"));
+    std::thread::sleep(Duration::from_millis(1200));
+    let (status, metrics) = http(run.web, "GET", "/metrics", &auth, "");
+    assert_eq!(status, 200);
+    assert_eq!(counter_sum(&metrics, "stormlight_running"), 1.0, "{metrics}");
+    // The wrong credentials' Stop (above) left the run going.
+    assert!(run.child.try_wait().unwrap().is_none(), "the run is still going");
+    let stop = [("Authorization", right.as_str()), ("X-Stormlight", "stop")];
+    assert_eq!(http(run.web, "POST", "/stop", &stop, "").0, 202);
+    assert_eq!(run.wait(Duration::from_secs(20)), Some(130), "the right Stop ends it");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(summary["interrupted"].as_bool().unwrap());
+
+    // From the environment, and the flag wins over it.
+    for (flags, env, accepted, refused) in [
+        (vec![], "prom:pw", "prom:pw", "prom:px"),
+        (vec!["--web-auth", "cli:pw"], "prom:pw", "cli:pw", "prom:pw"),
+    ] {
+        let mut args = vec!["run", script.to_str().unwrap(), "--host"];
+        let host = t.url();
+        args.extend([host.as_str(), "-t", "60s", "-q", "--web=127.0.0.1:0"]);
+        args.extend(flags);
+        let mut run = Run::start_with_env(&args, &[("STORMLIGHT_WEB_AUTH", env)]);
+        let (yes, no) = (basic(accepted), basic(refused));
+        assert_eq!(http(run.web, "GET", "/metrics", &[("Authorization", &no)], "").0, 401);
+        assert_eq!(http(run.web, "GET", "/metrics", &[("Authorization", &yes)], "").0, 200);
+        let stop = [("Authorization", yes.as_str()), ("X-Stormlight", "stop")];
+        assert_eq!(http(run.web, "POST", "/stop", &stop, "").0, 202);
+        assert_eq!(run.wait(Duration::from_secs(20)), Some(130));
+        assert!(!run.stderr.lock().unwrap().contains(":pw"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn web_auth_is_bad_input_without_web_or_without_a_colon() {
+    let t = common::target();
+    let dir = temp_dir("auth-bad");
+    let script = scenario(&dir);
+    let run = |flags: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .args(["run", script.to_str().unwrap(), "--host", &t.url(), "-t", "1s", "-q"])
+            .args(flags)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (flags, env, says) in [
+        (&["--web-auth", "prom:pw"][..], &[][..], "give it with --web"),
+        (&["--web=127.0.0.1:0", "--web-auth", "prompw"], &[], "USER:PASS"),
+        (
+            &["--web=127.0.0.1:0"],
+            &[("STORMLIGHT_WEB_AUTH", "prompw")],
+            "USER:PASS",
+        ),
+    ] {
+        let (code, stderr) = run(flags, env);
+        assert_eq!(code, Some(2), "{flags:?}: {stderr}");
+        assert!(
+            stderr.contains(says) && !stderr.contains("prompw"),
+            "{flags:?}: {stderr}"
+        );
+    }
+    assert_eq!(t.counts.requests(), 0, "bad input sends nothing");
+    // Without --web, the environment's credentials are not asked for.
+    let (code, stderr) = run(&[], &[("STORMLIGHT_WEB_AUTH", "prompw")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_dashboard_beyond_loopback_is_warned_about_before_the_run() {
+    let t = common::target();
+    let dir = temp_dir("exposed");
+    let script = scenario(&dir);
+    for (web, auth, says) in [
+        ("--web=0.0.0.0:0", None, Some("Protect it with --web-auth USER:PASS")),
+        (
+            "--web=0.0.0.0:0",
+            Some("prom:pw"),
+            Some("it is protected by --web-auth"),
+        ),
+        ("--web=127.0.0.1:0", None, None),
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "run",
+            script.to_str().unwrap(),
+            "--host",
+            &t.url(),
+            "-t",
+            "1s",
+            "-q",
+            web,
+        ]);
+        if let Some(a) = auth {
+            cmd.args(["--web-auth", a]);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let warning = stderr.lines().position(|l| l.contains("listens beyond loopback"));
+        match says {
+            Some(text) => {
+                let at = warning.unwrap_or_else(|| panic!("no warning:\n{stderr}"));
+                let line = stderr.lines().nth(at).unwrap();
+                assert!(line.starts_with("warning: ") && line.contains(text), "{line}");
+                assert!(line.contains("press Stop") && line.contains("port "), "{line}");
+                let before = stderr.lines().nth(at - 1).unwrap();
+                assert!(before.starts_with("dashboard: http://0.0.0.0:"), "{stderr}");
+            }
+            None => assert!(warning.is_none(), "{stderr}"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_dashboard_behind_web_auth_works_in_headless_chromium() {
+    let Some((mut driver, driver_addr)) = chromedriver() else {
+        return;
+    };
+    let t = common::target();
+    let dir = temp_dir("dashboard-auth");
+    let script = scenario(&dir);
+    let out = dir.join("out.json");
+    let mut run = Run::web_run(&script, &t, &out, &["-u", "2", "--web-auth", "prom:pw"]);
+    let browser = Browser::open(driver_addr);
+    // The credentials in the address, as a user may type them (or answer the browser's prompt).
+    browser.cmd("POST", "/url", json!({"url": format!("http://prom:pw@{}/", run.web)}));
+    let requests = "const b = document.querySelector('.cards b'); return b ? Number(b.textContent) : 0;";
+    assert!(browser.until(requests, Duration::from_secs(15)).as_f64().unwrap() > 0.0);
+    let stop = browser.cmd("POST", "/element", json!({"using": "css selector", "value": "#stop"}));
+    let id = stop
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    browser.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    assert_eq!(
+        run.wait(Duration::from_secs(20)),
+        Some(130),
+        "the page's Stop reaches the run through --web-auth"
+    );
+    let phase = browser.until(
+        "const p = document.getElementById('phase').textContent; return p === 'stopped' ? p : '';",
+        Duration::from_secs(5),
+    );
+    assert_eq!(phase, "stopped");
+    drop(browser);
+    let _ = driver.kill();
+    let _ = driver.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }

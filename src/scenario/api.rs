@@ -95,7 +95,10 @@ fn url_value(u: String) -> FieldResult<Target> {
     if is_absolute(&u) {
         Ok(Target::Url(u))
     } else {
-        Err(format!("`url` must be absolute (http:// or https://), got {u:?}"))
+        Err(format!(
+            "`url` must be absolute (http:// or https://), got {:?}",
+            crate::http::redact_input(&u)
+        ))
     }
 }
 
@@ -224,7 +227,8 @@ pub fn parse_request(t: &Table) -> FieldResult<RequestSpec> {
         }
         None => body.map(Bytes::from),
     };
-    let name = opt_string(t, "name")?.unwrap_or_else(|| target.as_str().to_string());
+    // A URL's password never names a row (rows are printed and written everywhere).
+    let name = opt_string(t, "name")?.unwrap_or_else(|| crate::http::redact(target.as_str()).into_owned());
     let weight = match get("weight")? {
         Value::Nil => 1,
         Value::Integer(w) if w >= 1 => u32::try_from(w).map_err(|_| "`weight` is too large")?,

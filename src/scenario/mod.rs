@@ -680,7 +680,10 @@ impl Scenario {
         let _ = writeln!(
             s,
             "  host: {}",
-            self.options.host.as_deref().unwrap_or("(none: pass --host)")
+            self.options
+                .host
+                .as_deref()
+                .map_or("(none: pass --host)".into(), crate::http::redact)
         );
         let o = &self.options;
         let mut opts = Vec::new();
@@ -726,9 +729,7 @@ impl Scenario {
         let total: u64 = self.endpoints.iter().map(|e| e.weight as u64).sum();
         let _ = writeln!(s, "  endpoints ({}):", self.endpoints.len());
         for e in self.endpoints.iter() {
-            let target = match &e.target {
-                api::Target::Path(p) | api::Target::Url(p) => p.as_str(),
-            };
+            let target = crate::http::redact(e.target.as_str());
             let mut extra = Vec::new();
             if e.name != target {
                 extra.push(format!("name {}", e.name));
