@@ -412,6 +412,8 @@ unsafe fn narrow_globals(l: *mut lua_State) {
         ffi::lua_getfield(l, -1, c"string".as_ptr());
         ffi::lua_pushnil(l);
         ffi::lua_setfield(l, -2, c"dump".as_ptr());
+        // find, match, gmatch and gsub whose work is counted (see `pattern`).
+        super::pattern::install(l);
         ffi::lua_settop(l, 0);
     }
 }
@@ -517,6 +519,43 @@ impl Sandbox {
         )?;
         Ok(())
     }
+}
+
+// ---- Native work ----------------------------------------------------------------------------
+//
+// Work that C functions do without running Lua instructions (the pattern matcher's steps) is
+// charged through `work`. This version counts the steps of each thread and stops a call only
+// past a limit a test sets; it charges nothing to the call's instruction budget and reads no
+// clock.
+
+thread_local! {
+    static WORK_DONE: Cell<u64> = const { Cell::new(0) };
+    static WORK_LIMIT: Cell<u64> = const { Cell::new(u64::MAX) };
+}
+
+/// Charges `steps` of native work to the call running on `l`. `Err` holds the message to raise
+/// when the call must stop.
+pub fn work(_l: *mut lua_State, steps: u64) -> Result<(), String> {
+    let done = WORK_DONE.get().saturating_add(steps);
+    WORK_DONE.set(done);
+    let limit = WORK_LIMIT.get();
+    if done > limit {
+        return Err(format!("work limit of {limit} steps reached"));
+    }
+    Ok(())
+}
+
+/// Sets this thread's limit of native work (`None`: none) and starts its count from 0.
+#[cfg(test)]
+pub fn limit_work(limit: Option<u64>) {
+    WORK_DONE.set(0);
+    WORK_LIMIT.set(limit.unwrap_or(u64::MAX));
+}
+
+/// Steps of native work this thread charged since [`limit_work`].
+#[cfg(test)]
+pub fn work_done() -> u64 {
+    WORK_DONE.get()
 }
 
 /// A one-line description of a Lua error: the message without the stack traceback, with the
