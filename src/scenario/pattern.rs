@@ -38,6 +38,9 @@ const WORK_EVERY: i64 = 4096;
 const SPECIALS: &[u8] = b"^$*+?.([%-";
 /// Bytes a plain search goes over between two counts of its steps.
 const SEARCH_WINDOW: usize = 1 << 16;
+/// Subjects a plain search goes over without `memmem`'s set-up (at most this many bytes
+/// compared at each position).
+const SHORT_SEARCH: usize = 64;
 
 /// A capture's length while it is open, and the length that marks a position capture `()`.
 const CAP_UNFINISHED: isize = -1;
@@ -304,7 +307,9 @@ const _: () = assert!(!std::mem::needs_drop::<Matcher<'static>>());
 const _: () = assert!(!std::mem::needs_drop::<Fault>());
 
 impl<'a> Matcher<'a> {
-    fn new(l: *mut lua_State, src: &'a [u8], pat: &'a [u8]) -> Self {
+    /// A matcher of `pat` in `src`; `unanchored` when matches are tried at every position (then
+    /// [`Matcher::skip`] looks for the next one that may start a match).
+    fn new(l: *mut lua_State, src: &'a [u8], pat: &'a [u8], unanchored: bool) -> Self {
         let mut m = Self {
             src,
             pat,
@@ -314,7 +319,9 @@ impl<'a> Matcher<'a> {
             fuel: Fuel::new(l),
             first: None,
         };
-        m.first = m.first_single();
+        if unanchored {
+            m.first = m.first_single();
+        }
         m
     }
 
@@ -364,6 +371,7 @@ impl<'a> Matcher<'a> {
     }
 
     /// Where the single-character item at `p` ends (Lua's `classend`).
+    #[inline]
     fn class_end(&self, p: usize) -> Result<usize, Fault> {
         let len = self.pat.len();
         let c = self.pat[p];
@@ -398,7 +406,7 @@ impl<'a> Matcher<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn single(&self, p: usize, ep: usize) -> Single {
         match self.pat[p] {
             b'.' => Single::Any,
@@ -408,7 +416,7 @@ impl<'a> Matcher<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn matches(&self, item: Single, c: u8) -> bool {
         match item {
             Single::Any => true,
@@ -447,7 +455,7 @@ impl<'a> Matcher<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn single_match(&self, s: usize, p: usize, ep: usize) -> bool {
         s < self.src.len() && self.matches(self.single(p, ep), self.src[s])
     }
@@ -728,6 +736,22 @@ fn plain_find(fuel: &mut Fuel, haystack: &[u8], needle: &[u8]) -> Result<Option<
         let found = match needle {
             [] => Some(0),
             [c] => memchr::memchr(*c, haystack),
+            // (Short subjects, such as header values: setting up a `Finder` would take longer
+            // than the search.)
+            [c, rest @ ..] if haystack.len() <= SHORT_SEARCH => {
+                let last = haystack.len() - needle.len();
+                let mut at = 0;
+                loop {
+                    match memchr::memchr(*c, &haystack[at..=last]) {
+                        Some(i) if haystack[at + i + 1..].starts_with(rest) => break Some(at + i),
+                        Some(i) => at += i + 1,
+                        None => break None,
+                    }
+                    if at > last {
+                        break None;
+                    }
+                }
+            }
             _ => memmem::find(haystack, needle),
         };
         fuel.tick(found.map_or(haystack.len(), |i| i + needle.len()))?;
@@ -834,12 +858,10 @@ unsafe fn find_aux(l: *mut lua_State, find: bool) -> Result<c_int, Fault> {
             }
         } else {
             let (pat, anchor) = anchored(pat);
-            let mut m = Matcher::new(l, src, pat);
+            let mut m = Matcher::new(l, src, pat, !anchor);
             let mut s1 = init;
             let found = loop {
-                if !anchor {
-                    s1 = m.skip(s1)?;
-                }
+                s1 = m.skip(s1)?;
                 m.reset();
                 if let Some(e) = m.do_match(s1, 0)? {
                     break Some(e);
@@ -894,7 +916,7 @@ unsafe fn gmatch_next(l: *mut lua_State) -> Result<c_int, Fault> {
         let pat = bytes_at(l, ffi::lua_upvalueindex(2));
         let mut at = ffi::lua_tointeger(l, ffi::lua_upvalueindex(3)) as usize;
         let last = ffi::lua_tointeger(l, ffi::lua_upvalueindex(4));
-        let mut m = Matcher::new(l, src, pat);
+        let mut m = Matcher::new(l, src, pat, true);
         let mut found = None;
         while at <= src.len() {
             at = m.skip(at)?;
@@ -975,13 +997,11 @@ unsafe fn gsub(l: *mut lua_State, b: *mut ffi::luaL_Buffer) -> Result<c_int, Fau
                 ffi::luaL_addlstring(b, src.as_ptr().add(from).cast(), to - from);
             }
         };
-        let mut m = Matcher::new(l, src, pat);
+        let mut m = Matcher::new(l, src, pat, !anchor);
         let (mut at, mut copied, mut n, mut changed) = (0, 0, 0, false);
         let mut last = None;
         while n < max {
-            if !anchor {
-                at = m.skip(at)?;
-            }
+            at = m.skip(at)?;
             m.reset();
             match m.do_match(at, 0)? {
                 Some(e) if Some(e) != last => {
@@ -1784,5 +1804,98 @@ mod tests {
             .exec()
             .unwrap_err();
         assert_eq!(sandbox::describe(&err, &limits), "memory limit of 1 MiB reached");
+    }
+
+    /// Lua's functions against these on calls a scenario's hooks make, in one state (Lua's own
+    /// `string` table and a table of these), the same loop for both:
+    /// `cargo test --release --lib pattern_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn pattern_speed_against_luas() {
+        let lua = Lua::new();
+        let ours = lua.create_table().unwrap();
+        let functions: [(&str, ffi::lua_CFunction); 4] = [
+            ("find", str_find),
+            ("match", str_match),
+            ("gmatch", str_gmatch),
+            ("gsub", str_gsub),
+        ];
+        for (name, f) in functions {
+            // SAFETY: the functions are C functions of a Lua 5.4 state.
+            ours.set(name, unsafe { lua.create_c_function(f) }.unwrap()).unwrap();
+        }
+        lua.globals().set("ours", ours).unwrap();
+        lua.load(
+            r#"
+            ct = "application/json; charset=utf-8"
+            auth = "Bearer eyJhbGciOi.eyJzdWIiOi.SflKxwRJSM"
+            local items = {}
+            for i = 1, 60 do
+              items[i] = string.format('{"id": %d, "name": "item %d", "price": %d.5}', i, i, i * 3)
+            end
+            body = '{"items": [' .. table.concat(items, ", ") .. '], "token": "abc123def456"}'
+            template = "Hello {name}, your order {id} ships on {when}."
+            vars = { name = "Ann", id = "A-1042", when = "Tuesday" }
+            function count(gmatch, s, p) local n = 0 for _ in gmatch(s, p) do n = n + 1 end return n end
+            "#,
+        )
+        .exec()
+        .unwrap();
+        if let Ok(only) = std::env::var("PATTERN_PROFILE") {
+            lua.load(format!("for _ = 1, 3e7 do {only} end")).exec().unwrap();
+            return;
+        }
+        let body_len: usize = lua.load("return #body").eval().unwrap();
+        println!("body: {body_len} bytes; ns per call, Lua's / these");
+        for case in [
+            "find(ct, 'json', 1, true)",
+            "find(ct, 'json')",
+            "match(ct, 'charset=([%w%-]+)')",
+            "match('id: 12345', '%d+')",
+            "match(auth, '^Bearer%s+(.+)$')",
+            "find(body, '\"token\"', 1, true)",
+            "match(body, '\"token\":%s*\"([^\"]+)\"')",
+            "match(body, '\"price\": (%d+%.%d+)}], ')",
+            "count(S.gmatch, body, '\"id\": (%d+)')",
+            "gsub(template, '{(%w+)}', vars)",
+            "gsub(template, '%s+', ' ')",
+            "gsub('x-request-id', '%-(%w)', string.upper)",
+            "gsub(body, '\"(%w+)\":', '%1=')",
+        ] {
+            let mut results = Vec::new();
+            for lib in ["string", "ours"] {
+                let call = if case.starts_with("count") {
+                    case.replace("S.", &format!("{lib}."))
+                } else {
+                    format!("{lib}.{case}")
+                };
+                let code = format!(
+                    "local t, n = os.clock(), 0
+                     while os.clock() - t < 0.05 do n = n + 1 {call} end
+                     local reps = math.max(1, n * 6) t = os.clock()
+                     for _ = 1, reps do {call} end
+                     return (os.clock() - t) / reps * 1e9, select('#', {call})"
+                );
+                let (ns, _): (f64, i64) = lua.load(&code).eval().unwrap();
+                results.push(ns);
+                // The same results from both.
+                let same: bool = lua
+                    .load(format!(
+                        "local a, b = table.pack(string.{c}), table.pack(ours.{c})
+                         for i = 1, math.max(a.n, b.n) do if a[i] ~= b[i] then return false end end
+                         return true",
+                        c = case.replace("S.gmatch", "string.gmatch")
+                    ))
+                    .eval()
+                    .unwrap_or(true);
+                assert!(same, "{case}");
+            }
+            println!(
+                "{:>8.0} {:>8.0}  {:>5.2}x  {case}",
+                results[0],
+                results[1],
+                results[1] / results[0]
+            );
+        }
     }
 }
