@@ -152,7 +152,8 @@ unsafe extern "C-unwind" fn push_bytes(l: *mut lua_State) -> c_int {
 
 thread_local! {
     /// Steps counted but not yet reported (fewer than [`WORK_EVERY`]): a call that does less
-    /// leaves its steps to the next one, so that many small calls are charged too.
+    /// leaves its steps to the next call on its thread, so that many small calls are charged
+    /// too (a few thousand steps may go to another state's call).
     static CARRY: Cell<i64> = const { Cell::new(0) };
 }
 
@@ -1291,6 +1292,23 @@ mod tests {
             "return pcall(string.find, 'a', setmetatable({}, {__name = 'Thing'}))",
             "local f = string.find return f('a', nil)",
             "return string.find('abc', 'b', math.mininteger)",
+            // Plain searches of short, medium and windowed subjects, across their boundaries.
+            "local s = string.rep('a', 60) .. 'bcd' return s:find('abcd', 1, true)",
+            "local s = string.rep('a', 61) .. 'bcd' return s:find('abcd', 1, true)",
+            "local s = string.rep('a', 62) .. 'bcd' return s:find('bcd', 1, true)",
+            "local s = string.rep('a', 63) .. 'bc' return s:find('bcd', 1, true)",
+            "local s = string.rep('ab', 100) return s:find('bb', 1, true)",
+            "local s = string.rep('ab', 100) .. 'bb' return s:find('bb', 1, true)",
+            "local s = string.rep('a', 65534) .. 'bcd' .. string.rep('a', 70000) return s:find('abcda', 1, true)",
+            "local s = string.rep('a', 65535) .. 'bcd' .. string.rep('a', 70000) return s:find('bcd', 1, true)",
+            "local s = string.rep('a', 65536) .. 'bcd' return s:find('abcd', 1, true)",
+            "local s = string.rep('a', 65536 * 3 - 2) .. 'bcd' return s:find('abc', 1, true)",
+            "local s = string.rep('a', 65536 * 3 - 2) .. 'bc' return s:find('abcd', 1, true)",
+            "local s = string.rep('a', 200000) return s:find('aab', 1, true)",
+            "local n = string.rep('ab', 40000) local s = string.rep('x', 100000) .. n .. 'x' return s:find(n, 1, true)",
+            "local n = string.rep('ab', 40000) local s = string.rep('x', 100000) .. n:sub(2) return s:find(n, 1, true)",
+            "local s = string.rep('a', 70000) .. 'b' return s:find('ab', 69990, true)",
+            "local s = string.rep('a', 70000) .. 'b' return s:find('b', -1, true)",
             "return string.find('abc', 'b', math.maxinteger)",
             // Classes and their complements, sets, ranges.
             "return string.find('  x12_ab', '%a+')",
@@ -1841,6 +1859,7 @@ mod tests {
         )
         .exec()
         .unwrap();
+        // PATTERN_PROFILE=CALL runs only that call, many times (for a profiler).
         if let Ok(only) = std::env::var("PATTERN_PROFILE") {
             lua.load(format!("for _ = 1, 3e7 do {only} end")).exec().unwrap();
             return;
