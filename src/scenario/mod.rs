@@ -10,6 +10,7 @@ pub mod api;
 mod arena;
 pub mod feed;
 pub mod host;
+mod pattern;
 pub mod sandbox;
 
 use std::cell::RefCell;

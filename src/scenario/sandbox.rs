@@ -216,6 +216,12 @@ impl Budget {
         level >= STOP_ALL || (level >= STOP_USERS && self.user.get() != 0)
     }
 
+    /// Instructions (and steps of library work) the current call has been charged so far.
+    #[cfg(test)]
+    pub fn charged(&self) -> u64 {
+        self.used.get() * HOOK_EVERY as u64 + self.steps.get()
+    }
+
     /// Whether the call has run long enough for the hook to note where it is.
     fn slow(&self) -> bool {
         self.started.get().elapsed() > SLOW_CALL.min(self.time / 2)
@@ -987,6 +993,8 @@ unsafe fn narrow_globals(l: *mut lua_State) {
         ffi::lua_pushnil(l);
         ffi::lua_setfield(l, -2, c"dump".as_ptr());
         wrap_checked(l, b"string", ffi::lua_gettop(l));
+        // find, match, gmatch and gsub whose work is counted (see `pattern`).
+        super::pattern::install(l);
         ffi::lua_settop(l, 0);
     }
 }
@@ -1252,6 +1260,9 @@ mod tests {
             "local t = {} for i = 1, 1000000 do t[i] = 1000000 - i end while true do table.sort(t) end",
             "local s = string.rep('x', 1 << 20) while true do local n = select('#', s:byte(1, 900000)) end",
             "local t = {} for i = 1, 900000 do t[i] = i end while true do local n = select('#', table.unpack(t)) end",
+            // The pattern matcher's backtracking (hours in Lua's own), and a quadratic scan.
+            "return string.find(string.rep('a', 40), string.rep('a?', 40) .. string.rep('a', 40))",
+            "local s = string.rep('a', 1 << 20) while true do local i = s:find('.-b') end",
         ] {
             let started = Instant::now();
             let err = run_with(code, timed(300)).expect_err(code);
