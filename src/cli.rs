@@ -25,7 +25,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a scenario: spawn users, send requests, show live stats, print a summary.
     #[command(
-        after_help = "Examples:\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight run scenario.lua -u 100 -t 2m --out result.json\n\nEach flag falls back to the scenario's `options` table (users, spawn_rate, duration,\ntimeout, grace, stages, rate, max_users) and `host`, then to the default: 1 user, all users started within the\nfirst second, until Ctrl-C, timeout 30s, grace 5s.\nDurations: 30 (seconds), 1.5s, 30s, 2m, 1h30m, 500ms.\nCtrl-C stops the run, prints the summary and writes --out (exit 130); a second Ctrl-C does\nso at once, counting requests in flight as aborted; a third exits without them."
+        after_help = "Examples:\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight run scenario.lua -u 100 -t 2m --out result.json\n\nEach flag falls back to the scenario's `options` table (users, spawn_rate, duration,\ntimeout, grace, script_timeout, stages, rate, max_users) and `host`, then to the default: 1 user, all users started within the\nfirst second, until Ctrl-C, timeout 30s, grace 5s.\nDurations: 30 (seconds), 1.5s, 30s, 2m, 1h30m, 500ms.\nCtrl-C stops the run, prints the summary and writes --out (exit 130); a second Ctrl-C does\nso at once, counting requests in flight as aborted; a third exits without them."
     )]
     Run(RunArgs),
     /// Load and validate a scenario in the sandbox and print what it defines; sends nothing.

@@ -430,8 +430,9 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     if s.is_empty() {
         bail!(bad());
     }
+    let out_of_range = |e: anyhow::Error| anyhow::anyhow!("bad duration {s:?}: {e}");
     if let Ok(secs) = s.parse::<f64>() {
-        return secs_to_duration(secs).with_context(bad);
+        return secs_to_duration(secs).map_err(out_of_range);
     }
     let mut total = 0.0f64;
     let mut rest = s;
@@ -455,7 +456,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         total += value * scale;
         rest = tail;
     }
-    secs_to_duration(total).with_context(bad)
+    secs_to_duration(total).map_err(out_of_range)
 }
 
 /// `secs` seconds as a duration, if it is one this program accepts (at most [`MAX_DURATION`]).

@@ -244,8 +244,11 @@ pub struct RunResult {
 }
 
 /// How long after its deadline a worker may take to answer at the end of a run before the run
-/// ends without it (what it recorded since its last answer is then missing, and said so).
-const ANSWER: Duration = Duration::from_millis(800);
+/// ends without it (what it recorded since its last answer is then missing, and said so);
+/// the last answers (the final counts) come by [`LAST_ANSWER`] after it: the run's end is
+/// never more than a second past its grace period.
+const ANSWER: Duration = Duration::from_millis(700);
+const LAST_ANSWER: Duration = Duration::from_millis(900);
 
 /// How long a tick waits for the workers' counts; a worker busy in a script for longer hands
 /// its counts over at a later tick.
@@ -639,7 +642,7 @@ impl Workers {
     /// stopped), `teardown` runs (for as long again), and what is still in flight counts as
     /// aborted; the last counts are merged into `agg`. `hurry` resolving (a second Ctrl-C)
     /// stops everything at once. Returns what the workers that never answered were doing:
-    /// the run ends without their last counts, at most [`ANSWER`] after its deadline.
+    /// the run ends without their last counts, at most [`LAST_ANSWER`] after its deadline.
     async fn finish(
         &mut self,
         shared: &Shared,
@@ -688,7 +691,7 @@ impl Workers {
         }
         // Nothing of the scripts runs from here on.
         stop.fetch_max(STOP_ALL, Ordering::Relaxed);
-        let until = (last + ANSWER).max(Instant::now() + Duration::from_millis(100));
+        let until = (last + LAST_ANSWER).max(Instant::now() + Duration::from_millis(50));
         let pending: Vec<_> = self.pending.iter_mut().map(Option::take).collect();
         let finals = self.ask_all(Some(until), |_, tx| Cmd::Finish(tx)).await;
         let mut stuck = Vec::new();
@@ -730,6 +733,8 @@ async fn stop_scripts_at(stop: &AtomicU8, at: Instant, level: u8, hurry: &mut (i
 /// due by a given time.
 struct Schedule {
     start: Instant,
+    /// The run's end: no iteration is due from then on.
+    end: Option<Instant>,
     rate: Option<f64>,
     stages: Option<Vec<crate::stages::RateStage>>,
 }
@@ -738,6 +743,7 @@ impl Schedule {
     fn new(cfg: &RunConfig, start: Instant) -> Self {
         Self {
             start,
+            end: cfg.duration.map(|d| start + d),
             rate: cfg.rate,
             stages: cfg.rate_stages.clone(),
         }
@@ -765,7 +771,11 @@ impl Schedule {
     /// Hands the iterations due now, from `next` on (this segment's: every `step`-th), to the
     /// workers in turn, one message per worker; returns the next one to schedule.
     fn dispatch(&self, workers: &Workers, next: u64, segment: Option<crate::segment::Segment>) -> u64 {
-        let now = Instant::now();
+        // (Just before the end at most: the end may have come since the wake.)
+        let now = match self.end {
+            Some(end) => Instant::now().min(end - Duration::from_nanos(1)),
+            None => Instant::now(),
+        };
         let step = segment.step();
         let due = self.due(now);
         if next >= due {
@@ -1026,6 +1036,40 @@ fn worker_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker that never answers (its channel is never read: a thread stuck where no limit
+    /// reaches) does not hold the end of the run: it ends the grace period and a second after
+    /// the stop, names what the worker was running, and has every script stop.
+    #[tokio::test]
+    async fn a_worker_that_never_answers_is_named_and_the_run_ends_without_it() {
+        let none = crate::config::Overrides::default();
+        let cfg = RunConfig::resolve("t.lua".into(), &none, &none, None, LiveMode::Off).unwrap();
+        let shared = Shared::new(&cfg);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let activity = Arc::new(Activity::default());
+        activity.begin(5, "scenario");
+        let mut workers = Workers {
+            tx: vec![tx],
+            activity: vec![activity],
+            pending: vec![None],
+        };
+        let grace = Duration::from_millis(300);
+        let started = Instant::now();
+        let mut agg = Aggregate::default();
+        let stuck = workers
+            .finish(&shared, grace, false, std::future::pending(), &mut agg)
+            .await;
+        let took = started.elapsed();
+        assert!(took >= grace && took < grace + Duration::from_secs(1), "{took:?}");
+        assert_eq!(stuck.len(), 1, "{stuck:?}");
+        assert!(
+            stuck[0].starts_with("worker 0 did not stop: user 5 in scenario;"),
+            "{}",
+            stuck[0]
+        );
+        assert_eq!(shared.scripts_stop.load(Ordering::Relaxed), STOP_ALL);
+        drop(rx);
+    }
 
     /// The open model's schedule under virtual time: a rate of 10/s for 950 ms schedules
     /// iterations at 0, 100, .., 900 ms; with the pool blocked every one is dropped, with three

@@ -4,174 +4,16 @@
 //! Every child process is bounded: each run passes a short `-t`, and the harness kills a child
 //! that outlives its deadline (and any child still running when a test panics).
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use stormlight::target::Target;
-
-const BIN: &str = env!("CARGO_BIN_EXE_stormlight");
+mod common;
+use common::process::*;
+use common::target;
 
 /// Deadline for commands that should end at once (bad input, `check`, `--help`).
 const QUICK: Duration = Duration::from_secs(15);
-
-// ---------------------------------------------------------------------------------------------
-// Harness
-// ---------------------------------------------------------------------------------------------
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("stormlight-cli-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Writes `name` with `contents` and returns its path.
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, contents).expect("write scenario");
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// What a finished child left behind.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
-    fn show(&self) -> String {
-        format!(
-            "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// A running child with its output drained by two threads; killed on drop if still running.
-struct Proc {
-    child: Child,
-    out: Option<JoinHandle<String>>,
-    err: Option<JoinHandle<String>>,
-    what: String,
-}
-
-fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-impl Proc {
-    fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
-        let what = args
-            .iter()
-            .map(|a| a.as_ref().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
-        let out = child.stdout.take().map(drain);
-        let err = child.stderr.take().map(drain);
-        Proc {
-            child,
-            out,
-            err,
-            what: format!("stormlight {what}"),
-        }
-    }
-
-    fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn collect(&mut self, status: ExitStatus) -> Finished {
-        let stdout = self
-            .out
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        let stderr = self
-            .err
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        Finished { status, stdout, stderr }
-    }
-
-    /// Waits for the child to exit; after `limit`, kills it and panics with what it printed.
-    fn wait(mut self, limit: Duration) -> Finished {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return self.collect(status),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Ok(None) => {
-                    let _ = self.child.kill();
-                    let status = self.child.wait().expect("wait after kill");
-                    let f = self.collect(status);
-                    panic!("`{}` did not exit within {limit:?}; killed it\n{}", self.what, f.show());
-                }
-                Err(e) => panic!("waiting for `{}`: {e}", self.what),
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Runs the binary to completion within `limit`.
-fn run<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Finished {
-    Proc::spawn(args).wait(limit)
-}
-
-fn target() -> Target {
-    Target::spawn_thread("127.0.0.1:0".parse().unwrap()).expect("start the built-in target")
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON ({e}):\n{text}", path.display()))
-}
 
 /// Asserts that `v` is an object holding each of `keys`.
 fn assert_keys(v: &serde_json::Value, keys: &[&str], what: &str) {
@@ -367,24 +209,75 @@ const BAD_CASES: &[BadCase] = &[
         expect: &["--max-users", "--users"],
     },
     BadCase {
+        name: "ten million hooked users (more than the machine's memory)",
+        script: Some("endpoints = { Task('GET', '/hello') }\nfunction before_request(user, req) end\n"),
+        flags: &["--host", "{host}", "-u", "10000000", "-t", "1s", "-q"],
+        // (Or the open-files limit, whichever this machine refuses them for.)
+        expect: &["10000000 users need", "--segment"],
+    },
+    BadCase {
+        name: "a rate of 10^12 iterations a second",
+        script: Some(GOOD_SCENARIO),
+        flags: &[
+            "--host",
+            "{host}",
+            "--rate",
+            "1e12",
+            "--max-users",
+            "2",
+            "-t",
+            "1s",
+            "-q",
+        ],
+        expect: &["--rate", "--segment"],
+    },
+    BadCase {
+        name: "a duration of a hundred thousand years",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "1", "-t", "999999999h", "-q"],
+        expect: &["at most 365 days"],
+    },
+    BadCase {
+        name: "a duration past what a clock holds",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "1", "-t", "2562047788015215h", "-q"],
+        expect: &["at most 365 days"],
+    },
+    BadCase {
+        name: "a scenario duration past a year",
+        script: Some("options = { duration = 1e300 }\nendpoints = { Task('GET', '/hello') }\n"),
+        flags: &["--host", "{host}", "-u", "1", "-q"],
+        expect: &["{file}:1", "at most 365 days"],
+    },
+    BadCase {
+        name: "--max-names of a million",
+        script: Some(GOOD_SCENARIO),
+        flags: &[
+            "--host",
+            "{host}",
+            "-u",
+            "1",
+            "-t",
+            "1s",
+            "--max-names",
+            "1000000",
+            "-q",
+        ],
+        expect: &["--max-names", "100000"],
+    },
+    BadCase {
+        name: "a script timeout of 0",
+        script: Some(GOOD_SCENARIO),
+        flags: &["--host", "{host}", "-u", "1", "-t", "1s", "--script-timeout", "0", "-q"],
+        expect: &["--script-timeout", "more than 0"],
+    },
+    BadCase {
         name: "think time the wrong way round",
         script: Some("endpoints = { Task('GET', '/hello') }\nwait_time = between(3, 1)\n"),
         flags: &["--host", "{host}", "-u", "2", "-t", "1s", "-q"],
         expect: &["{file}:2", "a <= b"],
     },
 ];
-
-/// `stormlight run SCRIPT --host HOST` followed by `rest`.
-fn run_args(script: &Path, host: &str, rest: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        "run".to_string(),
-        script.display().to_string(),
-        "--host".into(),
-        host.to_string(),
-    ];
-    args.extend(rest.iter().map(|s| s.to_string()));
-    args
-}
 
 #[test]
 fn bad_input_exits_2_with_a_message_and_sends_nothing() {
@@ -466,7 +359,7 @@ fn check_prints_endpoints_and_hooks() {
 fn check_sends_nothing_even_with_a_host() {
     let target = target();
     let dir = TempDir::new("check-host");
-    let file = dir.write("scenario.lua", &format!("host = \"{}\"\n{GOOD_SCENARIO}", target.url()));
+    let file = dir.write("scenario.lua", format!("host = \"{}\"\n{GOOD_SCENARIO}", target.url()));
     let f = run(&["check".as_ref(), file.as_os_str()], QUICK);
     assert_eq!(f.code(), Some(0), "{}", f.show());
     assert!(f.stdout.contains("/api/upload"), "{}", f.show());
@@ -700,27 +593,6 @@ const SLOW_SCENARIO: &str = r#"endpoints = {
 }
 "#;
 
-fn send_sigint(pid: u32) {
-    let kill = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .expect("run kill -INT");
-    assert!(kill.success(), "kill -INT {pid} failed");
-}
-
-/// Waits until the target has received at least `n` requests (at most 10 s).
-fn wait_for_requests(target: &Target, n: u64) {
-    let start = Instant::now();
-    while target.counts.requests() < n && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        target.counts.requests() >= n,
-        "the target received {} requests within 10 s, expected {n}",
-        target.counts.requests()
-    );
-}
-
 #[test]
 fn sigint_with_requests_in_flight_counts_each_once_after_the_grace() {
     let target = target();
@@ -860,39 +732,6 @@ fn dead_host_is_counted_not_rejected() {
 // ---------------------------------------------------------------------------------------------
 // Issue 8: endless and trickled bodies end at their limits with flat memory
 // ---------------------------------------------------------------------------------------------
-
-/// The process's resident memory in KiB, from /proc.
-fn rss_kib(pid: u32) -> Option<u64> {
-    status_kib(pid, "VmRSS:")
-}
-
-/// A field of `/proc/PID/status` given in KiB (`VmRSS:`, `VmHWM:`).
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Runs `args` and returns its exit and the highest RSS seen (sampled every 50 ms).
-fn run_sampling_rss(args: &[String], limit: Duration) -> (Finished, u64) {
-    let proc = Proc::spawn(args);
-    let pid = proc.id();
-    let sampler = std::thread::spawn(move || {
-        let mut peak = 0;
-        while let Some(kib) = rss_kib(pid) {
-            peak = peak.max(kib);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        peak
-    });
-    let f = proc.wait(limit);
-    (f, sampler.join().unwrap())
-}
 
 #[test]
 fn endless_and_trickled_bodies_end_at_their_limits_with_flat_memory() {
@@ -1343,7 +1182,7 @@ fn url_creds_never_reach_an_output_or_the_terminal() {
     let dir = TempDir::new("creds");
     let script = dir.write(
         "creds.lua",
-        &format!(
+        format!(
             r#"wait_time = constant(0.02)
 endpoints = {{
   Task("GET", "/hello"),
@@ -1426,9 +1265,7 @@ end
     // `check` shows the scenario's URLs and host the same way.
     let with_host = dir.write(
         "check.lua",
-        &format!(
-            "host = \"{host}\"\nendpoints = {{ {{ method = \"GET\", url = \"http://bo:{SECRET}@{addr}/x\" }} }}\n"
-        ),
+        format!("host = \"{host}\"\nendpoints = {{ {{ method = \"GET\", url = \"http://bo:{SECRET}@{addr}/x\" }} }}\n"),
     );
     let f = run(&["check".to_string(), with_host.display().to_string()], QUICK);
     assert_eq!(f.code(), Some(0), "{}", f.show());
@@ -1447,11 +1284,11 @@ fn bad_urls_with_creds_are_refused_without_showing_the_password() {
     let good = dir.write("good.lua", "endpoints = { Task('GET', '/hello') }\n");
     let ftp = dir.write(
         "ftp.lua",
-        &format!("endpoints = {{ {{ method = 'GET', url = 'ftp://ada:{SECRET}@127.0.0.1/x' }} }}\n"),
+        format!("endpoints = {{ {{ method = 'GET', url = 'ftp://ada:{SECRET}@127.0.0.1/x' }} }}\n"),
     );
     let port = dir.write(
         "port.lua",
-        &format!("endpoints = {{ {{ method = 'GET', url = 'http://ada:{SECRET}@127.0.0.1:99999/x' }} }}\n"),
+        format!("endpoints = {{ {{ method = 'GET', url = 'http://ada:{SECRET}@127.0.0.1:99999/x' }} }}\n"),
     );
     let host_bad = format!("http://ada:{SECRET}@127.0.0.1:99999");
     let no_scheme = format!("ada:{SECRET}@{}", target.addr);

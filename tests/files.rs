@@ -8,147 +8,25 @@
 
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use stormlight::target::Target;
-
-const BIN: &str = env!("CARGO_BIN_EXE_stormlight");
+mod common;
+use common::process::*;
+use common::target;
 
 /// Deadline for commands refused at load: a few seconds at most, even on a busy machine.
 const QUICK: Duration = Duration::from_secs(5);
 /// Deadline for a 1 s run and its outputs.
 const RUN: Duration = Duration::from_secs(20);
 
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("stormlight-files-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn write(&self, name: &str, contents: &[u8]) -> PathBuf {
-        let p = self.join(name);
-        std::fs::write(&p, contents).expect("write a file");
-        p
-    }
-
-    fn fifo(&self, name: &str) -> PathBuf {
-        let p = self.join(name);
-        let status = Command::new("mkfifo").arg(&p).status().expect("run mkfifo");
-        assert!(status.success(), "mkfifo {}", p.display());
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Finished {
-    status: ExitStatus,
-    took: Duration,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
-    fn show(&self) -> String {
-        format!(
-            "status: {:?} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.took, self.stdout, self.stderr
-        )
-    }
-}
-
-/// A child killed on drop if still running (a test that panics leaves nothing behind).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// Runs the binary with `args`; kills it and panics if it is still running after `limit`.
-fn run<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration) -> Finished {
-    run_to(args, limit, Stdio::piped())
-}
-
 /// [`run`], with stdout going to `stdout` (`Finished::stdout` is empty unless it is piped).
 fn run_to<S: AsRef<std::ffi::OsStr>>(args: &[S], limit: Duration, stdout: Stdio) -> Finished {
-    let what: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
-    let started = Instant::now();
-    let mut child = Proc(
-        Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}")),
-    );
-    let out = match child.0.stdout.take() {
-        Some(piped) => drain(piped),
-        None => std::thread::spawn(String::new),
-    };
-    let err = drain(child.0.stderr.take().unwrap());
-    let status = loop {
-        match child.0.try_wait().expect("wait for the child") {
-            Some(status) => break status,
-            None if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(10)),
-            None => {
-                let _ = child.0.kill();
-                let _ = child.0.wait();
-                panic!(
-                    "`stormlight {}` did not exit within {limit:?}; killed it\nstderr: {}",
-                    what.join(" "),
-                    err.join().unwrap_or_default()
-                );
-            }
-        }
-    };
-    let took = started.elapsed();
-    Finished {
-        status,
-        took,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
-}
-
-fn target() -> Target {
-    Target::spawn_thread("127.0.0.1:0".parse().unwrap()).expect("start the built-in target")
+    Proc::spawn_with(args, |cmd| {
+        cmd.stdout(stdout);
+    })
+    .wait(limit)
 }
 
 fn s(p: &Path) -> String {
@@ -399,7 +277,7 @@ fn an_output_naming_stdout_redirected_to_a_file_goes_after_the_summary() {
     );
     let json: serde_json::Value = serde_json::from_str(&text[json_at..]).expect("the rest is the JSON");
     assert!(json["total"]["requests"].as_u64().unwrap() > 0, "{json}");
-    let names: Vec<_> = std::fs::read_dir(&dir.0)
+    let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();

@@ -38,6 +38,7 @@ host = nil
 ---@field duration? number|string
 ---@field timeout? number|string
 ---@field grace? number|string
+---@field script_timeout? number|string How long one call into the scenario may work, its waits on http and sleep not counted (default 5s).
 ---@field stages? { duration: number|string, users?: integer, rate?: number }[] Users (or, with `rate`, iterations per second) over time.
 ---@field rate? number Open model: iterations started per second.
 ---@field max_users? integer Open model: the pool of users (default: the rate, rounded up).
@@ -229,7 +230,8 @@ function sleep(seconds) end
 ---@return boolean passed
 function check(value, description) end
 
----Lines on stderr (at most 20 a second across all users).
+---Lines on stderr, as `print` writes them: at most 100 a second across all users, each cut at
+---4 KiB.
 log = {}
 
 ---@param ... any
@@ -247,6 +249,7 @@ json = {}
 ---@return string
 function json.encode(value) end
 
+---The value is built in the user's state as the text is read (held to its memory limit).
 ---@param text string
 ---@return any
 function json.decode(text) end

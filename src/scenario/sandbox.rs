@@ -319,14 +319,16 @@ pub const CALLS: [&str; 10] = [
 ];
 
 impl Activity {
-    fn begin(&self, user: u64, hook: &'static str) {
+    /// A call of `user` into `hook` begins (see [`Budget::start`]).
+    pub fn begin(&self, user: u64, hook: &'static str) {
         let index = CALLS.iter().position(|c| *c == hook).unwrap_or(CALLS.len() - 1);
         self.user.store(user, Ordering::Relaxed);
         self.hook.store(index + 1, Ordering::Relaxed);
         self.calls.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn end(&self) {
+    /// The call has ended.
+    pub fn end(&self) {
         self.hook.store(0, Ordering::Relaxed);
     }
 

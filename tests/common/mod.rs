@@ -2,6 +2,8 @@
 //! scenario against it, and lookups in the summary. (Each test file uses part of it.)
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
