@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: stormlight against wrk (and oha, when installed) on the same local
-server, in one run, printing medians and the ratios of issue #3.
+server, in one run, printing medians and the ratios its targets are stated in.
 
     python3 bench/bench.py [--rounds 3] [--seconds 8] [--quick]
 
@@ -243,7 +243,7 @@ def main():
     print("\nRuntime layout (examples/runtime_layout.rs, one CPU, 50 users, GET /hello):")
     print("".join("  " + line + "\n" for line in layout.strip().splitlines()), end="")
     sl, slh, live = med["stormlight, no hooks"], med["stormlight, before_request hook"], med["stormlight, no hooks, live view"]
-    print("\nTargets (issue #3):")
+    print("\nTargets:")
     rows = [
         ("1a no hooks / wrk+Lua request()", sl / med["wrk + Lua request() mix"], 1.0),
         ("1b no hooks / plain wrk", sl / med["wrk (no script, GET only)"], 1.2),

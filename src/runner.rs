@@ -787,10 +787,9 @@ impl Schedule {
         let first_at = self.at(next).unwrap_or(now).min(now);
         let last_at = self.at(next + (count - 1) * step).unwrap_or(now).min(now);
         // The instants in between, evenly spread (exact for a constant rate).
-        let gap = if count > 1 {
-            (last_at - first_at) / (count - 1) as u32
-        } else {
-            Duration::ZERO
+        let gap = match count {
+            0 | 1 => Duration::ZERO,
+            _ => (last_at - first_at).div_f64((count - 1) as f64),
         };
         for i in 0..n.min(count) {
             let w = ((first_nth + i) % n) as usize;
