@@ -29,6 +29,15 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Lists the call of user `id` into `hook` that the end of the run stopped, if `e` says so.
+    fn stopped_at_the_end(&self, id: u64, hook: &str, e: &HookError) {
+        if e.stopped {
+            self.recorder
+                .borrow_mut()
+                .stuck(format!("user {id} in {hook}: {}", e.message));
+        }
+    }
+
     /// Open model: hands `count` iterations, the first scheduled at `first` and the next ones
     /// `every` apart, to free users; those no free user takes are dropped and counted.
     pub fn dispatch(&self, first: std::time::Instant, every: Duration, count: u64) {
@@ -109,11 +118,8 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<Box<UserSt
     let hook = |name: &str, result: Result<(), HookError>| {
         let Err(e) = result else { return false };
         if !e.message.contains(host::STOPPING) {
-            let mut recorder = worker.recorder.borrow_mut();
-            if e.stopped {
-                recorder.stuck(format!("user {user_id} in {name}: {}", e.message));
-            }
-            recorder.error(&plan.hook_row(name), e.reason(name));
+            worker.stopped_at_the_end(user_id, name, &e);
+            worker.recorder.borrow_mut().error(&plan.hook_row(name), e.reason(name));
         }
         true
     };
@@ -136,7 +142,7 @@ pub async fn run(worker: Rc<Worker>, id: u64, prepared: Option<Result<Box<UserSt
                 }
                 true
             }
-            None => iteration(&worker, &state, session, &mut rng, think.correction()).await,
+            None => iteration(&worker, user_id, &state, session, &mut rng, think.correction()).await,
         };
         if !sent && think.wait.is_none() {
             // Nothing was sent (skipped, or a hook failed): let the other users run.
@@ -412,6 +418,7 @@ async fn send(
 /// One iteration of a user whose scenario has hooks. Returns whether a request was sent.
 async fn iteration(
     worker: &Worker,
+    user_id: u64,
     state: &UserState,
     session: &RefCell<http::Session>,
     rng: &mut SmallRng,
@@ -447,6 +454,7 @@ async fn iteration(
             Ok(Value::Boolean(false)) => return false,
             Ok(_) => {}
             Err(e) => {
+                worker.stopped_at_the_end(user_id, "before_request", &e);
                 script_failure(row, e.reason("before_request"));
                 return false;
             }
@@ -505,7 +513,10 @@ async fn iteration(
             }
             Ok((Value::Boolean(true), _)) => outcome.failure = None,
             Ok(_) => {}
-            Err(e) => outcome.failure = Some(e.reason("after_response")),
+            Err(e) => {
+                worker.stopped_at_the_end(user_id, "after_response", &e);
+                outcome.failure = Some(e.reason("after_response"));
+            }
         }
     }
     worker.recorder.borrow_mut().finish(row, outcome);

@@ -398,6 +398,18 @@ impl Browser {
         self.cmd("POST", "/execute/sync", json!({"script": js, "args": []}))
     }
 
+    /// Clicks the element `css` selects.
+    fn click(&self, css: &str) {
+        let found = self.cmd("POST", "/element", json!({"using": "css selector", "value": css}));
+        let id = found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_string();
+        self.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    }
+
     /// Waits until `js` returns something truthy; returns it.
     fn until(&self, js: &str, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;
@@ -450,17 +462,7 @@ fn the_dashboard_updates_in_headless_chromium_and_stop_ends_the_run_with_the_sum
     );
     assert_eq!(rows, json!(["/hello", "down"]));
 
-    let stop = browser.cmd("POST", "/element", json!({"using": "css selector", "value": "#stop"}));
-    let id = stop
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
-    browser.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    browser.click("#stop");
     assert_eq!(
         run.wait(Duration::from_secs(20)),
         Some(130),
@@ -793,17 +795,7 @@ fn the_dashboard_behind_web_auth_works_in_headless_chromium() {
     browser.cmd("POST", "/url", json!({"url": format!("http://prom:pw@{}/", run.web)}));
     let requests = "const b = document.querySelector('.cards b'); return b ? Number(b.textContent) : 0;";
     assert!(browser.until(requests, Duration::from_secs(15)).as_f64().unwrap() > 0.0);
-    let stop = browser.cmd("POST", "/element", json!({"using": "css selector", "value": "#stop"}));
-    let id = stop
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
-    browser.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    browser.click("#stop");
     assert_eq!(
         run.wait(Duration::from_secs(20)),
         Some(130),

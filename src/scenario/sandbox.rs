@@ -324,7 +324,9 @@ impl Activity {
         let index = CALLS.iter().position(|c| *c == hook).unwrap_or(CALLS.len() - 1);
         self.user.store(user, Ordering::Relaxed);
         self.hook.store(index + 1, Ordering::Relaxed);
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        // (Only this worker writes it: no read-modify-write needed.)
+        self.calls
+            .store(self.calls.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     /// The call has ended.
