@@ -702,17 +702,31 @@ impl Workers {
             {
                 agg.add(snap);
             }
-            match last {
-                Some(snap) => agg.add(snap),
-                None => stuck.push(match self.activity[w].describe() {
-                    Some(what) => format!(
-                        "worker {w} did not stop: {what}; the run ended without its counts since it last handed them over"
-                    ),
-                    None => format!(
-                        "worker {w} did not answer at the end of the run; the run ended without its counts since it last handed them over"
-                    ),
-                }),
+            if let Some(snap) = last {
+                agg.add(snap);
+                continue;
             }
+            let what = match self.activity[w].describe() {
+                Some(what) => format!(
+                    "worker {w} did not stop: {what}; the run ended without its counts since it last handed them over"
+                ),
+                None => format!(
+                    "worker {w} did not answer at the end of the run; the run ended without its counts since it last handed them over"
+                ),
+            };
+            // Counted as a script error too, under the hook it was in: a run that lost counts
+            // does not look clean to a gate on `script_errors`.
+            let hook = self.activity[w].hook().unwrap_or("a hook");
+            agg.add(Snapshot {
+                failures: vec![(
+                    Arc::new(RowId::new("HOOK", hook)),
+                    crate::stats::Reason::ScriptLimit(format!("{hook}: {what}")),
+                    1,
+                )],
+                errors: 1,
+                ..Default::default()
+            });
+            stuck.push(what);
         }
         stuck
     }
@@ -1067,6 +1081,18 @@ mod tests {
             stuck[0]
         );
         assert_eq!(shared.scripts_stop.load(Ordering::Relaxed), STOP_ALL);
+        // It counts as a script error of its hook: a gate on script errors sees it.
+        let failures = agg.failures();
+        assert_eq!((failures.len(), failures[0].count), (1, 1), "{failures:?}");
+        assert_eq!(
+            (failures[0].method.as_str(), failures[0].name.as_str()),
+            ("HOOK", "scenario")
+        );
+        assert!(
+            failures[0]
+                .reason
+                .starts_with("script limit: scenario: worker 0 did not stop")
+        );
         drop(rx);
     }
 

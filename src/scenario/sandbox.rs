@@ -340,6 +340,12 @@ impl Activity {
         }
     }
 
+    /// The hook the worker is running now, if any.
+    pub fn hook(&self) -> Option<&'static str> {
+        let index = self.hook.load(Ordering::Relaxed).checked_sub(1)?;
+        Some(CALLS[index])
+    }
+
     /// What the worker is running now: `user N in HOOK at FILE:LINE` (where it was last seen,
     /// if the call has run long), or `None` between calls.
     pub fn describe(&self) -> Option<String> {
@@ -680,24 +686,51 @@ unsafe fn wrap_checked(l: *mut lua_State, lib: &[u8], idx: c_int) {
     }
 }
 
-/// `setmetatable` (upvalue 1: the library's), refusing `__gc`: a finalizer runs whenever the
-/// collector gets to it, with the instruction hook off, outside any call and its limits (and
-/// when the state closes, after the run): it could loop forever or send where no one counts.
+/// `setmetatable` (upvalue 1: the library's), refusing `__gc` and `__close`: a finalizer runs
+/// whenever the collector gets to it, with the instruction hook off, outside any call and its
+/// limits (and when the state closes, after the run); a to-be-closed variable's `__close` runs
+/// while an error unwinds, where the hook is off too when the error is a limit's. Either could
+/// loop forever, or send where no one counts. (Lua looks both up raw: `__index` cannot supply
+/// them.)
 unsafe extern "C-unwind" fn setmetatable(l: *mut lua_State) -> c_int {
     unsafe {
         ffi::luaL_checkstack(l, 2, ptr::null());
-        if ffi::lua_type(l, 2) == ffi::LUA_TTABLE && {
-            ffi::lua_pushstring(l, c"__gc".as_ptr());
-            ffi::lua_rawget(l, 2) != ffi::LUA_TNIL
-        } {
-            ffi::luaL_error(
-                l,
-                c"setmetatable: __gc (finalizers) is not allowed in a scenario: finalizers would run outside the script's limits"
-                    .as_ptr(),
-            );
+        if ffi::lua_type(l, 2) == ffi::LUA_TTABLE {
+            for (field, msg) in [
+                (
+                    c"__gc",
+                    c"setmetatable: __gc (finalizers) is not allowed in a scenario: finalizers would run outside the script's limits",
+                ),
+                (
+                    c"__close",
+                    c"setmetatable: __close (to-be-closed variables) is not allowed in a scenario: it would run outside the script's limits",
+                ),
+            ] {
+                ffi::lua_pushstring(l, field.as_ptr());
+                if ffi::lua_rawget(l, 2) != ffi::LUA_TNIL {
+                    ffi::luaL_error(l, msg.as_ptr());
+                }
+                ffi::lua_pop(l, 1);
+            }
         }
         ffi::lua_settop(l, 2);
         call_original(l);
+        1
+    }
+}
+
+/// The message handler `xpcall` is given (upvalue 1: the script's), run only when the error
+/// is not a limit's: a limit's error (raised from the instruction hook, which is off while the
+/// handler would run) passes through as it is, and `xpcall` raises it again.
+unsafe extern "C-unwind" fn guarded_handler(l: *mut lua_State) -> c_int {
+    unsafe {
+        if budget_spent(l) {
+            ffi::lua_settop(l, 1);
+            return 1;
+        }
+        ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+        ffi::lua_insert(l, 1);
+        ffi::lua_call(l, ffi::lua_gettop(l) - 1, 1);
         1
     }
 }
@@ -794,6 +827,9 @@ unsafe extern "C-unwind" fn xpcall(l: *mut lua_State) -> c_int {
     unsafe {
         let n = ffi::lua_gettop(l);
         ffi::luaL_checktype(l, 2, ffi::LUA_TFUNCTION);
+        ffi::lua_pushvalue(l, 2);
+        ffi::lua_pushcclosure(l, guarded_handler, 1);
+        ffi::lua_replace(l, 2);
         ffi::lua_pushboolean(l, 1);
         ffi::lua_pushvalue(l, 1);
         ffi::lua_rotate(l, 3, 2);
@@ -999,6 +1035,13 @@ unsafe fn narrow_globals(l: *mut lua_State) {
         wrap_checked(l, b"string", ffi::lua_gettop(l));
         // find, match, gmatch and gsub whose work is counted (see `pattern`).
         super::pattern::install(l);
+        // Strings' metatable is the host's: a script that could add `__close` (or `__index`)
+        // to it would reach every string.
+        ffi::lua_pushstring(l, c"".as_ptr());
+        if ffi::lua_getmetatable(l, -1) != 0 {
+            ffi::lua_pushboolean(l, 0);
+            ffi::lua_setfield(l, -2, c"__metatable".as_ptr());
+        }
         ffi::lua_settop(l, 0);
     }
 }
@@ -1388,6 +1431,19 @@ mod tests {
             let err = run(code).expect_err(code);
             assert!(err.contains("__gc (finalizers) is not allowed"), "{code}: {err}");
         }
+        // To-be-closed variables' __close would run while a limit's error unwinds, hook off.
+        for code in [
+            "local x <close> = setmetatable({}, { __close = function() while true do end end }) while true do end",
+            "getmetatable('').__close = function() while true do end end",
+            "local mt = getmetatable('') rawset(mt, '__close', print)",
+        ] {
+            let err = run(code).expect_err(code);
+            assert!(
+                err.contains("__close (to-be-closed variables) is not allowed") || err.contains("boolean"),
+                "{code}: {err}"
+            );
+        }
+        assert!(run("local x <close> = nil return ('abc'):upper() == 'ABC' and getmetatable('') == false").is_ok());
         // A metatable's own fields are looked at, not what its __index would give.
         assert!(run("setmetatable({}, setmetatable({}, { __index = { __gc = print } }))").is_ok());
         assert!(run("return getmetatable(setmetatable({}, { __index = {} })) ~= nil").is_ok());
@@ -1438,6 +1494,9 @@ mod tests {
             "while true do xpcall(function() while true do end end, function(e) return e end) end",
             "while true do coroutine.resume(coroutine.create(function() while true do end end)) end",
             "local function f() pcall(f) end while true do pcall(f) end",
+            // A message handler that loops would run with the hook off for a limit's error.
+            "while true do xpcall(function() while true do end end, function(e) while true do end end) end",
+            "xpcall(function() while true do end end, function(e) while true do end end)",
         ] {
             let err = run(code).expect_err(code);
             assert!(err.contains("instruction budget"), "{code}: {err}");
