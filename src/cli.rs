@@ -25,7 +25,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a scenario: spawn users, send requests, show live stats, print a summary.
     #[command(
-        after_help = "Examples:\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight run scenario.lua -u 100 -t 2m --out result.json\n\nEach flag falls back to the scenario's `options` table (users, spawn_rate, duration,\ntimeout, grace, script_timeout, stages, rate, max_users) and `host`, then to the default: 1 user, all users started within the\nfirst second, until Ctrl-C, timeout 30s, grace 5s.\nDurations: 30 (seconds), 1.5s, 30s, 2m, 1h30m, 500ms.\nCtrl-C stops the run, prints the summary and writes --out (exit 130); a second Ctrl-C does\nso at once, counting requests in flight as aborted; a third exits without them."
+        after_help = "Examples:\n  stormlight run scripts/stormlight_file.lua --host http://127.0.0.1:8000 -u 10 -r 2 -t 30s\n  stormlight run scenario.lua -u 100 -t 2m --out result.json\n\nEach flag falls back to the scenario's `options` table (users, spawn_rate, duration,\ntimeout, grace, script_timeout, script_memory, stages, rate, max_users) and `host`, then to the default: 1 user, all users started within the\nfirst second, until Ctrl-C, timeout 30s, grace 5s.\nDurations: 30 (seconds), 1.5s, 30s, 2m, 1h30m, 500ms.\nCtrl-C stops the run, prints the summary and writes --out (exit 130); a second Ctrl-C does\nso at once, counting requests in flight as aborted; a third exits without them."
     )]
     Run(RunArgs),
     /// Load and validate a scenario in the sandbox and print what it defines; sends nothing.
@@ -146,6 +146,11 @@ pub struct LoadArgs {
     /// counts as "script limit" [default: 5s].
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub script_timeout: Option<Duration>,
+    /// How much memory each user's Lua state may hold (1MiB to 1GiB); past it a call fails with
+    /// "memory limit". All users' states together are held to 3/4 of the machine's available
+    /// memory whatever this is [default: 16MiB].
+    #[arg(long, value_name = "BYTES", value_parser = bytes_size)]
+    pub script_memory: Option<u64>,
     /// Connect timeout (capped by --timeout) [default: 10s].
     #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub connect_timeout: Option<Duration>,
@@ -330,6 +335,7 @@ impl LoadArgs {
             timeout: self.timeout,
             grace: self.grace,
             script_timeout: self.script_timeout,
+            script_memory: self.script_memory,
             connect_timeout: self.connect_timeout,
             max_body: self.max_body,
             max_redirects: self.max_redirects,

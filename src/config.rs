@@ -43,6 +43,8 @@ pub struct Overrides {
     pub max_names: Option<usize>,
     /// How long one call into the script may run, its waits not counted.
     pub script_timeout: Option<Duration>,
+    /// Bytes each user's Lua state may hold.
+    pub script_memory: Option<u64>,
     /// Ramping stages (`--stages`, `options.stages`): they set the users over time.
     pub stages: Option<Vec<crate::stages::Stage>>,
     /// Open model: iterations started per second (`--rate`), by a pool of users.
@@ -92,6 +94,8 @@ pub struct RunConfig {
     pub grace: Duration,
     /// How long one call into the script may run, its waits not counted (`--script-timeout`).
     pub script_timeout: Duration,
+    /// Bytes each user's Lua state may hold (`--script-memory`).
+    pub script_memory: u64,
     pub out: Option<PathBuf>,
     pub live: LiveMode,
     /// Worker threads (each a current-thread runtime); defaults to the number of cores.
@@ -266,10 +270,16 @@ impl RunConfig {
         if script_timeout.is_zero() {
             bail!("--script-timeout must be more than 0");
         }
+        let script_memory = cli
+            .script_memory
+            .or(scenario.script_memory)
+            .unwrap_or(crate::scenario::sandbox::DEFAULT_SCRIPT_MEMORY as u64);
+        check_script_memory(script_memory)?;
         let defaults = crate::http::Limits::default();
         let http = crate::http::Limits {
             connect_timeout: cli.connect_timeout.unwrap_or(defaults.connect_timeout).min(timeout),
             max_body: cli.max_body.unwrap_or(defaults.max_body),
+            max_kept_body: script_memory,
             max_redirects: cli.max_redirects.unwrap_or(defaults.max_redirects),
             keepalive_idle: cli.keepalive_idle.unwrap_or(defaults.keepalive_idle),
         };
@@ -338,6 +348,7 @@ impl RunConfig {
             timeout,
             grace,
             script_timeout,
+            script_memory,
             out,
             live,
             workers: cores.min(users as usize).max(1),
@@ -457,6 +468,17 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         rest = tail;
     }
     secs_to_duration(total).map_err(out_of_range)
+}
+
+/// The most `--script-memory` may give each user's state.
+pub const MAX_SCRIPT_MEMORY: u64 = 1 << 30;
+
+/// A user state's memory limit this program accepts: 1 MiB to [`MAX_SCRIPT_MEMORY`].
+pub fn check_script_memory(bytes: u64) -> Result<()> {
+    if !(1 << 20..=MAX_SCRIPT_MEMORY).contains(&bytes) {
+        bail!("--script-memory must be from 1MiB to 1GiB (got {bytes} bytes)");
+    }
+    Ok(())
 }
 
 /// `secs` seconds as a duration, if it is one this program accepts (at most [`MAX_DURATION`]).

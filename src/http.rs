@@ -431,6 +431,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Body bytes read before a response fails with "body too large".
     pub max_body: u64,
+    /// The same for a body kept for a script to read (`after_response`, `http.*`): no more
+    /// than the script's memory can hold.
+    pub max_kept_body: u64,
     /// Redirects followed (one request, counted once); past this, "redirect limit".
     pub max_redirects: u32,
     /// A kept-alive connection idle this long is closed instead of reused.
@@ -442,6 +445,7 @@ impl Default for Limits {
         Self {
             connect_timeout: Duration::from_secs(10),
             max_body: 64 << 20,
+            max_kept_body: 64 << 20,
             max_redirects: 10,
             keepalive_idle: Duration::from_secs(4),
         }
@@ -929,7 +933,10 @@ impl Client {
                 Err(_) => return Err(Reason::ConnectTimeout),
             },
         };
-        let max_body = self.limits.max_body;
+        let max_body = match keep_body {
+            true => self.limits.max_body.min(self.limits.max_kept_body),
+            false => self.limits.max_body,
+        };
         // The user's cookies for this URL go with it (a request of its own, rarely needed).
         let with_cookies = session.cookie_header(req).map(|c| Box::new(req.with_cookie(&c)));
         let req = with_cookies.as_deref().unwrap_or(req);

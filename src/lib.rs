@@ -2,6 +2,7 @@
 //! its own sandboxed Lua state; latencies go into HdrHistograms merged for the live view.
 //!
 //! # Layout
+//! - [`console`]: stderr without waiting (the program's lines and the scripts').
 //! - [`cli`]: the command line (clap); raw flags stop there.
 //! - [`config`]: [`config::RunConfig`], built once from flags > scenario `options` > defaults.
 //! - [`scenario`]: loading and validating the Lua file ([`scenario::load`]), the sandbox, and
@@ -22,6 +23,8 @@
 //! This crate never exits the process: commands return an [`Exit`] or an error, and `main`
 //! chooses the exit code.
 
+#[macro_use]
+pub mod console;
 pub mod cli;
 pub mod config;
 pub mod csv_out;
@@ -41,7 +44,6 @@ pub mod threshold;
 pub mod user;
 pub mod web;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,6 +89,13 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
             .flags
             .script_timeout
             .unwrap_or(scenario::sandbox::DEFAULT_SCRIPT_TIMEOUT),
+        memory: match req.flags.script_memory {
+            Some(bytes) => {
+                config::check_script_memory(bytes)?;
+                bytes as usize
+            }
+            None => scenario::sandbox::DEFAULT_SCRIPT_MEMORY,
+        },
         ..Default::default()
     };
     let mut scenario = match source {
@@ -94,7 +103,7 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
         None => scenario::load_with(&req.script, limits)?,
     };
     for warning in &scenario.warnings {
-        eprintln!("warning: {warning}");
+        say!("warning: {warning}");
     }
     let mut cfg = RunConfig::resolve(
         req.script.clone(),
@@ -118,6 +127,7 @@ pub fn prepare(req: &RunRequest, source: Option<&str>) -> Result<(RunConfig, run
         files::check_writable(html, "--html")?;
     }
     scenario.limits.time = cfg.script_timeout;
+    scenario.limits.memory = cfg.script_memory as usize;
     check_machine(&cfg, &scenario)?;
     // Binding the endpoints to the host is the last check that can fail on bad input.
     let plan = runner::Plan::new(Arc::new(scenario), cfg.host.clone())?;
@@ -204,24 +214,24 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
     if let Some(seg) = cfg.segment {
         load.push_str(&format!("; segment {seg}: {}", plural(cfg.users as usize, "user")));
     }
-    eprintln!(
+    say!(
         "stormlight {}: {load} for {duration} against {host} ({}; {})",
         env!("CARGO_PKG_VERSION"),
         cfg.script.display(),
         plural(cfg.workers, "worker thread"),
     );
     if cfg.tls_options.insecure {
-        eprintln!("--insecure: TLS certificates are NOT verified");
+        say!("--insecure: TLS certificates are NOT verified");
     }
     if cfg.host.is_none() && plan.scenario.waits {
-        eprintln!(
+        say!(
             "warning: no host (--host, or `host` in the scenario): http calls given a path rather than a full URL will fail"
         );
     }
     if let Some((_, bound)) = &web {
-        eprintln!("dashboard: http://{bound}/ (Prometheus metrics: http://{bound}/metrics)");
+        say!("dashboard: http://{bound}/ (Prometheus metrics: http://{bound}/metrics)");
         if let Some(warning) = exposed_dashboard(*bound, cfg.web_auth.as_ref()) {
-            eprintln!("{warning}");
+            say!("{warning}");
         }
     }
     // How many interrupts had come when the run was stopped: the next one hurries (the second
@@ -231,11 +241,11 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
         tokio::select! {
             () = signals.nth(1) => {
                 stopped_at.set(Some(1));
-                eprintln!("\ninterrupted: stopping users, finishing requests in flight (Ctrl-C again to skip)...");
+                say!("\ninterrupted (Ctrl-C or SIGTERM): stopping users, finishing requests in flight (another Ctrl-C or SIGTERM skips that)...");
             }
             () = web::Board::stop_requested(board) => {
                 stopped_at.set(Some(signals.count()));
-                eprintln!(
+                say!(
                     "\nStop pressed on the dashboard: stopping users, finishing requests in flight (Ctrl-C to skip)..."
                 );
             }
@@ -245,13 +255,18 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
         // First polled once the run has ended (the duration's end: the count then).
         let seen = stopped_at.get().unwrap_or_else(|| signals.count());
         signals.nth(seen + 1).await;
-        eprintln!("\ninterrupted again: counting what is in flight as aborted, writing the summary now");
+        say!("\ninterrupted again: counting what is in flight as aborted, writing the summary now");
     };
     let result = runner::run_with(&cfg, Arc::new(plan), shutdown, hurry, board).await?;
-    let exit = write_outputs(&cfg, &result, board);
+    // Written off the runtime's thread: an output that takes its time (a FIFO read slowly, a
+    // stdout no one reads) leaves Ctrl-C working (a third ends the process).
+    let (out_cfg, out_board) = (cfg.clone(), web.as_ref().map(|(b, _)| b.clone()));
+    let exit = tokio::task::spawn_blocking(move || write_outputs(&out_cfg, &result, out_board.as_deref()))
+        .await
+        .unwrap_or(Exit::OutputFailed);
     if let Some((_, bound)) = &web {
         if cfg.linger {
-            eprintln!("--linger: the dashboard stays up at http://{bound}/ until Ctrl-C");
+            say!("--linger: the dashboard stays up at http://{bound}/ until Ctrl-C");
             let seen = signals.count();
             signals.nth(seen + 1).await;
         } else {
@@ -299,46 +314,59 @@ fn write_outputs(cfg: &RunConfig, result: &runner::RunResult, board: Option<&web
     exit
 }
 
+/// How long the summary may wait for stdout to take it.
+const STDOUT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn write_files(cfg: &RunConfig, result: &runner::RunResult, written: &mut Vec<String>) -> Exit {
-    scenario::host::flush_log();
-    let mut stdout = std::io::stdout().lock();
-    let _ = report::write_summary(&mut stdout, &result.summary);
-    let _ = stdout.flush();
-    if let Some(out) = &cfg.out {
-        // The summary is on stdout already: a failure here loses nothing measured.
-        match report::write_json(out, &result.summary) {
-            Ok(()) => {
-                eprintln!("summary written to {}", out.display());
-                written.push(out.display().to_string());
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                return Exit::OutputFailed;
-            }
+    console::flush(std::time::Duration::from_secs(1));
+    let mut text = Vec::new();
+    let _ = report::write_summary(&mut text, &result.summary);
+    // Every output is tried, whichever fails.
+    let mut failed = false;
+    if let Err(e) = console::stdout(String::from_utf8_lossy(&text).into_owned(), STDOUT_WAIT) {
+        say!("error: cannot write the summary to stdout: {e}");
+        failed = true;
+    }
+    let mut write = |what: String, done: String, wrote: Result<()>| match wrote {
+        Ok(()) => {
+            say!("{done}");
+            written.push(what);
         }
+        Err(e) => {
+            say!("error: {e:#}");
+            failed = true;
+        }
+    };
+    if let Some(out) = &cfg.out {
+        write(
+            out.display().to_string(),
+            format!("summary written to {}", out.display()),
+            report::write_json(out, &result.summary),
+        );
     }
     if let Some(prefix) = &cfg.csv {
-        if let Err(e) = csv_out::write(prefix, &result.summary) {
-            eprintln!("error: {e:#}");
-            return Exit::OutputFailed;
-        }
-        eprintln!("CSV written to {}_*.csv", prefix.display());
-        written.push(format!("{}_*.csv", prefix.display()));
+        write(
+            format!("{}_*.csv", prefix.display()),
+            format!("CSV written to {}_*.csv", prefix.display()),
+            csv_out::write(prefix, &result.summary),
+        );
     }
     if let Some(path) = &cfg.html {
-        if let Err(e) = report::write_file(path, html::render(&result.summary).as_bytes()) {
-            eprintln!("error: {e:#}");
-            return Exit::OutputFailed;
-        }
-        eprintln!("HTML report written to {}", path.display());
-        written.push(path.display().to_string());
+        write(
+            path.display().to_string(),
+            format!("HTML report written to {}", path.display()),
+            report::write_file(path, html::render(&result.summary).as_bytes()),
+        );
+    }
+    if failed {
+        return Exit::OutputFailed;
     }
     if let Some(why) = &result.setup_failed {
-        eprintln!("error: setup() failed, so no user was started: {why}");
+        say!("error: setup() failed, so no user was started: {why}");
         return Exit::SetupFailed;
     }
     if let Some(t) = &result.aborted_by {
-        eprintln!("the run was stopped early: threshold {t:?} failed (abort_on_fail)");
+        say!("the run was stopped early: threshold {t:?} failed (abort_on_fail)");
     }
     let failed = result.aborted_by.is_some() || result.summary.thresholds.iter().any(|v| !v.ok);
     if result.interrupted {
@@ -346,7 +374,7 @@ fn write_files(cfg: &RunConfig, result: &runner::RunResult, written: &mut Vec<St
         // summary), and the exit code says it was interrupted.
         Exit::Interrupted
     } else if failed && cfg.segment.is_some() {
-        eprintln!(
+        say!(
             "note: thresholds failed on this segment's own numbers; the test's verdict is `stormlight report` on all its segments"
         );
         Exit::Success
@@ -402,17 +430,17 @@ pub async fn setup(script: PathBuf, flags: Overrides, out: PathBuf) -> Result<Ex
             };
             let json = serde_json::to_vec_pretty(&file)?;
             if let Err(e) = report::write_file(&out, &json) {
-                eprintln!("error: {e:#}");
+                say!("error: {e:#}");
                 return Ok(Exit::OutputFailed);
             }
-            eprintln!(
+            say!(
                 "setup() data written to {} (give it to run --setup-data)",
                 out.display()
             );
             Ok(Exit::Success)
         }
         Err(why) => {
-            eprintln!("error: setup() failed: {why}");
+            say!("error: setup() failed: {why}");
             Ok(Exit::SetupFailed)
         }
     }
@@ -426,14 +454,14 @@ pub async fn teardown(script: PathBuf, flags: Overrides) -> Result<Exit> {
     let (ran, summary) = runner::run_alone(&cfg, Arc::new(plan), runner::Alone::Teardown(data)).await?;
     print_if_it_sent(&summary);
     if let Err(why) = ran {
-        eprintln!("error: teardown() could not run: {why}");
+        say!("error: teardown() could not run: {why}");
         return Ok(Exit::SetupFailed);
     }
     if summary.script_errors > 0 {
-        eprintln!("error: teardown() failed (see the failures above)");
+        say!("error: teardown() failed (see the failures above)");
         return Ok(Exit::SetupFailed);
     }
-    eprintln!("teardown() done");
+    say!("teardown() done");
     Ok(Exit::Success)
 }
 
@@ -446,7 +474,7 @@ pub fn check(path: &Path) -> Result<String> {
 /// scenario against it (10 users, spawn rate 5, 10 s unless flags say otherwise).
 pub async fn demo(mut flags: Overrides, out: Option<PathBuf>, live: LiveMode, signals: Signals) -> Result<Exit> {
     let target = target::Target::spawn_thread(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-    eprintln!("built-in target listening on {}", target.url());
+    say!("built-in target listening on {}", target.url());
     flags.host = Some(target.url());
     flags.users = flags.users.or(Some(10));
     flags.spawn_rate = flags.spawn_rate.or(Some(5.0));
@@ -459,6 +487,6 @@ pub async fn demo(mut flags: Overrides, out: Option<PathBuf>, live: LiveMode, si
     };
     let (cfg, plan) = prepare(&req, Some(DEMO_SCENARIO))?;
     let exit = run(cfg, plan, signals).await?;
-    eprintln!("the target received {} requests", target.counts.requests());
+    say!("the target received {} requests", target.counts.requests());
     Ok(exit)
 }

@@ -7,31 +7,31 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use stormlight::cli::{Cli, Command};
-use stormlight::{Exit, RunRequest, Signals};
+use stormlight::{Exit, RunRequest, Signals, say};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
+    let code = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => match rt.block_on(execute(cli)) {
+            Ok(Exit::Success) => ExitCode::SUCCESS,
+            Ok(Exit::Interrupted) => ExitCode::from(130),
+            Ok(Exit::OutputFailed) => ExitCode::from(3),
+            Ok(Exit::SetupFailed) => ExitCode::from(4),
+            Ok(Exit::ThresholdFailed) => ExitCode::from(1),
+            Err(e) => {
+                say!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = rt.block_on(execute(cli));
-    // What scripts printed goes out before the process ends.
-    stormlight::scenario::host::flush_log();
-    match result {
-        Ok(Exit::Success) => ExitCode::SUCCESS,
-        Ok(Exit::Interrupted) => ExitCode::from(130),
-        Ok(Exit::OutputFailed) => ExitCode::from(3),
-        Ok(Exit::SetupFailed) => ExitCode::from(4),
-        Ok(Exit::ThresholdFailed) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("error: {e:#}");
+            say!("error: cannot start the runtime: {e}");
             ExitCode::from(2)
         }
-    }
+    };
+    // What went to stderr (scripts' lines among it) goes out before the process ends, if
+    // stderr takes it within a second.
+    stormlight::console::flush(std::time::Duration::from_secs(1));
+    code
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<Exit> {
@@ -57,15 +57,15 @@ async fn execute(cli: Cli) -> anyhow::Result<Exit> {
             // The files first: a closed stdout (`| head`) must not lose them.
             if let Some(out) = out {
                 stormlight::report::write_json(&out, &merged)?;
-                eprintln!("merged result written to {}", out.display());
+                say!("merged result written to {}", out.display());
             }
             if let Some(html) = html {
                 stormlight::report::write_file(&html, stormlight::html::render(&merged).as_bytes())?;
-                eprintln!("HTML report written to {}", html.display());
+                say!("HTML report written to {}", html.display());
             }
             let _ = stormlight::report::write_summary(&mut std::io::stdout().lock(), &merged);
             if let Some(t) = &merged.aborted_by {
-                eprintln!("a generator stopped early: threshold {t} failed (abort_on_fail)");
+                say!("a generator stopped early: threshold {t} failed (abort_on_fail)");
             }
             // The thresholds, judged on the merged numbers, set the exit code.
             match merged.aborted_by.is_some() || merged.thresholds.iter().any(|v| !v.ok) {
@@ -137,7 +137,8 @@ fn signals() -> Signals {
             signal().await;
             count.send_modify(|n| *n += 1);
             if *count.borrow() >= 3 {
-                eprintln!("\nthird interrupt: exiting without a summary");
+                say!("\nthird interrupt: exiting without a summary");
+                stormlight::console::flush(std::time::Duration::from_millis(200));
                 std::process::exit(130);
             }
         }

@@ -149,6 +149,7 @@ pub fn write_summary(w: &mut impl Write, s: &Summary) -> std::io::Result<()> {
             "all {} users were running after {t:.2}s (the spawn rate had them due by {due:.2}s)",
             s.config.users
         )?,
+        None if s.config.users == 1 => writeln!(w, "the run ended before the user had started")?,
         None => writeln!(w, "the run ended before all {} users had started", s.config.users)?,
     }
     if !s.failures.is_empty() {
@@ -271,23 +272,23 @@ impl Live {
             cfg.users,
             stats_table(&rows, &total)
         );
-        let mut err = std::io::stderr().lock();
+        // (Through the console: a terminal or pipe that does not take it never holds the run.)
         if self.terminal {
-            if self.drawn > 0 {
-                let _ = write!(err, "\x1b[{}F\x1b[J", self.drawn);
-            }
+            let back = match self.drawn {
+                0 => String::new(),
+                n => format!("\x1b[{n}F\x1b[J"),
+            };
             self.drawn = text.lines().count();
-            let _ = err.write_all(text.as_bytes());
+            crate::console::raw(back + &text);
         } else {
-            let _ = writeln!(err, "{text}");
+            crate::console::line(text);
         }
-        let _ = err.flush();
     }
 
     /// Removes the last live table from a terminal before the final summary.
     pub fn clear(&mut self) {
         if self.enabled && self.terminal && self.drawn > 0 {
-            let _ = write!(std::io::stderr(), "\x1b[{}F\x1b[J", self.drawn);
+            crate::console::raw(format!("\x1b[{}F\x1b[J", self.drawn));
             self.drawn = 0;
         }
     }

@@ -271,6 +271,7 @@ pub async fn run_with(
     board: Option<&crate::web::Board>,
 ) -> Result<RunResult> {
     let shared = Shared::new(cfg);
+    let began = Instant::now();
     let mut workers = Workers::start(cfg, &plan, &shared, cfg.workers)?;
 
     // Sticky: once the stop has come (during setup(), say), every later wait sees it at once
@@ -312,7 +313,7 @@ pub async fn run_with(
             () = workers.prepare(cfg.users as u64) => false,
         };
     if plan.scenario.hooks.any() && preparing.elapsed() > Duration::from_millis(500) {
-        eprintln!(
+        say!(
             "prepared {} user states in {:.1}s",
             cfg.users,
             preparing.elapsed().as_secs_f64()
@@ -340,7 +341,7 @@ pub async fn run_with(
     let interrupted_early = interrupted_early
         || match cfg.start_at.map(|at| at.duration_since(SystemTime::now())) {
             Some(Ok(wait)) if setup_failed.is_none() => {
-                eprintln!(
+                say!(
                     "waiting until {} to start (--start-at, in {:.1}s)",
                     humantime::format_rfc3339_seconds(cfg.start_at.unwrap_or(SystemTime::now())),
                     wait.as_secs_f64()
@@ -351,7 +352,7 @@ pub async fn run_with(
                 }
             }
             Some(Err(late)) if late.duration() > Duration::from_secs(1) => {
-                eprintln!(
+                say!(
                     "warning: --start-at passed {:.1}s ago while the users were prepared: this segment starts late, and `report` will refuse to merge it with the others",
                     late.duration().as_secs_f64()
                 );
@@ -416,6 +417,7 @@ pub async fn run_with(
     // iterations of that one schedule.
     let schedule = Schedule::new(cfg, start);
     let mut scheduled: u64 = cfg.segment.first();
+    let stopped_before_start = setup_failed.is_some() || interrupted_early;
     let interrupted = setup_failed.is_none()
         && (interrupted_early
             || loop {
@@ -466,7 +468,11 @@ pub async fn run_with(
                     }
                 }
             });
-    let measured = start.elapsed();
+    // A run stopped before its start (in setup(), while preparing) measures what it did then.
+    let measured = match stopped_before_start {
+        true => began.elapsed(),
+        false => start.elapsed(),
+    };
 
     // Stop: no new iterations; in-flight requests get `grace` to finish, then count as aborted.
     shared.stopping.store(true, Ordering::Relaxed);
@@ -474,7 +480,7 @@ pub async fn run_with(
     publish(&agg, crate::web::Phase::Stopping, None);
     let stuck = workers.finish(&shared, cfg.grace, setup_cut, hurry, &mut agg).await;
     for what in &stuck {
-        eprintln!("warning: {what}");
+        say!("warning: {what}");
     }
     live.clear();
     // The last, partial tick (and what the grace period finished) closes the series.
@@ -949,7 +955,7 @@ fn worker_thread(
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start a worker runtime: {e}");
+            say!("error: cannot start a worker runtime: {e}");
             return;
         }
     };
@@ -1001,6 +1007,12 @@ fn worker_thread(
                             copy
                         })
                     });
+                    if let Err(why) = &ran
+                        && worker.shared.stopping.load(Ordering::Relaxed)
+                    {
+                        // The run was stopped while setup() ran: no one waits for this answer.
+                        worker.recorder.borrow_mut().stuck(format!("in setup: stopped by the end of the run: {why}"));
+                    }
                     let _ = reply.send(ran);
                 }
                 Cmd::Adopt(data, reply) => {
@@ -1025,8 +1037,13 @@ fn worker_thread(
                         let teardown = tokio::time::timeout(grace, user::teardown(&worker, state, data));
                         tokio::select! {
                             ran = teardown => if ran.is_err() {
-                                let why = format!("teardown: still running after {}", crate::config::format_duration(grace));
-                                worker.recorder.borrow_mut().error(&worker.plan.hook_row("teardown"), crate::stats::Reason::Script(why));
+                                // Its time (the grace period again) is over: the call is cut
+                                // (and listed as such when the worker finishes).
+                                let why = format!(
+                                    "teardown: stopped: still running after {} (its time, the grace period, is over)",
+                                    crate::config::format_duration(grace)
+                                );
+                                worker.recorder.borrow_mut().error(&worker.plan.hook_row("teardown"), crate::stats::Reason::ScriptLimit(why));
                             },
                             _ = hurry.wait_for(|h| *h) => {}
                         }
@@ -1034,9 +1051,13 @@ fn worker_thread(
                     let _ = reply.send(());
                 }
                 Cmd::Finish(reply) => {
-                    // No await between here and the reply: no user can record in between.
-                    users.abort_all();
+                    // Every user is cancelled and gone (their calls still waiting say so) before
+                    // the last counts are taken: no user can record after.
+                    users.shutdown().await;
                     let mut rec = worker.recorder.borrow_mut();
+                    for call in sandbox::abandoned_calls() {
+                        rec.stuck(call);
+                    }
                     rec.abort_inflight();
                     let _ = reply.send(rec.take());
                     break;

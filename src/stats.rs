@@ -403,7 +403,7 @@ impl NameCap {
     /// Whether `id` may have a row of its own (it has one already, or there is room).
     fn admit(&self, id: &RowId) -> bool {
         self.names.admit(self.max, id, || {
-            eprintln!(
+            say!(
                 "warning: more than {} distinct request names; from {} {:?} on, new names count under \"{OVERFLOW_NAME}\". \
                  Give requests whose URL carries an id a `name` (e.g. name = \"/items/[id]\"), or raise --max-names.",
                 self.max, id.method, id.name
@@ -418,7 +418,7 @@ impl NameCap {
             return true;
         }
         self.reasons.admit(self.max, reason, || {
-            eprintln!(
+            say!(
                 "warning: more than {} distinct failure reasons; from {:?} on, new reasons count under \"{}\". \
                  Keep ids and other changing values out of error() messages and of the reasons after_response \
                  returns, or raise --max-names.",
@@ -432,7 +432,7 @@ impl NameCap {
     /// Whether the check `name` (shortened already) may be counted under its own name.
     fn admit_check(&self, name: &String) -> bool {
         self.checks.admit(self.max, name, || {
-            eprintln!(
+            say!(
                 "warning: more than {} distinct check names; from {name:?} on, new names count under \"{OVERFLOW_CHECK}\". \
                  Keep ids and other changing values out of check() descriptions, or raise --max-names.",
                 self.max
@@ -532,6 +532,10 @@ impl Recorder {
     /// reasons under the overflow reason of its class.
     fn count_failure(&mut self, id: Arc<RowId>, mut reason: Reason, n: u64) {
         if let Some(text) = reason.script_text() {
+            // A URL the script wrote into its message shows no password either.
+            if let std::borrow::Cow::Owned(redacted) = crate::http::redact(text) {
+                *text = redacted;
+            }
             shorten(text);
         }
         let mut key = (id, reason);
@@ -1214,6 +1218,27 @@ mod tests {
             .collect();
         out.sort();
         out
+    }
+
+    #[test]
+    fn a_password_in_a_scripts_message_is_not_shown() {
+        let a = Arc::new(RowId::new("GET", "/a"));
+        let mut rec = Recorder::with_cap(std::slice::from_ref(&a), NameCap::new(10));
+        rec.record(
+            0,
+            failed(Reason::Script(
+                "scenario: s.lua:3: oops for http://frank:pw1@x/y".into(),
+            )),
+        );
+        rec.error(&a, Reason::Rejected("no luck with https://ann:pw2@h:8/".into()));
+        let snap = rec.take();
+        let text: Vec<String> = snap.failures.iter().map(|(_, r, _)| r.to_string()).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(
+            text.iter().all(|t| !t.contains("pw1") && !t.contains("pw2")),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|t| t.contains("http://frank:***@x/y")), "{text:?}");
     }
 
     #[test]

@@ -283,13 +283,13 @@ impl UserHost for LuaHost {
         })
     }
 
-    fn sleep(&self, pause: Duration) -> LocalFuture<()> {
+    fn sleep(&self, pause: Duration) -> LocalFuture<bool> {
         let mut stopped = self.worker.shared.stopped.subscribe();
         let cut_short = !self.after_stop.get();
         Box::pin(async move {
             tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                _ = stopped.wait_for(|s| *s && cut_short) => {}
+                () = tokio::time::sleep(pause) => true,
+                _ = stopped.wait_for(|s| *s && cut_short) => false,
             }
         })
     }
@@ -453,6 +453,8 @@ async fn iteration(
         {
             Ok(Value::Boolean(false)) => return false,
             Ok(_) => {}
+            // The run is stopping: nothing is sent, nothing counted.
+            Err(e) if e.message.contains(host::STOPPING) => return false,
             Err(e) => {
                 worker.stopped_at_the_end(user_id, "before_request", &e);
                 script_failure(row, e.reason("before_request"));
@@ -495,14 +497,27 @@ async fn iteration(
     outcome.correction = correction;
     session.replace(s);
     if let (Some(f), Some(resp)) = (&state.after_response, resp) {
-        state
-            .res
-            .0
-            .borrow_mut()
-            .set(resp.status, resp.headers, resp.body, resp.elapsed);
-        let verdict = state
-            .run::<(Value, Option<String>)>("after_response", f, (&state.user, &state.req_ud, &state.res_ud))
-            .await;
+        let fits = {
+            let mut res = state.res.0.borrow_mut();
+            res.set(resp.status, resp.headers, resp.body, resp.elapsed);
+            // The body is the hook's to read: it counts as the state's memory meanwhile.
+            res.charge_body(&state.sandbox.budget)
+        };
+        let verdict = if fits {
+            state
+                .run::<(Value, Option<String>)>("after_response", f, (&state.user, &state.req_ud, &state.res_ud))
+                .await
+        } else {
+            let len = state.res.0.borrow().body.len();
+            Err(HookError {
+                limit: true,
+                stopped: false,
+                message: format!(
+                    "memory limit of {} MiB reached (--script-memory): the response body of {len} bytes does not fit",
+                    state.sandbox.limits.memory >> 20
+                ),
+            })
+        };
         // Ten thousand idle users should not each hold their last response.
         *state.res.0.borrow_mut() = api::ResState::default();
         match verdict {
@@ -513,6 +528,8 @@ async fn iteration(
             }
             Ok((Value::Boolean(true), _)) => outcome.failure = None,
             Ok(_) => {}
+            // The run is stopping: the response stands as it came.
+            Err(e) if e.message.contains(host::STOPPING) => {}
             Err(e) => {
                 worker.stopped_at_the_end(user_id, "after_response", &e);
                 outcome.failure = Some(e.reason("after_response"));

@@ -477,3 +477,229 @@ fn sockets_that_cannot_be_opened_during_the_run_are_counted_with_their_reason() 
         "the others went on"
     );
 }
+
+#[test]
+fn a_stderr_or_stdout_no_one_reads_does_not_hold_the_run() {
+    let _one = timed();
+    let target = target();
+    let dir = TempDir::new("blocked");
+    // Lines enough to fill a pipe in a moment: a long row name in the live table each second,
+    // and the script's own output.
+    let script = dir.write(
+        "s.lua",
+        "local name = string.rep('n', 100000)\nfunction scenario(user)\n  http.get('/hello', { name = name .. (user.id % 2) })\n  print(string.rep('p', 4000))\nend\n",
+    );
+    let out = dir.join("out.json");
+    let args = run_args(
+        &script,
+        &target.url(),
+        &[
+            "-u",
+            "2",
+            "-t",
+            "2s",
+            "--grace",
+            "1s",
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
+    // stderr into a pipe that is held open and never read.
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    let f = Proc::spawn_with(&args, move |cmd| {
+        cmd.stderr(writer);
+    })
+    .wait(Duration::from_secs(20));
+    drop(reader);
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    assert!(f.took < Duration::from_secs(6), "took {:?}", f.took);
+    let json = read_json(&out);
+    assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
+
+    // stdout likewise (the summary): the files are written, the summary given up on, exit 3.
+    let before = target.counts.requests();
+    std::fs::remove_file(&out).unwrap();
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    let f = Proc::spawn_with(&args, move |cmd| {
+        cmd.stdout(writer);
+    })
+    .wait(Duration::from_secs(30));
+    drop(reader);
+    assert_eq!(f.code(), Some(3), "{}", f.show());
+    assert!(f.took < Duration::from_secs(16), "took {:?}", f.took);
+    assert!(f.stderr.contains("cannot write the summary to stdout"), "{}", f.show());
+    let json = read_json(&out);
+    assert_eq!(
+        json["total"]["requests"].as_u64(),
+        Some(target.counts.requests() - before)
+    );
+}
+
+#[test]
+fn calls_that_wait_or_catch_the_stop_end_with_the_run_and_are_named() {
+    let _one = timed();
+    let target = target();
+    let dir = TempDir::new("waits");
+    for (name, source, stuck) in [
+        // A pcall around http and sleep cannot catch the run's stop: the run ends on time.
+        (
+            "pcall",
+            "function scenario(user)\n  while true do pcall(http.get, '/hello') pcall(sleep, 0.001) end\nend\n",
+            None,
+        ),
+        // on_stop waiting on sleep, in a loop, past the grace period: named, with its hook.
+        (
+            "on_stop",
+            "endpoints = { Task('GET', '/hello') }\nwait_time = constant(0.05)\nfunction on_stop(user)\n  while true do sleep(0.01) end\nend\n",
+            Some("in on_stop: stopped: the run ended while this call was still waiting"),
+        ),
+    ] {
+        let script = dir.write(&format!("{name}.lua"), source);
+        let out = dir.join(&format!("{name}.json"));
+        let before = target.counts.requests();
+        let args = run_args(
+            &script,
+            &target.url(),
+            &[
+                "-u",
+                "2",
+                "-t",
+                "1s",
+                "--grace",
+                "1s",
+                "-q",
+                "--out",
+                &out.display().to_string(),
+            ],
+        );
+        let f = Proc::spawn(&args).wait(Duration::from_secs(20));
+        assert_eq!(f.code(), Some(0), "{name}: {}", f.show());
+        assert!(f.took < Duration::from_millis(3500), "{name}: took {:?}", f.took);
+        let json = read_json(&out);
+        assert_eq!(
+            json["total"]["requests"].as_u64(),
+            Some(target.counts.requests() - before),
+            "{name}"
+        );
+        assert!(json["total"]["requests"].as_u64() > Some(0), "{name}");
+        if let Some(stuck) = stuck {
+            let listed = json["stuck"].to_string();
+            assert!(listed.contains(stuck), "{name}: {listed}");
+        }
+    }
+}
+
+#[test]
+fn http_where_it_cannot_wait_is_refused_before_anything_is_counted() {
+    let _one = timed();
+    let target = target();
+    let dir = TempDir::new("nowait");
+    // From a table.sort comparator, a gsub replacement, __tostring, an xpcall handler and load's
+    // reader: each refused with its reason; only the plain request is sent, and counted.
+    let script = dir.write(
+        "s.lua",
+        r#"local function refused(f)
+  local ok, e = pcall(f)
+  check(not ok and e:find("cannot wait inside a function a library function calls back", 1, true), "refused")
+end
+function scenario(user)
+  refused(function() table.sort({3, 1, 2}, function(a, b) http.get("/hello") return a < b end) end)
+  refused(function() string.gsub("abc", "%w", function() http.get("/hello") end) end)
+  refused(function() tostring(setmetatable({}, { __tostring = function() http.get("/hello") return "" end })) end)
+  refused(function()
+    local _, e = xpcall(error, function() local _, e = pcall(http.get, "/hello") return e end)
+    error(e, 0)
+  end)
+  refused(function() local _, e = load(function() http.get("/hello") end) error(e, 0) end)
+  http.get("/hello")
+end
+"#,
+    );
+    let out = dir.join("out.json");
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "2", "-t", "1s", "-q", "--out", &out.display().to_string()],
+    );
+    let f = Proc::spawn(&args).wait(Duration::from_secs(20));
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    let json = read_json(&out);
+    let sent = json["total"]["requests"].as_u64().unwrap();
+    assert_eq!(Some(sent), Some(target.counts.requests()));
+    assert_eq!(json["total"]["failures"].as_u64(), Some(0), "{}", json["failures"]);
+    let check = &json["checks"][0];
+    assert!(
+        check["fails"].as_u64() == Some(0) && check["passes"].as_u64() >= Some(4 * sent),
+        "{check}"
+    );
+}
+
+#[test]
+fn response_bodies_a_script_holds_count_as_its_memory() {
+    let _one = timed();
+    let target = target();
+    let dir = TempDir::new("bodies");
+    // Each body is 2 MB outside the Lua state; kept in a table, they would grow without end.
+    let script = dir.write(
+        "s.lua",
+        "keep = {}\nfunction scenario(user)\n  local ok, e = pcall(function() keep[#keep + 1] = http.get('/fault/huge?bytes=2000000') end)\n  if not ok then check(tostring(e):find('memory'), 'refused at the memory limit') keep = {} end\nend\n",
+    );
+    let out = dir.join("out.json");
+    let args = run_args(
+        &script,
+        &target.url(),
+        &["-u", "4", "-t", "3s", "-q", "--out", &out.display().to_string()],
+    );
+    let (f, peak_kib) = run_sampling_rss(&args, Duration::from_secs(20));
+    assert_eq!(f.code(), Some(0), "{}", f.show());
+    let json = read_json(&out);
+    assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
+    let check = &json["checks"][0];
+    assert!(check["passes"].as_u64() > Some(0) && check["fails"] == 0, "{check}");
+    // Four states of 16 MiB at most, the bodies in flight, and the rest of the process.
+    assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
+}
+
+#[test]
+fn a_run_stopped_during_setup_says_so_with_sane_numbers() {
+    let _one = timed();
+    let target = target();
+    let dir = TempDir::new("setup");
+    let script = dir.write(
+        "s.lua",
+        "endpoints = { Task('GET', '/hello') }\nfunction setup()\n  while true do http.get('/slow?ms=100') end\nend\n",
+    );
+    let out = dir.join("out.json");
+    let args = run_args(
+        &script,
+        &target.url(),
+        &[
+            "-u",
+            "2",
+            "-t",
+            "30s",
+            "--grace",
+            "1s",
+            "-q",
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
+    let proc = Proc::spawn(&args);
+    wait_for_requests(&target, 3);
+    let sent = Instant::now();
+    send_signal(proc.id(), "TERM");
+    let f = proc.wait(Duration::from_secs(20));
+    assert!(sent.elapsed() < Duration::from_secs(2), "{:?}", sent.elapsed());
+    assert_eq!(f.code(), Some(130), "{}", f.show());
+    let json = read_json(&out);
+    assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
+    // setup()'s requests over setup()'s time: ten a second, not a division by nothing.
+    let rps = json["total"]["rps"].as_f64().unwrap();
+    assert!(rps > 0.0 && rps < 50.0, "{rps} requests a second");
+    assert!(
+        json["stuck"].to_string().contains("in setup: stopped"),
+        "{}",
+        json["stuck"]
+    );
+}

@@ -972,6 +972,8 @@ pub struct ResState {
     pub error: Option<String>,
     /// `res.headers` as a table, made on first use in a call.
     headers_table: Option<Table>,
+    /// The body counted as the state's memory (see `sandbox::Budget::charge`).
+    charge: Option<super::sandbox::Charge>,
 }
 
 impl ResState {
@@ -983,7 +985,15 @@ impl ResState {
             elapsed,
             error: None,
             headers_table: None,
+            charge: None,
         };
+    }
+
+    /// Counts the body as the state's memory: `false` if it does not fit (the script cannot
+    /// hold it).
+    pub fn charge_body(&mut self, budget: &super::sandbox::Budget) -> bool {
+        self.charge = budget.charge(self.body.len());
+        self.charge.is_some() || self.body.is_empty()
     }
 }
 

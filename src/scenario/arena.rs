@@ -146,6 +146,27 @@ impl Arena {
         true
     }
 
+    /// Counts `bytes` the host holds for the state (a response body its script can read) as
+    /// the state's: `false` if they do not fit in its limits.
+    pub fn charge(&mut self, bytes: usize) -> bool {
+        let want = self.used.saturating_add(bytes);
+        if want > self.limit {
+            self.refused = Some(Refusal::State);
+            return false;
+        }
+        if !self.reserve(want) {
+            return false;
+        }
+        self.used = want;
+        true
+    }
+
+    /// The host no longer holds `bytes` of [`Arena::charge`].
+    pub fn discharge(&mut self, bytes: usize) {
+        self.used -= bytes;
+        self.unreserve();
+    }
+
     /// Gives back what the state reserved beyond its needs (keeping one step in hand).
     fn unreserve(&mut self) {
         if self.reserved - self.used > 2 * QUANTUM {
@@ -367,6 +388,28 @@ mod tests {
         assert!(!call(&mut states[2], ptr::null_mut(), 0, big).is_null(), "room again");
         drop(states);
         assert_eq!(POOL.reserved.load(Ordering::Relaxed), 0, "every reservation given back");
+    }
+
+    #[test]
+    fn what_the_host_holds_for_a_state_counts_against_its_limits() {
+        static POOL: Pool = Pool::new(1 << 20);
+        let mut a = Arena::in_pool(600 << 10, 1024, &POOL);
+        let p = call(&mut a, ptr::null_mut(), 0, 100 << 10);
+        assert!(a.charge(400 << 10), "within the state's limit");
+        assert!(!a.charge(200 << 10), "past the state's limit");
+        assert_eq!(a.refused(), Some(Refusal::State));
+        assert!(
+            call(&mut a, ptr::null_mut(), 0, 200 << 10).is_null(),
+            "the charge holds room"
+        );
+        a.discharge(400 << 10);
+        assert_eq!(a.used(), 100 << 10);
+        assert!(!call(&mut a, ptr::null_mut(), 0, 200 << 10).is_null(), "given back");
+        // And the pool of all states.
+        let mut b = Arena::in_pool(1 << 20, 1024, &POOL);
+        assert!(!b.charge(900 << 10));
+        assert_eq!(b.refused(), Some(Refusal::AllStates(1 << 20)));
+        call(&mut a, p, 100 << 10, 0);
     }
 
     #[test]

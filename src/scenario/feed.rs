@@ -17,6 +17,8 @@ use crate::files;
 pub struct Feeds {
     dir: PathBuf,
     loaded: Mutex<HashMap<PathBuf, Arc<Feed>>>,
+    /// Set once the scenario has loaded: files read then are all there is.
+    sealed: std::sync::atomic::AtomicBool,
 }
 
 /// The rows of one file.
@@ -57,7 +59,13 @@ impl Feeds {
         Self {
             dir,
             loaded: Mutex::new(HashMap::new()),
+            sealed: Default::default(),
         }
+    }
+
+    /// The scenario has loaded: no other file is read from now on.
+    pub fn seal(&self) {
+        self.sealed.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn get(&self, file: &str, kind: Kind) -> Result<Arc<Feed>, String> {
@@ -81,6 +89,13 @@ impl Feeds {
         let mut loaded = self.loaded.lock().map_err(|_| "feeds are unavailable".to_string())?;
         if let Some(feed) = loaded.get(&path) {
             return Ok(feed.clone());
+        }
+        if self.sealed.load(std::sync::atomic::Ordering::Relaxed) {
+            // Reading (and parsing) a file is the host's work, outside any script limit: it is
+            // done once, while the scenario loads.
+            return Err(format!(
+                "{file:?} was not read while the scenario loaded: feeds are read then only (call data.csv or data.json at the top of the file, outside the hooks)"
+            ));
         }
         let cap = match kind {
             Kind::Csv => files::CSV_FEED_MAX,
@@ -244,6 +259,12 @@ mod tests {
             Arc::ptr_eq(&users, &feeds.get("./users.csv", Kind::Csv).unwrap()),
             "read once"
         );
+        // Once the scenario has loaded, what it read is there, and nothing else is read.
+        feeds.seal();
+        assert!(feeds.get("users.csv", Kind::Csv).is_ok());
+        let late = feeds.get("items.json", Kind::Json).unwrap_err();
+        assert!(late.contains("was not read while the scenario loaded"), "{late}");
+        let feeds = Feeds::beside(&dir.join("s.lua"));
         let lua = Lua::new();
         let row = |feed: &Feed, i: usize| -> Vec<(String, String)> {
             let t = match feed.row(&lua, i).unwrap() {

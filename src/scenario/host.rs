@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,7 +15,8 @@ use mlua::{Lua, Table, Value, Variadic};
 use rand::RngExt;
 
 use super::api::{self, RequestSpec, Res, ResState};
-use super::sandbox::Budget;
+use super::sandbox::{Budget, Running};
+use crate::console::{self, SCRIPT_LINE_BYTES};
 
 pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -38,8 +38,8 @@ pub trait UserHost {
     /// Sends the request, records it in the stats under its name, and returns what came back;
     /// `Err` once the run is stopping.
     fn request(&self, spec: RequestSpec) -> LocalFuture<Result<Reply, String>>;
-    /// Waits, or less if the run stops meanwhile.
-    fn sleep(&self, pause: Duration) -> LocalFuture<()>;
+    /// Waits; `false` if the run stopped meanwhile (or had stopped), cutting the wait short.
+    fn sleep(&self, pause: Duration) -> LocalFuture<bool>;
     /// Counts a check under its description.
     fn check(&self, name: &str, passed: bool);
     /// Lets this state send after the run began stopping (`on_stop`, `teardown`).
@@ -58,8 +58,11 @@ pub fn open(lua: &Lua, name: &str) -> mlua::Result<Value> {
             let pause = api::duration_value(&seconds).map_err(|e| mlua::Error::runtime(format!("sleep: {e}")))?;
             let host = user_host(&lua, "sleep")?;
             let waiting = Waiting::begin(&lua);
-            host.sleep(pause).await;
+            let slept = host.sleep(pause).await;
             drop(waiting);
+            if !slept {
+                return Err(stopping(&lua));
+            }
             Ok(())
         })?),
         "check" => Value::Function(lua.create_function(|lua, (value, name): (Value, Option<String>)| {
@@ -96,17 +99,37 @@ impl Drop for Waiting {
     }
 }
 
-/// Refuses to wait from a coroutine the script made (see [`sandbox::in_script_coroutine`]):
-/// checked before anything is sent or counted.
+/// Refuses to wait from where the host cannot be waited for (see
+/// [`sandbox::where_it_runs`]): checked before anything is sent or counted.
 fn may_wait(lua: &Lua, what: impl FnOnce() -> String) -> mlua::Result<()> {
-    if super::sandbox::in_script_coroutine(lua) {
-        return Err(mlua::Error::runtime(format!(
-            "{}: cannot wait inside a coroutine the script made (coroutine.create or wrap); \
-             call it from the hook or scenario() itself",
-            what()
-        )));
+    let running = super::sandbox::where_it_runs(lua);
+    let hosted = lua.app_data_ref::<Rc<dyn UserHost>>().is_some();
+    if hosted && running == Running::Hook {
+        return Ok(());
     }
-    Ok(())
+    let what = what();
+    // While the file loads there is no user to wait for (that error says so).
+    if !hosted {
+        user_host(lua, &what)?;
+    }
+    let why = match running {
+        Running::Hook | Running::ScriptCoroutine => "inside a coroutine the script made (coroutine.create or wrap)",
+        Running::CFunction => {
+            "inside a function a library function calls back (table.sort's comparator, string.gsub's \
+             replacement, __tostring, an xpcall message handler, load's reader)"
+        }
+    };
+    Err(mlua::Error::runtime(format!(
+        "{what}: cannot wait {why}; call it from the hook or scenario() itself"
+    )))
+}
+
+/// The run is stopping: the waiting function ends the call (and no `pcall` catches it).
+fn stopping(lua: &Lua) -> mlua::Error {
+    if let Some(budget) = lua.app_data_ref::<Rc<Budget>>() {
+        budget.stop_call();
+    }
+    mlua::Error::runtime(STOPPING)
 }
 
 fn user_host(lua: &Lua, what: &str) -> mlua::Result<Rc<dyn UserHost>> {
@@ -183,10 +206,24 @@ async fn send(lua: Lua, spec: RequestSpec) -> mlua::Result<Value> {
     let waiting = Waiting::begin(&lua);
     let reply = host.request(spec).await;
     drop(waiting);
-    let reply = reply.map_err(mlua::Error::runtime)?;
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) if e == STOPPING => return Err(stopping(&lua)),
+        Err(e) => return Err(mlua::Error::runtime(e)),
+    };
     let mut state = ResState::default();
     state.set(reply.status, reply.headers, reply.body, reply.elapsed);
     state.error = reply.error;
+    // The body is the script's to hold (in a table, for as long as it likes): it counts as
+    // the state's memory. (The request itself was sent and counted.)
+    if let Some(budget) = lua.app_data_ref::<Rc<Budget>>()
+        && !state.charge_body(&budget)
+    {
+        return Err(mlua::Error::MemoryError(format!(
+            "a response body of {} bytes does not fit in the script's memory",
+            state.body.len()
+        )));
+    }
     Ok(Value::UserData(lua.create_userdata(Res(Rc::new(state.into())))?))
 }
 
@@ -342,8 +379,8 @@ impl<'de> serde::de::Visitor<'de> for LuaJson<'_> {
     }
 }
 
-/// `log.info(...)`, `log.warn(...)`, `log.error(...)`: a line on stderr each (see
-/// [`script_line`] for the limits).
+/// `log.info(...)`, `log.warn(...)`, `log.error(...)`: a line on stderr each, with the
+/// limits of [`script_line`].
 fn log_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     for level in ["info", "warn", "error"] {
@@ -363,48 +400,69 @@ pub fn print(_: &Lua, args: Variadic<Value>) -> mlua::Result<()> {
     Ok(())
 }
 
-/// Script output lines (`print`, `log`) written, across all users, per second; past it they
-/// are counted and the count is said.
-pub const LINES_PER_SECOND: u32 = 100;
-/// The longest script output line, in bytes; the rest is cut and its size said.
-pub const LINE_BYTES: usize = 4096;
-/// Lines waiting for stderr; past it (stderr slower than the script) they are dropped.
-const QUEUED_LINES: usize = 1024;
-
-/// The line of `args` (after `prefix`, joined by `sep`), cut at [`LINE_BYTES`], handed to the
-/// output thread: a script never waits on stderr (a slow terminal, a pipe no one reads), and
-/// never writes more than [`LINES_PER_SECOND`] lines a second or [`LINE_BYTES`] a line.
+/// The line of `args` (after `prefix`, joined by `sep`), handed to the console: a script never
+/// waits on stderr, and writes at most [`console::SCRIPT_LINES_PER_SECOND`] lines a second across all
+/// users, each cut at [`SCRIPT_LINE_BYTES`]. Control characters are shown escaped (`\x1b`),
+/// so that a response body printed cannot rewrite the terminal; each line of a multi-line text
+/// carries the prefix.
 fn script_line(prefix: &str, sep: &str, args: &[Value]) {
-    if !output().admit() {
-        return;
+    if console::admit_script_line() {
+        console::line(shown_line(prefix, sep, args));
     }
+}
+
+/// The text of [`script_line`].
+fn shown_line(prefix: &str, sep: &str, args: &[Value]) -> String {
     let mut line = String::from(prefix);
-    let mut cut = 0usize;
+    let (mut cut, mut left) = (0usize, 0usize);
     for (i, v) in args.iter().enumerate() {
         if i > 0 {
             line.push_str(sep);
         }
-        let room = LINE_BYTES.saturating_sub(line.len());
+        let room = SCRIPT_LINE_BYTES.saturating_sub(line.len());
+        if room == 0 {
+            // The line is full: the rest is not even made into text (a `__tostring` each).
+            left = args.len() - i;
+            break;
+        }
         match v {
             // A long string's text is not copied whole to be cut.
             Value::String(s) => {
                 let bytes = s.as_bytes();
                 let take = floor_char_boundary(&bytes, room);
-                line.push_str(&String::from_utf8_lossy(&bytes[..take]));
+                push_shown(&mut line, &String::from_utf8_lossy(&bytes[..take]), prefix);
                 cut += bytes.len() - take;
             }
             other => {
                 let text = other.to_string().unwrap_or_else(|_| api::show(other));
                 let take = floor_char_boundary(text.as_bytes(), room);
-                line.push_str(&text[..take]);
+                push_shown(&mut line, &text[..take], prefix);
                 cut += text.len() - take;
             }
         }
     }
-    if cut > 0 {
-        line.push_str(&format!(" ... ({cut} more bytes cut)"));
+    match (cut, left) {
+        (0, 0) => {}
+        (cut, 0) => line.push_str(&format!(" ... ({cut} more bytes cut)")),
+        (cut, left) => line.push_str(&format!(" ... ({cut} more bytes and {left} more values cut)")),
     }
-    output().send(line);
+    line
+}
+
+/// Appends `text` to `line` with control characters escaped (tab and newline kept; each new
+/// line starts with `prefix`).
+fn push_shown(line: &mut String, text: &str, prefix: &str) {
+    for c in text.chars() {
+        match c {
+            '\t' => line.push(c),
+            '\n' => {
+                line.push('\n');
+                line.push_str(prefix);
+            }
+            c if c.is_control() => line.push_str(&format!("\\x{:02x}", c as u32)),
+            c => line.push(c),
+        }
+    }
 }
 
 /// The largest `n <= max` at which `bytes` can be cut without splitting a UTF-8 character
@@ -418,96 +476,6 @@ fn floor_char_boundary(bytes: &[u8], max: usize) -> usize {
         n -= 1;
     }
     n
-}
-
-/// Where script output goes: a thread that writes it to stderr, fed through a bounded queue.
-struct Output {
-    tx: std::sync::mpsc::SyncSender<OutputMsg>,
-    /// This second's start, the lines written in it, the lines dropped since last said.
-    limit: Mutex<(Instant, u32, u64)>,
-}
-
-enum OutputMsg {
-    Line(String),
-    /// Every line before it is written: answer.
-    Flush(std::sync::mpsc::Sender<()>),
-}
-
-fn output() -> &'static Output {
-    static OUTPUT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
-    OUTPUT.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<OutputMsg>(QUEUED_LINES);
-        let _ = std::thread::Builder::new()
-            .name("stormlight-output".into())
-            .spawn(move || {
-                use std::io::Write;
-                for msg in rx {
-                    match msg {
-                        OutputMsg::Line(line) => {
-                            let _ = writeln!(std::io::stderr().lock(), "{line}");
-                        }
-                        OutputMsg::Flush(done) => {
-                            let _ = done.send(());
-                        }
-                    }
-                }
-            });
-        Output {
-            tx,
-            limit: Mutex::new((Instant::now(), 0, 0)),
-        }
-    })
-}
-
-impl Output {
-    /// Whether one more line fits in this second's share (and says what was dropped before).
-    fn admit(&self) -> bool {
-        let Ok(mut guard) = self.limit.lock() else { return false };
-        let (since, lines, dropped) = &mut *guard;
-        let now = Instant::now();
-        if now.duration_since(*since) >= Duration::from_secs(1) {
-            if *dropped > 0 {
-                let note = dropped_note(*dropped);
-                *dropped = 0;
-                let _ = self.tx.try_send(OutputMsg::Line(note));
-            }
-            (*since, *lines) = (now, 0);
-        }
-        if *lines < LINES_PER_SECOND {
-            *lines += 1;
-            true
-        } else {
-            *dropped += 1;
-            false
-        }
-    }
-
-    /// Queues `line`; a full queue (stderr slower than the script) drops it, counted.
-    fn send(&self, line: String) {
-        if self.tx.try_send(OutputMsg::Line(line)).is_err()
-            && let Ok(mut guard) = self.limit.lock()
-        {
-            guard.2 += 1;
-        }
-    }
-}
-
-fn dropped_note(n: u64) -> String {
-    format!("[log] {n} lines were dropped (more than {LINES_PER_SECOND} a second, or stderr too slow)")
-}
-
-/// Writes the script output still queued (waiting a second at most: stderr may be blocked)
-/// and says how many lines were dropped since it last said so (at the end of a run).
-pub fn flush_log() {
-    let out = output();
-    let dropped = out.limit.lock().map(|mut g| std::mem::take(&mut g.2)).unwrap_or(0);
-    if dropped > 0 {
-        let _ = out.tx.try_send(OutputMsg::Line(dropped_note(dropped)));
-    }
-    let (done, wait) = std::sync::mpsc::channel();
-    if out.tx.try_send(OutputMsg::Flush(done)).is_ok() {
-        let _ = wait.recv_timeout(Duration::from_secs(1));
-    }
 }
 
 /// `rand.int(a, b)` (both included) and `rand.pick(list)`.
@@ -554,6 +522,48 @@ fn uuid_v4() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn script_lines_are_cut_escaped_and_made_of_what_fits() {
+        let lua = Lua::new();
+        let s = |t: &str| Value::String(lua.create_string(t).unwrap());
+        assert_eq!(shown_line("[info] ", " ", &[s("a"), Value::Integer(2)]), "[info] a 2");
+        // Control characters cannot rewrite the terminal; each line carries the prefix.
+        assert_eq!(
+            shown_line("[info] ", " ", &[s("red \u{1b}[31m bell \u{7} cr \r two\nlines\t.")]),
+            "[info] red \\x1b[31m bell \\x07 cr \\x0d two\n[info] lines\t."
+        );
+        // Cut at 4 KiB, on a character boundary, with the size of the rest.
+        let long = shown_line("", "\t", &[s(&"\u{e9}".repeat(3000))]);
+        assert!(
+            long.len() <= SCRIPT_LINE_BYTES + 40 && long.ends_with(" ... (1904 more bytes cut)"),
+            "{}",
+            &long[long.len() - 40..]
+        );
+        // Past a full line, the values are not even made into text.
+        let calls = std::rc::Rc::new(std::cell::Cell::new(0));
+        let seen = calls.clone();
+        let mt = lua.create_table().unwrap();
+        mt.set(
+            "__tostring",
+            lua.create_function(move |_, ()| {
+                seen.set(seen.get() + 1);
+                Ok("x".repeat(5000))
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        let t = lua.create_table().unwrap();
+        t.set_metatable(Some(mt)).unwrap();
+        let many: Vec<Value> = (0..1000).map(|_| Value::Table(t.clone())).collect();
+        let line = shown_line("", "\t", &many);
+        assert_eq!(calls.get(), 1, "one value filled the line");
+        assert!(
+            line.ends_with(" ... (904 more bytes and 999 more values cut)"),
+            "{}",
+            &line[line.len() - 50..]
+        );
+    }
 
     #[test]
     fn uuids_are_version_4_and_distinct() {

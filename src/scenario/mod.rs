@@ -134,6 +134,7 @@ pub fn load_source(path: &Path, source: &str, limits: Limits) -> Result<Scenario
             .call::<()>(())
             .map_err(|e| anyhow!("{}", script_error(path, &sb, &e)))?;
     }
+    feeds.seal();
     if let Some(mt) = lua.globals().metatable() {
         let _ = mt.raw_set("__newindex", Value::Nil);
     }
@@ -514,6 +515,7 @@ const OPTIONS: &[&str] = &[
     "timeout",
     "grace",
     "script_timeout",
+    "script_memory",
     "stages",
     "rate",
     "max_users",
@@ -562,6 +564,22 @@ fn parse_options(t: &Table) -> Result<Overrides, String> {
                     return Err("`script_timeout` must be more than 0".into());
                 }
                 o.script_timeout = Some(d);
+            }
+            "script_memory" => {
+                let bytes = match &v {
+                    Value::Integer(n) if *n > 0 => *n as u64,
+                    Value::String(s) => {
+                        crate::config::parse_bytes(&s.to_string_lossy()).map_err(|e| format!("`script_memory`: {e}"))?
+                    }
+                    other => {
+                        return Err(format!(
+                            "`script_memory` must be a size like \"64MiB\" or a number of bytes, got {}",
+                            api::show(other)
+                        ));
+                    }
+                };
+                crate::config::check_script_memory(bytes).map_err(|e| format!("`script_memory`: {e}"))?;
+                o.script_memory = Some(bytes);
             }
             "stages" => match stages_value(&v)? {
                 Ok(users) => o.stages = Some(users),
@@ -815,13 +833,13 @@ impl UserState {
         sandbox.budget.set_user(id);
         let lua = &sandbox.lua;
         lua.set_app_data(scenario.feeds.clone());
-        {
-            let _call = sandbox.call("user state");
-            lua.load(&*scenario.bytecode)
-                .set_mode(mlua::chunk::ChunkMode::Binary)
-                .exec()
-                .map_err(|e| sandbox.describe(&e))?;
-        }
+        let call = sandbox.call("user state");
+        let loaded = lua
+            .load(&*scenario.bytecode)
+            .set_mode(mlua::chunk::ChunkMode::Binary)
+            .exec();
+        call.done();
+        loaded.map_err(|e| sandbox.describe(&e))?;
         let setup = || -> mlua::Result<_> {
             let user = lua.create_table()?;
             user.raw_set("id", id)?;
@@ -869,8 +887,10 @@ impl UserState {
         f: &Function,
         args: impl mlua::IntoLuaMulti,
     ) -> Result<R, HookError> {
-        let _call = self.sandbox.call(name);
-        f.call(args).map_err(|e| self.hook_error(&e))
+        let call = self.sandbox.call(name);
+        let result = f.call(args).map_err(|e| self.hook_error(&e));
+        call.done();
+        result
     }
 
     /// Like [`UserState::call`], as a coroutine that may wait on `http` and `sleep` when the
@@ -884,8 +904,10 @@ impl UserState {
         if !self.waits {
             return self.call(name, f, args);
         }
-        let _call = self.sandbox.call(name);
-        f.call_async(args).await.map_err(|e| self.hook_error(&e))
+        let call = self.sandbox.call(name);
+        let result = f.call_async(args).await.map_err(|e| self.hook_error(&e));
+        call.done();
+        result
     }
 
     fn hook_error(&self, e: &mlua::Error) -> HookError {

@@ -53,6 +53,10 @@ pub struct Limits {
     pub time: Duration,
 }
 
+/// A user state's memory limit when neither `--script-memory` nor `options.script_memory` sets
+/// it.
+pub const DEFAULT_SCRIPT_MEMORY: usize = 16 << 20;
+
 /// The script time limit when neither `--script-timeout` nor `options.script_timeout` sets it.
 pub const DEFAULT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -61,7 +65,7 @@ impl Default for Limits {
         // 16 MiB is far above what a scenario's state needs (~30 KB) and small enough that ten
         // thousand users cannot take the machine down. 100 M instructions is ~0.5-2 s of Lua.
         Self {
-            memory: 16 << 20,
+            memory: DEFAULT_SCRIPT_MEMORY,
             instructions: 100_000_000,
             time: DEFAULT_SCRIPT_TIMEOUT,
         }
@@ -112,6 +116,25 @@ pub struct Budget {
     /// Whether the hook notes where the call is at every check (see
     /// [`Sandbox::note_positions`]).
     noting: Cell<bool>,
+    /// Where a library function of the call ran out of memory (`file:line`).
+    memory_at: RefCell<Option<String>>,
+    /// The state's arena (set once it is made), for what the host holds for the state.
+    arena: Cell<*mut Arena>,
+}
+
+/// Bytes the host holds for a state (see [`Budget::charge`]), counted as the state's until
+/// dropped.
+pub struct Charge {
+    arena: *mut Arena,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        // SAFETY: a charge is held by the state's values (its userdata, its user's `res`),
+        // dropped before the state is closed and its arena freed; one thread at a time.
+        unsafe { (*self.arena).discharge(self.bytes) }
+    }
 }
 
 impl Budget {
@@ -131,6 +154,8 @@ impl Budget {
             user: Cell::new(0),
             active: Cell::new(false),
             noting: Cell::new(false),
+            memory_at: RefCell::new(None),
+            arena: Cell::new(ptr::null_mut()),
         }
     }
 
@@ -146,6 +171,9 @@ impl Budget {
         if self.at.borrow().is_some() {
             *self.at.borrow_mut() = None;
         }
+        if self.memory_at.borrow().is_some() {
+            *self.memory_at.borrow_mut() = None;
+        }
         if let Some(w) = &self.worker {
             w.activity.begin(self.user.get(), hook);
         }
@@ -157,6 +185,12 @@ impl Budget {
         if let Some(w) = &self.worker {
             w.activity.end();
         }
+    }
+
+    /// The run is stopping and the call asked to wait (`http`, `sleep`): it ends now, and no
+    /// `pcall` of the script's catches that.
+    pub fn stop_call(&self) {
+        self.hit.set(Some(Hit::Stop));
     }
 
     /// The call waited (`http`, `sleep`) from `since` until now: that time is not its own.
@@ -179,6 +213,16 @@ impl Budget {
     /// The state's memory limit (bytes).
     pub fn memory(&self) -> usize {
         self.memory
+    }
+
+    /// Counts `bytes` the host holds for the state (a response body its script can read) in
+    /// the state's memory, until the returned charge is dropped; `None` if they do not fit
+    /// (the state's limit, or all states' together).
+    pub fn charge(&self, bytes: usize) -> Option<Charge> {
+        let arena = self.arena.get();
+        // SAFETY: set when the sandbox was made; the arena outlives the budget's use.
+        // (`then`, not `then_some`: a charge made and dropped would give its bytes back.)
+        (!arena.is_null() && unsafe { (*arena).charge(bytes) }).then(|| Charge { arena, bytes })
     }
 
     pub fn set_user(&self, id: u64) {
@@ -272,6 +316,13 @@ impl Budget {
 pub struct WorkerLink {
     pub stop: Arc<AtomicU8>,
     pub activity: Arc<Activity>,
+    /// Calls whose task was cancelled while they waited (see [`Call::done`]).
+    abandoned: RefCell<Vec<String>>,
+}
+
+/// The calls of this worker's states cancelled while they waited, since the last time asked.
+pub fn abandoned_calls() -> Vec<String> {
+    WORKER.with(|w| w.borrow().as_ref().map(|w| w.abandoned.take()).unwrap_or_default())
 }
 
 /// Stop levels: the users' grace period is over (their calls stop; setup and teardown go on)...
@@ -287,7 +338,13 @@ thread_local! {
 /// Makes this thread a worker of a run: every sandbox made on it from now on stops at `stop`
 /// and reports to `activity`.
 pub fn attach_worker(stop: Arc<AtomicU8>, activity: Arc<Activity>) {
-    WORKER.with(|w| *w.borrow_mut() = Some(Rc::new(WorkerLink { stop, activity })));
+    WORKER.with(|w| {
+        *w.borrow_mut() = Some(Rc::new(WorkerLink {
+            stop,
+            activity,
+            abandoned: Default::default(),
+        }))
+    });
 }
 
 /// The script call a worker is running, if any: which user, which hook, since when, and
@@ -367,11 +424,39 @@ impl Activity {
 }
 
 /// A call into the script, from [`Sandbox::call`] until dropped.
-pub struct Call<'a>(&'a Budget);
+pub struct Call<'a> {
+    budget: &'a Budget,
+    name: &'static str,
+    done: bool,
+}
+
+impl Call<'_> {
+    /// The call has returned (or raised): dropped without this, it was abandoned (its task
+    /// cancelled at the end of the run, while it waited on `http` or `sleep`).
+    pub fn done(mut self) {
+        self.done = true;
+    }
+}
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
-        self.0.end();
+        self.budget.end();
+        if !self.done
+            && let Some(w) = &self.budget.worker
+        {
+            let at = match self.budget.at.borrow().as_deref() {
+                Some(at) => format!(" (last seen at {at})"),
+                None => String::new(),
+            };
+            let user = match self.budget.user.get() {
+                0 => String::new(),
+                n => format!("user {n} "),
+            };
+            w.abandoned.borrow_mut().push(format!(
+                "{user}in {}: stopped: the run ended while this call was still waiting (http or sleep){at}",
+                self.name
+            ));
+        }
     }
 }
 
@@ -521,11 +606,25 @@ pub(super) unsafe fn raise(l: *mut lua_State, msg: String) -> ! {
 
 /// A library function whose work is proportional to its arguments without allocating (and so
 /// without the allocation's check), such as `table.insert` in the middle of a long list or
-/// `utf8.len` of megabytes (upvalue 1: the library's): calls it, then looks at the call's
-/// clock and the run's stop, so a loop of such calls stops on time.
+/// `utf8.len` of megabytes (upvalue 1: the library's, upvalue 2: its name): charges the work
+/// its arguments ask for up front (a range of elements), calls it, then looks at the call's
+/// clock and the run's stop, so a loop of such calls stops on time and one call that asks for
+/// more than the budget is refused before it starts.
 unsafe extern "C-unwind" fn checked(l: *mut lua_State) -> c_int {
     unsafe {
         limit_reached(l);
+        match up_front(l) {
+            UpFront::Work(0) => {}
+            UpFront::Work(steps) => {
+                if let Err(msg) = work(l, steps) {
+                    raise(l, msg);
+                }
+            }
+            UpFront::Empty => {
+                ffi::lua_pushstring(l, c"".as_ptr());
+                return 1;
+            }
+        }
         let n = ffi::lua_gettop(l);
         ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
         ffi::lua_insert(l, 1);
@@ -538,7 +637,7 @@ unsafe extern "C-unwind" fn checked(l: *mut lua_State) -> c_int {
             if status == ffi::LUA_ERRMEM {
                 // Raised again as it is, it stays a memory error; where it happened is noted.
                 if let Some(budget) = budget_of(l) {
-                    budget.note(caller_position(l));
+                    *budget.memory_at.borrow_mut() = caller_position(l);
                 }
             } else {
                 argument_error_as_called(l);
@@ -547,6 +646,99 @@ unsafe extern "C-unwind" fn checked(l: *mut lua_State) -> c_int {
         }
         limit_reached(l);
         ffi::lua_gettop(l)
+    }
+}
+
+/// What a library call asks for before it runs (see [`checked`]).
+enum UpFront {
+    /// Elements it goes over (steps of work).
+    Work(u64),
+    /// `string.rep` of nothing: an empty string, however many times (Lua's own loops that many
+    /// times, copying nothing).
+    Empty,
+}
+
+/// The work the arguments of the [`checked`] function on the stack ask for: the elements of the
+/// range that `table.move`, `insert`, `remove`, `concat` and `unpack` go over, one at a time,
+/// without allocating (a length from `__len`, or a range given, can be anything). Arguments
+/// that are not what the function takes ask for nothing: it raises its own error.
+///
+/// # Safety
+/// `l` runs [`checked`], with its arguments on the stack.
+unsafe fn up_front(l: *mut lua_State) -> UpFront {
+    unsafe {
+        let Some(name) = string_at(l, ffi::lua_upvalueindex(2)) else {
+            return UpFront::Work(0);
+        };
+        let int = |idx| {
+            let mut ok = 0;
+            let n = ffi::lua_tointegerx(l, idx, &mut ok);
+            (ok != 0).then_some(n)
+        };
+        // The length `#t` of a table (with its `__len`, as the function takes it).
+        let len = || (ffi::lua_type(l, 1) == ffi::LUA_TTABLE).then(|| ffi::luaL_len(l, 1));
+        let range = |from: Option<i64>, to: Option<i64>| match (from, to) {
+            (Some(f), Some(t)) if t >= f => UpFront::Work((t as i128 - f as i128 + 1).min(u64::MAX as i128) as u64),
+            _ => UpFront::Work(0),
+        };
+        let top = ffi::lua_gettop(l);
+        match name {
+            b"move" => range(int(2), int(3)),
+            b"insert" if top == 3 => match (len(), int(2)) {
+                (Some(e), Some(pos)) => range(Some(pos), Some(e)),
+                _ => UpFront::Work(0),
+            },
+            b"remove" => match len() {
+                Some(size) => range(if top >= 2 { int(2) } else { Some(size) }, Some(size)),
+                None => UpFront::Work(0),
+            },
+            b"concat" => {
+                let first = if ffi::lua_type(l, 3) <= ffi::LUA_TNIL {
+                    Some(1)
+                } else {
+                    int(3)
+                };
+                let last = if ffi::lua_type(l, 4) <= ffi::LUA_TNIL {
+                    len()
+                } else {
+                    int(4)
+                };
+                range(first, last)
+            }
+            b"unpack" => {
+                let first = if ffi::lua_type(l, 2) <= ffi::LUA_TNIL {
+                    Some(1)
+                } else {
+                    int(2)
+                };
+                let last = if ffi::lua_type(l, 3) <= ffi::LUA_TNIL {
+                    len()
+                } else {
+                    int(3)
+                };
+                range(first, last)
+            }
+            b"rep" => {
+                let (mut n1, mut n3) = (0, 0);
+                let (s, sep) = (
+                    ffi::lua_type(l, 1) == ffi::LUA_TSTRING && {
+                        ffi::lua_tolstring(l, 1, &mut n1);
+                        true
+                    },
+                    ffi::lua_type(l, 3) <= ffi::LUA_TNIL || {
+                        ffi::lua_type(l, 3) == ffi::LUA_TSTRING && {
+                            ffi::lua_tolstring(l, 3, &mut n3);
+                            true
+                        }
+                    },
+                );
+                match int(2) {
+                    Some(times) if s && sep && times > 0 && n1 + n3 == 0 && top <= 3 => UpFront::Empty,
+                    _ => UpFront::Work(0),
+                }
+            }
+            _ => UpFront::Work(0),
+        }
     }
 }
 
@@ -755,14 +947,35 @@ unsafe fn mark_script_coroutine(co: *mut lua_State) {
 /// functions (`http`, `sleep`) yield to the host, which they cannot do from such a coroutine:
 /// their yield would go to the script's `resume` instead.
 pub fn in_script_coroutine(lua: &Lua) -> bool {
-    let thread = lua.current_thread();
-    // SAFETY: a thread's pointer is its `lua_State`, a thread of a sandbox's state.
+    where_it_runs(lua) == Running::ScriptCoroutine
+}
+
+/// Where Lua code runs, for the host's waiting functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Running {
+    /// On the thread the host runs a hook on, able to yield to it.
+    Hook,
+    /// In a coroutine the script made (see [`in_script_coroutine`]).
+    ScriptCoroutine,
+    /// Under a C function that called back into Lua (`table.sort`'s comparator,
+    /// `string.gsub`'s replacement function, `__tostring`, a message handler): it cannot yield.
+    CFunction,
+}
+
+/// Where the Lua code calling now runs.
+pub fn where_it_runs(lua: &Lua) -> Running {
+    // The thread running now (`Lua::current_thread` would name the thread that started a
+    // hook's coroutine instead), outside any protected call of mlua's (which cannot yield).
+    let l = lua.exec_raw_lua(|raw| raw.state());
+    // SAFETY: the running thread of a sandbox's state.
     unsafe {
-        ffi::lua_getextraspace(thread.to_pointer().cast_mut().cast())
-            .cast::<usize>()
-            .read()
-            & SCRIPT_COROUTINE
-            != 0
+        if ffi::lua_getextraspace(l).cast::<usize>().read() & SCRIPT_COROUTINE != 0 {
+            Running::ScriptCoroutine
+        } else if ffi::lua_isyieldable(l) == 0 {
+            Running::CFunction
+        } else {
+            Running::Hook
+        }
     }
 }
 
@@ -805,11 +1018,69 @@ unsafe extern "C-unwind" fn finish_pcall(l: *mut lua_State, status: c_int, extra
                 }
                 ffi::lua_error(l);
             }
+            host_error_as_text(l);
             ffi::lua_pushboolean(l, 0);
             ffi::lua_pushvalue(l, -2);
             return 2;
         }
         ffi::lua_gettop(l) - extra as c_int
+    }
+}
+
+/// An error of the host's (a function in Rust: `http.get` with a bad option, ...) on top of the
+/// stack comes as mlua's error object, whose text carries the library's own frames: it is
+/// replaced by the text a script expects from `pcall`, `FILE:LINE: message`, with the script's
+/// line. (Built from the object's text on the Lua stack: no Rust value is alive if pushing
+/// fails for memory.)
+///
+/// # Safety
+/// `l` is a thread of a sandbox's state with the error on top of its stack.
+unsafe fn host_error_as_text(l: *mut lua_State) {
+    unsafe {
+        if ffi::lua_type(l, -1) != ffi::LUA_TUSERDATA {
+            return;
+        }
+        ffi::luaL_checkstack(l, 4, ptr::null());
+        ffi::luaL_tolstring(l, -1, ptr::null_mut());
+        let Some(text) = string_at(l, -1) else {
+            ffi::lua_pop(l, 1);
+            return;
+        };
+        let (head, trace) = match find(text, b"\nstack traceback:") {
+            Some(at) => (&text[..at], &text[at..]),
+            None => (text, &text[text.len()..]),
+        };
+        // The cause, after mlua's own words.
+        let cause = match find(trace, b"caused by: ") {
+            Some(at) => &trace[at + 11..],
+            None => head,
+        };
+        let cause = cause.strip_prefix(b"runtime error: ").unwrap_or(cause);
+        let cause = &cause[..cause.iter().position(|&c| c == b'\n').unwrap_or(cause.len())];
+        let at = trace
+            .split(|&c| c == b'\n')
+            .map(|frame| frame.trim_ascii())
+            .find_map(|frame| {
+                let colon = frame.iter().position(|&c| c == b':')?;
+                let digits = frame[colon + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+                let file = &frame[..colon];
+                (digits > 0 && !file.starts_with(b"[") && !file.starts_with(b"__mlua"))
+                    .then(|| &frame[..colon + 1 + digits])
+            });
+        let parts = match at {
+            Some(at) if !cause.starts_with(at) => 3,
+            _ => 1,
+        };
+        if parts == 3 {
+            let at = at.unwrap_or_default();
+            ffi::lua_pushlstring(l, at.as_ptr().cast(), at.len());
+            ffi::lua_pushstring(l, c": ".as_ptr());
+        }
+        ffi::lua_pushlstring(l, cause.as_ptr().cast(), cause.len());
+        ffi::lua_concat(l, parts);
+        // [error, its text, the new text]: the new one in the error's place.
+        ffi::lua_replace(l, -3);
+        ffi::lua_pop(l, 1);
     }
 }
 
@@ -1056,6 +1327,7 @@ impl Sandbox {
         let mut arena = Arena::new(limits.memory, expect);
         let budget = Rc::new(Budget::new(&limits));
         arena.watch(Rc::as_ptr(&budget));
+        budget.arena.set(&mut *arena);
         // SAFETY: the arena is boxed (it does not move) and outlives the state (see `Drop`), as
         // does the budget the state's extra space points to. Opening the two libraries cannot
         // fail for memory in a new state far from its limit.
@@ -1090,7 +1362,11 @@ impl Sandbox {
     /// hold until the returned guard is dropped.
     pub fn call(&self, name: &'static str) -> Call<'_> {
         self.budget.start(name);
-        Call(&self.budget)
+        Call {
+            budget: &self.budget,
+            name,
+            done: false,
+        }
     }
 
     /// Keeps `value` alive until after the state is closed, and returns a pointer to it that
@@ -1184,7 +1460,10 @@ impl Sandbox {
                 "the memory limit of all users' states together ({} MiB) reached",
                 limit >> 20
             ),
-            _ => format!("memory limit of {} MiB reached", self.limits.memory >> 20),
+            _ => format!(
+                "memory limit of {} MiB reached (--script-memory)",
+                self.limits.memory >> 20
+            ),
         };
         // A large allocation refused because the call's time was up is raised as a memory
         // error: say which limit it was.
@@ -1192,11 +1471,17 @@ impl Sandbox {
             Some(hit) if is_memory_error(err) => self.budget.message(hit, None),
             _ => memory,
         };
-        // Lua's memory error carries no position: when the file loads, where it was last seen
-        // says where. (In hooks the message stays the same wherever the limit was reached, so
-        // that one mistake makes one row.)
-        let memory = match (self.budget.hit(), self.last_position()) {
-            (None, Some(at)) if is_memory_error(err) && self.budget.noting.get() => format!("{at}: {memory}"),
+        // Lua's memory error carries no position: the library function that ran out says
+        // where, or, when the file loads, where the script was last seen. (In hooks, without
+        // one of those, the line is not known.)
+        let known = self
+            .budget
+            .memory_at
+            .borrow()
+            .clone()
+            .or_else(|| self.budget.noting.get().then(|| self.last_position()).flatten());
+        let memory = match (self.budget.hit(), known) {
+            (None, Some(at)) if is_memory_error(err) => format!("{at}: {memory}"),
             _ => memory,
         };
         describe_as(err, &memory)
@@ -1326,6 +1611,31 @@ mod tests {
             );
             assert!(took < Duration::from_millis(800), "{code}: stopped after {took:?}");
         }
+    }
+
+    #[test]
+    fn library_calls_that_ask_for_more_than_the_budget_are_refused_before_they_start() {
+        // Each would loop (nearly) forever in Lua's own library without allocating anything.
+        for code in [
+            "table.move({}, 1, math.maxinteger - 1, 1, {})",
+            "local t = setmetatable({}, { __len = function() return math.maxinteger end }) table.insert(t, 1, 'x')",
+            "local t = setmetatable({}, { __len = function() return math.maxinteger end }) table.remove(t, 1)",
+            "table.concat(setmetatable({}, { __index = function() return '' end }), '', 1, math.maxinteger)",
+            "table.unpack({}, 1, math.maxinteger)",
+        ] {
+            let started = Instant::now();
+            let err = run(code).expect_err(code);
+            assert!(err.contains("t.lua:1: instruction budget exceeded"), "{code}: {err}");
+            assert!(started.elapsed() < Duration::from_secs(1), "{code}");
+        }
+        // `string.rep` of nothing is nothing, at once.
+        let ok = |code: &str| run(code).unwrap_or_else(|e| panic!("{code}: {e}"));
+        ok("assert(string.rep('', math.maxinteger) == '' and ('').rep('', math.maxinteger, '') == '')");
+        // The same functions on ordinary ranges.
+        ok("local t = table.move({1, 2, 3}, 1, 3, 2) assert(t[1] == 1 and t[4] == 3)");
+        ok("local t = {1, 2} table.insert(t, 1, 0) assert(table.remove(t, 1) == 0 and #t == 2)");
+        ok("assert(table.concat({1, 2, 3}, '-', 2, 3) == '2-3' and select('#', table.unpack({1, 2}, 1, 3)) == 3)");
+        ok("local ok, e = pcall(table.insert, {}, 5, 1) assert(not ok and e:find('position out of bounds'), e)");
     }
 
     #[test]
