@@ -271,7 +271,7 @@ pub async fn run(cfg: RunConfig, plan: runner::Plan, signals: Signals) -> Result
             signals.nth(seen + 1).await;
         } else {
             // A moment for open pages to receive the last event.
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
     Ok(exit)

@@ -224,7 +224,9 @@ fn metrics_parse_and_their_request_counter_equals_the_summary_total() {
     let script = scenario(&dir);
     let out = dir.join("out.json");
     let mut run = Run::web_run(&script, &t, &out, &["-u", "4", "--linger"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Past the second tick: the users all started within the first second, even on a busy
+    // machine, and the numbers of a tick after that show them.
+    std::thread::sleep(Duration::from_millis(2500));
     let (status, during) = http(run.web, "GET", "/metrics", &[], "");
     assert_eq!(status, 200);
     let scrape = prometheus_parse::Scrape::parse(during.lines().map(|l| Ok(l.to_string()))).expect("parses");
