@@ -19,8 +19,13 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The highest open-model rate (iterations per second, the whole test's): far above what one
 /// machine sends.
 pub const MAX_RATE: f64 = 10_000_000.0;
-/// The most distinct names `--max-names` may allow (each row keeps its own histograms).
-pub const MAX_NAMES: usize = 100_000;
+/// The lowest open-model rate (`--rate`, `options.rate`, a rate stage above 0) and the lowest
+/// spawn rate: one a million seconds (11.6 days). Below it an iteration or a user would be due
+/// past any time the clock can hold.
+pub const MIN_RATE: f64 = 1e-6;
+/// The most distinct names `--max-names` may allow: each name's row keeps its own histograms
+/// (about 100 KB a name, measured).
+pub const MAX_NAMES: usize = 10_000;
 /// The most redirects `--max-redirects` may follow within one request.
 pub const MAX_REDIRECTS: u32 = 100;
 /// The largest `--max-body`.
@@ -189,6 +194,9 @@ impl RunConfig {
             if r > MAX_RATE {
                 bail!("--rate {r} is more than {MAX_RATE} iterations per second: split the test with --segment I/N");
             }
+            if r < MIN_RATE {
+                bail!("--rate {r:e} is less than {MIN_RATE:e} iterations per second (one every 11.6 days)");
+            }
             if stages.is_some() || rate_stages.is_some() {
                 bail!("give --rate or --stages, not both (rates by stage: --stages 30s:100/s,...)");
             }
@@ -198,6 +206,11 @@ impl RunConfig {
             if let Some(r) = s.iter().map(|s| s.rate).find(|r| *r > MAX_RATE) {
                 bail!(
                     "stages: a rate of {r}/s is more than {MAX_RATE} iterations per second: split the test with --segment I/N"
+                );
+            }
+            if let Some(r) = s.iter().map(|s| s.rate).find(|r| *r > 0.0 && *r < MIN_RATE) {
+                bail!(
+                    "stages: a rate of {r:e}/s is less than {MIN_RATE:e} iterations per second (one every 11.6 days; a stage's rate may be 0)"
                 );
             }
             if stages.is_some() {
@@ -245,6 +258,9 @@ impl RunConfig {
         let spawn_rate = cli.spawn_rate.or(scenario.spawn_rate).unwrap_or(whole as f64);
         if !spawn_rate.is_finite() || spawn_rate <= 0.0 {
             bail!("spawn rate must be a positive number of users per second (got {spawn_rate})");
+        }
+        if spawn_rate < MIN_RATE {
+            bail!("spawn rate {spawn_rate:e} is less than {MIN_RATE:e} users per second (one every 11.6 days)");
         }
         // Stages last as long as they add up to; a --duration too may only cut them short.
         let staged = stages
@@ -431,6 +447,9 @@ pub fn parse_host(s: &str) -> Result<Url> {
     if url.query().is_some() || url.fragment().is_some() {
         bail!("bad host URL {shown:?}: put queries in the endpoints, not the host");
     }
+    if url.port() == Some(0) {
+        bail!("bad host URL {shown:?}: port 0 is no server's port");
+    }
     Ok(url)
 }
 
@@ -604,7 +623,14 @@ mod tests {
             )
             .contains("http://localhost:8000")
         );
-        for host in ["nonsense", "ftp://x", "http://", "http://h/?q=1", "127.0.0.1:80"] {
+        for host in [
+            "nonsense",
+            "ftp://x",
+            "http://",
+            "http://h/?q=1",
+            "127.0.0.1:80",
+            "http://127.0.0.1:0",
+        ] {
             assert!(
                 with(Overrides {
                     host: Some(host.into()),
@@ -621,6 +647,52 @@ mod tests {
             })
             .is_ok()
         );
+    }
+
+    #[test]
+    fn rates_below_the_least_are_refused_from_flags_options_and_stages() {
+        let resolve = |cli: Overrides, scenario: Overrides| {
+            RunConfig::resolve("x.lua".into(), &cli, &scenario, None, LiveMode::Off).map_err(|e| format!("{e:#}"))
+        };
+        let rate = |r| Overrides {
+            rate: Some(r),
+            ..Default::default()
+        };
+        let spawn = |r| Overrides {
+            spawn_rate: Some(r),
+            ..Default::default()
+        };
+        let stage = |r| Overrides {
+            rate_stages: Some(vec![
+                crate::stages::RateStage {
+                    duration: Duration::from_secs(10),
+                    rate: 5.0,
+                },
+                crate::stages::RateStage {
+                    duration: Duration::from_secs(10),
+                    rate: r,
+                },
+            ]),
+            ..Default::default()
+        };
+        let none = Overrides::default;
+        for tiny in [1e-19, 1e-20, 1e-300, 1e-320, 9.9e-7] {
+            for (what, cli, scenario) in [
+                ("--rate", rate(tiny), none()),
+                ("options.rate", none(), rate(tiny)),
+                ("-r", spawn(tiny), none()),
+                ("options.spawn_rate", none(), spawn(tiny)),
+                ("--stages", stage(tiny), none()),
+                ("options.stages", none(), stage(tiny)),
+            ] {
+                let e = resolve(cli, scenario).expect_err(what);
+                assert!(e.contains("is less than 1e-6"), "{what} {tiny}: {e}");
+            }
+        }
+        assert_eq!(resolve(rate(MIN_RATE), none()).unwrap().rate, Some(MIN_RATE));
+        assert_eq!(resolve(spawn(MIN_RATE), none()).unwrap().spawn_rate, MIN_RATE);
+        // A stage's rate may be 0 (a pause), not a tiny positive.
+        assert!(resolve(stage(0.0), none()).is_ok());
     }
 
     #[test]

@@ -910,9 +910,16 @@ fn config_summary(cfg: &RunConfig) -> ConfigSummary {
     }
 }
 
-/// When the open model's iteration `k` (0-based) is due: `k / rate` after the start.
+/// When the open model's iteration `k` (0-based) is due: `k / rate` after the start. One due
+/// past what a duration or the clock can hold (a rate near 0, which the configuration refuses)
+/// is due twice the longest run after the start: never, for the run.
 pub fn iteration_time(start: Instant, rate: f64, k: u64) -> Instant {
-    start + Duration::from_secs_f64(k as f64 / rate)
+    let never = crate::config::MAX_DURATION * 2;
+    let after = Duration::try_from_secs_f64(k as f64 / rate).map_or(never, |d| d.min(never));
+    start
+        .checked_add(after)
+        .or_else(|| start.checked_add(crate::config::MAX_DURATION))
+        .unwrap_or(start)
 }
 
 /// How often stages are looked at to add or retire users.
@@ -1152,5 +1159,20 @@ mod tests {
                 assert!(rx.await.is_ok(), "each free user got an iteration");
             }
         }
+    }
+
+    /// An iteration due past what the clock holds (a rate near 0) is due far off, never
+    /// before: no overflow of the instant, no duration out of range.
+    #[test]
+    fn iteration_times_of_absurd_rates_are_far_off_not_a_panic() {
+        let start = Instant::now();
+        for rate in [1e-19, 1e-20, 1e-300, 0.0, f64::MIN_POSITIVE] {
+            for k in [1, 1000, u64::MAX] {
+                let at = iteration_time(start, rate, k);
+                assert!(at >= start + crate::config::MAX_DURATION, "rate {rate}, k {k}");
+            }
+        }
+        assert_eq!(iteration_time(start, 10.0, 5), start + Duration::from_millis(500));
+        assert_eq!(iteration_time(start, 1e-19, 0), start);
     }
 }
