@@ -175,6 +175,10 @@ pub fn request_url(host: Option<&Url>, spec: &RequestSpec) -> Result<Url> {
     if !spec.query.is_empty() {
         url.query_pairs_mut().extend_pairs(&spec.query);
     }
+    // (A redirect's location is not checked here: connecting there fails and is counted.)
+    if url.port() == Some(0) {
+        bail!("bad url {:?}: port 0 is no server's port", redact(url.as_str()));
+    }
     Ok(url)
 }
 
@@ -247,7 +251,9 @@ impl Prepared {
         if self.sends_credentials() && added.iter().any(|(n, _)| n == AUTHORIZATION) {
             // A hook's own `Authorization` replaces the URL's credentials: laid out again.
             let mut headers = self.scenario_headers();
-            headers.extend(added);
+            for (name, value) in added {
+                let _ = headers.try_append(name, value);
+            }
             return self.with_spec(RequestSpec {
                 method: self.method.clone(),
                 target: Target::Path(String::new()),
@@ -302,10 +308,15 @@ impl Prepared {
 
     /// The scenario's headers with those a hook added (HTTP/2 and redirects only: HTTP/1.1
     /// sends the prepared bytes).
+    ///
+    /// The scenario and its hooks set at most [`MAX_REQUEST_HEADERS`] in all, so the map has
+    /// room for every one (and for the few stormlight adds): its fallible inserts never fail.
+    ///
+    /// [`MAX_REQUEST_HEADERS`]: crate::scenario::api::MAX_REQUEST_HEADERS
     fn scenario_headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::clone(&self.headers);
         for (name, value) in &self.added {
-            headers.insert(name.clone(), value.clone());
+            let _ = headers.try_insert(name.clone(), value.clone());
         }
         headers
     }
@@ -767,15 +778,64 @@ impl Session {
         (!pairs.is_empty()).then(|| pairs.join("; "))
     }
 
-    /// Keeps the cookies a response to `req` set.
+    /// Keeps the cookies a response to `req` set, within the jar's caps: a cookie larger than
+    /// [`COOKIE_BYTES`] is ignored (as browsers do), and so is a new one past
+    /// [`JAR_COOKIES`] or [`JAR_BYTES`] (the jar keeps what it has; a cookie it holds is still
+    /// updated or removed).
     fn store_cookies(&mut self, req: &Prepared, set_cookies: &[String]) {
-        let cookies = set_cookies
-            .iter()
-            .filter_map(|v| cookie_store::RawCookie::parse(v.clone()).ok());
-        self.cookies
-            .get_or_insert_with(Default::default)
-            .store_response_cookies(cookies, &req.url);
+        let jar = self.cookies.get_or_insert_with(Default::default);
+        for text in set_cookies {
+            let Ok(raw) = cookie_store::RawCookie::parse(text.as_str()) else {
+                continue;
+            };
+            let size = raw.name().len() + raw.value().len();
+            if size > COOKIE_BYTES {
+                continue;
+            }
+            let Ok(cookie) = cookie_store::Cookie::try_from_raw_cookie(&raw, &req.url) else {
+                continue;
+            };
+            if cookie.is_expired() || has_room(jar, &cookie, size) {
+                let _ = jar.insert(cookie.into_owned(), &req.url);
+            }
+        }
     }
+}
+
+/// The most cookies a user's jar holds.
+const JAR_COOKIES: usize = 200;
+/// The largest cookie kept, its name and value together: browsers' 4 KiB (RFC 6265 §6.1).
+const COOKIE_BYTES: usize = 4 << 10;
+/// The most bytes of cookie names and values a user's jar holds: a request's `Cookie` header
+/// stays within this (and its `; ` separators).
+const JAR_BYTES: usize = 64 << 10;
+
+/// Whether `jar` has room for `cookie` (`size` bytes of name and value): in place of the one
+/// of the same domain, path and name it holds, or as one more. Expired cookies it still holds
+/// are dropped to make room.
+fn has_room(jar: &mut cookie_store::CookieStore, cookie: &cookie_store::Cookie<'_>, size: usize) -> bool {
+    let domain = String::from(&cookie.domain);
+    let fits = |jar: &cookie_store::CookieStore| {
+        let (count, bytes) = jar
+            .iter_any()
+            .fold((0, 0), |(n, b), c| (n + 1, b + c.name().len() + c.value().len()));
+        match jar.get_any(&domain, &cookie.path, cookie.name()) {
+            Some(old) => bytes - (old.name().len() + old.value().len()) + size <= JAR_BYTES,
+            None => count < JAR_COOKIES && bytes + size <= JAR_BYTES,
+        }
+    };
+    if fits(jar) {
+        return true;
+    }
+    let expired: Vec<(String, String, String)> = jar
+        .iter_any()
+        .filter(|c| c.is_expired())
+        .map(|c| (String::from(&c.domain), String::from(&c.path), c.name().to_string()))
+        .collect();
+    for (domain, path, name) in &expired {
+        jar.remove(domain, path, name);
+    }
+    !expired.is_empty() && fits(jar)
 }
 
 /// What came back, for the verdict and for `after_response`.
@@ -1095,15 +1155,15 @@ async fn exchange_h2_inner(
     *headers = req.scenario_headers();
     headers.remove(HOST);
     if !headers.contains_key(USER_AGENT) {
-        headers.insert(USER_AGENT, USER_AGENT_VALUE.clone());
+        let _ = headers.try_insert(USER_AGENT, USER_AGENT_VALUE.clone());
     }
     if let Some(c) = &req.credentials
         && !headers.contains_key(AUTHORIZATION)
     {
-        headers.insert(AUTHORIZATION, c.clone());
+        let _ = headers.try_insert(AUTHORIZATION, c.clone());
     }
     let resp = sender.send_request(request).await.map_err(|e| h2_reason(&e))?;
-    let status = resp.status().as_u16();
+    let status = valid_status(resp.status().as_u16())?;
     let location = resp
         .headers()
         .get(hyper::header::LOCATION)
@@ -1422,7 +1482,7 @@ fn read_head(
     method: &Method,
     want_headers: bool,
 ) -> Result<Head, Reason> {
-    let status = head.code.ok_or(Reason::Protocol)?;
+    let status = valid_status(head.code.ok_or(Reason::Protocol)?)?;
     let mut keep_alive = head.version == Some(1);
     let mut length = None;
     let mut chunked = false;
@@ -1437,8 +1497,14 @@ fn read_head(
             14 if is("content-length") => {
                 let v = std::str::from_utf8(h.value)
                     .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                length = Some(v.ok_or(Reason::Protocol)?);
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or(Reason::Protocol)?;
+                // Lengths that differ leave the body's end unknown (RFC 9112 §6.3: an error);
+                // the same one repeated is that length.
+                if length.is_some_and(|l| l != v) {
+                    return Err(Reason::Protocol);
+                }
+                length = Some(v);
             }
             17 if is("transfer-encoding") => {
                 chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
@@ -1465,7 +1531,8 @@ fn read_head(
                 HeaderValue::from_bytes(h.value),
             )
         {
-            headers.append(name, value);
+            // (At most MAX_HEADERS of them.)
+            let _ = headers.try_append(name, value);
         }
     }
     let framing = if *method == Method::HEAD || status == 204 || status == 304 || (100..200).contains(&status) {
@@ -1487,6 +1554,15 @@ fn read_head(
         headers,
         location,
     })
+}
+
+/// `status` if it is an HTTP status code: 100 to 599 (RFC 9110 §15). The parsers take any
+/// three digits (`000`, `999`).
+fn valid_status(status: u16) -> Result<u16, Reason> {
+    match status {
+        100..=599 => Ok(status),
+        _ => Err(Reason::Protocol),
+    }
 }
 
 /// The `timeout=N` (seconds) of a `Keep-Alive` header, as Node, Apache and others send it.
@@ -1623,6 +1699,11 @@ mod tests {
         let u = request_url(Some(&host), &spec(Target::Url("http://[::1]:9/z".into()), &[])).unwrap();
         assert_eq!(u.as_str(), "http://[::1]:9/z");
         assert!(request_url(None, &spec(Target::Path("/x".into()), &[])).is_err());
+        let e = Prepared::new(None, &spec(Target::Url("http://u:pw@127.0.0.1:0/x".into()), &[])).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "bad url \"http://u:***@127.0.0.1:0/x\": port 0 is no server's port"
+        );
     }
 
     #[test]
@@ -1892,5 +1973,89 @@ mod tests {
         }
         // (No DNS failure here: resolving a name that does not exist would ask a resolver
         // off this machine.)
+    }
+
+    /// Heads whose framing or status is not HTTP's are protocol errors, not successes: two
+    /// `Content-Length`s that differ (RFC 9112 §6.3), a status outside 100-599.
+    #[tokio::test]
+    async fn lengths_that_differ_and_statuses_out_of_range_are_protocol_errors() {
+        let client = Client::new(Duration::from_secs(5));
+        for (response, expected) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
+                Err(Reason::Protocol),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-A: 1\r\ncontent-length: 5\r\n\r\nhello!",
+                Err(Reason::Protocol),
+            ),
+            (b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n", Err(Reason::Protocol)),
+            (b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", Err(Reason::Protocol)),
+            (b"HTTP/1.1 600 High\r\nContent-Length: 0\r\n\r\n", Err(Reason::Protocol)),
+            (b"HTTP/1.1 999 High\r\nContent-Length: 0\r\n\r\n", Err(Reason::Protocol)),
+            // The same length twice is that length; the range's ends are statuses.
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+                Ok((200, 5)),
+            ),
+            (b"HTTP/1.1 599 Odd\r\nContent-Length: 2\r\n\r\nok", Ok((599, 2))),
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+                Ok((204, 0)),
+            ),
+        ] {
+            let (port, _) = canned(vec![response]).await;
+            let (req, _, mut session) = get_root(port);
+            let got = client
+                .send(&mut session, &req, false)
+                .await
+                .map(|r| (r.status, r.bytes))
+                .map_err(|(_, reason)| reason);
+            assert_eq!(got, expected, "{}", String::from_utf8_lossy(response));
+        }
+        assert_eq!(Reason::Protocol.to_string(), "protocol error");
+    }
+
+    /// A server that sets a new cookie on every response fills a user's jar to its caps, no
+    /// further: the first cookies stay (new ones are ignored), those it holds are still updated
+    /// and removed, and the `Cookie` header stays within the jar's bytes.
+    #[test]
+    fn a_users_cookie_jar_keeps_at_most_its_caps() {
+        let (req, _, mut session) = get_root(9);
+        let header = |s: &Session| s.cookie_header(&req).unwrap_or_default();
+        let pairs = |s: &Session| header(s).split("; ").map(str::to_string).collect::<Vec<_>>();
+        let set: Vec<String> = (0..300).map(|i| format!("c{i}=v")).collect();
+        session.store_cookies(&req, &set);
+        let kept = pairs(&session);
+        assert_eq!(kept.len(), JAR_COOKIES);
+        assert!(kept.contains(&"c0=v".into()) && kept.contains(&"c199=v".into()));
+        assert!(!kept.contains(&"c200=v".into()), "new ones past the cap are ignored");
+        session.store_cookies(&req, &["c5=new".into(), "c6=; Max-Age=0".into(), "c300=v".into()]);
+        let kept = pairs(&session);
+        assert!(kept.contains(&"c5=new".into()), "a cookie it holds is updated");
+        assert!(!kept.iter().any(|p| p.starts_with("c6=")), "and removed");
+        assert!(kept.contains(&"c300=v".into()), "the room a removed one left is taken");
+        assert_eq!(kept.len(), JAR_COOKIES);
+
+        // 4 KB cookies, a new one on each of 1000 responses: the header stops growing.
+        let mut big = Session::default();
+        for i in 0..1000 {
+            big.store_cookies(&req, &[format!("big{i}={}", "x".repeat(4000))]);
+        }
+        let h = header(&big);
+        assert!(h.len() <= JAR_BYTES + 2 * JAR_COOKIES, "{} bytes", h.len());
+        assert_eq!(pairs(&big).len(), JAR_BYTES / 4005, "{} bytes", h.len());
+        let names: Vec<String> = pairs(&big)
+            .iter()
+            .map(|p| p[..p.find('=').unwrap()].to_string())
+            .collect();
+        assert!(
+            names.contains(&"big0".into()) && !names.contains(&"big999".into()),
+            "the first ones are kept"
+        );
+        // A cookie larger than 4 KiB is not kept at all.
+        let mut one = Session::default();
+        one.store_cookies(&req, &[format!("huge={}", "x".repeat(COOKIE_BYTES))]);
+        assert_eq!(one.cookie_header(&req), None);
     }
 }
