@@ -141,8 +141,9 @@ fn cut_at(text: &str) -> Option<usize> {
     text.char_indices().nth(MAX_TEXT_CHARS).map(|(at, _)| at)
 }
 
-/// Cuts `text` to [`MAX_TEXT_CHARS`] characters and `…`, in place.
-fn shorten(text: &mut String) {
+/// Cuts `text` to [`MAX_TEXT_CHARS`] characters and `…`, in place: a failure reason's text, a
+/// check name, a request name.
+pub fn shorten(text: &mut String) {
     if let Some(at) = cut_at(text) {
         text.truncate(at);
         text.push('…');

@@ -169,8 +169,11 @@ fn set_setup_data(state: &UserState, data: &serde_json::Value) -> mlua::Result<(
 
 /// Runs the scenario's `setup()` (if it has one) in a state of its own, before any user
 /// starts: what it returns, as plain data, and the state, kept for `teardown`.
+///
+/// The value becomes JSON text first, held to the state's memory limit, and that text is
+/// parsed: a value built of shared tables (one table held twice, a hundred levels deep) would
+/// otherwise be copied out without end.
 pub async fn setup(worker: &Rc<Worker>) -> Result<Option<(UserState, serde_json::Value)>, String> {
-    use mlua::LuaSerdeExt;
     if !worker.plan.scenario.hooks.setup && !worker.plan.scenario.hooks.teardown {
         return Ok(None);
     }
@@ -181,11 +184,13 @@ pub async fn setup(worker: &Rc<Worker>) -> Result<Option<(UserState, serde_json:
                 .run::<Value>("setup", f, ())
                 .await
                 .map_err(|e| e.reason("setup").to_string())?;
-            state
-                .sandbox
-                .lua
-                .from_value::<serde_json::Value>(value)
-                .map_err(|e| format!("setup() must return plain data (tables, strings, numbers, booleans): {e}"))?
+            let text = api::json_text(&value, state.sandbox.budget.memory()).map_err(|e| match e {
+                api::JsonError::TooLarge(e) => format!("what setup() returned: {e}"),
+                api::JsonError::Invalid(e) => {
+                    format!("setup() must return plain data (tables, strings, numbers, booleans): {e}")
+                }
+            })?;
+            serde_json::from_slice(&text).map_err(|e| format!("what setup() returned: {e}"))?
         }
         None => serde_json::Value::Null,
     };

@@ -63,6 +63,16 @@ const FIELDS: &[&str] = &[
 
 type FieldResult<T> = Result<T, String>;
 
+/// The most headers a request of the scenario's may have (its `headers`, and what its hooks
+/// set): far above real use, and far below what a header map can hold. (The few stormlight
+/// adds itself, `host`, `user-agent`, `content-length`, a body's `content-type`, are not
+/// counted.)
+pub const MAX_REQUEST_HEADERS: usize = 1000;
+
+fn too_many_headers() -> String {
+    format!("`headers`: a request has at most {MAX_REQUEST_HEADERS} headers")
+}
+
 fn method_value(v: &Value) -> FieldResult<Method> {
     match v {
         Value::String(s) => {
@@ -121,8 +131,11 @@ fn headers_value(t: &Table) -> FieldResult<HeaderMap> {
     let mut headers = HeaderMap::new();
     for pair in t.pairs::<Value, Value>() {
         let (k, v) = pair.map_err(|e| e.to_string())?;
+        if headers.len() >= MAX_REQUEST_HEADERS {
+            return Err(too_many_headers());
+        }
         let (name, value) = header_pair(&k, &v)?;
-        headers.append(name, value);
+        headers.try_append(name, value).map_err(|_| too_many_headers())?;
     }
     Ok(headers)
 }
@@ -140,7 +153,8 @@ fn pairs_value(t: &Table, what: &str) -> FieldResult<Vec<(String, String)>> {
     Ok(pairs)
 }
 
-/// A JSON body from a table; the content type it implies.
+/// A JSON body from a table; the content type it implies. The text is held to the memory
+/// limit of the table's state (see [`json_text`]).
 fn json_body(v: &Value) -> FieldResult<(Bytes, &'static str)> {
     if !matches!(v, Value::Table(_)) {
         return Err(format!(
@@ -148,8 +162,69 @@ fn json_body(v: &Value) -> FieldResult<(Bytes, &'static str)> {
             show(v)
         ));
     }
-    let bytes = serde_json::to_vec(v).map_err(|e| format!("`json` cannot be encoded: {e}"))?;
+    let bytes = json_text(v, memory_limit_of(v)).map_err(|e| match e {
+        JsonError::TooLarge(e) => format!("`json`: {e}"),
+        JsonError::Invalid(e) => format!("`json` cannot be encoded: {e}"),
+    })?;
     Ok((Bytes::from(bytes), "application/json"))
+}
+
+/// Why a value has no JSON text within its cap.
+#[derive(Debug)]
+pub enum JsonError {
+    /// The text would pass the cap.
+    TooLarge(String),
+    /// The value is not plain data (a function, a recursive table, ...).
+    Invalid(String),
+}
+
+/// `value` as JSON text, written through a writer that refuses to grow past `cap` bytes: the
+/// work and the memory stay within the cap whatever the value is (a table that holds another
+/// twice, a hundred levels deep, would otherwise be written out 2^100 times).
+pub fn json_text(value: &impl serde::Serialize, cap: usize) -> Result<Vec<u8>, JsonError> {
+    let mut out = Capped {
+        bytes: Vec::new(),
+        cap,
+        full: false,
+    };
+    match serde_json::to_writer(&mut out, value) {
+        Ok(()) => Ok(out.bytes),
+        Err(_) if out.full => Err(JsonError::TooLarge(format!(
+            "the JSON would be larger than {} (the memory limit)",
+            crate::machine::bytes(cap as u64)
+        ))),
+        Err(e) => Err(JsonError::Invalid(e.to_string())),
+    }
+}
+
+/// A writer that refuses to grow past `cap` bytes (`full` once it refused).
+struct Capped {
+    bytes: Vec<u8>,
+    cap: usize,
+    full: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.cap {
+            self.full = true;
+            return Err(std::io::Error::other("past the cap"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The memory limit of the Lua state `v` belongs to (the default one for a value of none).
+fn memory_limit_of(v: &Value) -> usize {
+    v.weak_lua()
+        .and_then(mlua::WeakLua::try_upgrade)
+        .and_then(|lua| lua.app_data_ref::<Rc<super::sandbox::Budget>>().map(|b| b.memory()))
+        .unwrap_or(super::sandbox::Limits::default().memory)
 }
 
 /// A url-encoded body from a table; the content type it implies.
@@ -227,8 +302,10 @@ pub fn parse_request(t: &Table) -> FieldResult<RequestSpec> {
         }
         None => body.map(Bytes::from),
     };
-    // A URL's password never names a row (rows are printed and written everywhere).
-    let name = opt_string(t, "name")?.unwrap_or_else(|| crate::http::redact(target.as_str()).into_owned());
+    // A URL's password never names a row (rows are printed and written everywhere), and a name
+    // is cut as failure reasons are: names that differ past the cut share a row.
+    let mut name = opt_string(t, "name")?.unwrap_or_else(|| crate::http::redact(target.as_str()).into_owned());
+    crate::stats::shorten(&mut name);
     let weight = match get("weight")? {
         Value::Nil => 1,
         Value::Integer(w) if w >= 1 => u32::try_from(w).map_err(|_| "`weight` is too large")?,
@@ -265,7 +342,8 @@ pub fn duration_value(v: &Value) -> Result<Duration, String> {
 
 fn set_default_content_type(headers: &mut HeaderMap, ct: &'static str) {
     if !headers.contains_key(CONTENT_TYPE) {
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+        // (A map of at most MAX_REQUEST_HEADERS headers has room for one more.)
+        let _ = headers.try_insert(CONTENT_TYPE, HeaderValue::from_static(ct));
     }
 }
 
@@ -344,14 +422,16 @@ impl std::fmt::Display for Wait {
 }
 
 impl Wait {
-    /// The pause after an iteration that took `took`; `draw` is uniform in [0, 1).
+    /// The pause after an iteration that took `took`; `draw` is uniform in [0, 1). At most
+    /// [`MAX_DURATION`](crate::config::MAX_DURATION) ([`wait_value`] refuses longer ones).
     pub fn pause(&self, took: Duration, draw: f64) -> Duration {
         let secs = match *self {
             Wait::Between(min, max) => min + (max - min) * draw,
             Wait::Constant(s) => s,
             Wait::Pacing(every) => (every - took.as_secs_f64()).max(0.0),
         };
-        Duration::from_secs_f64(secs.max(0.0))
+        let longest = crate::config::MAX_DURATION.as_secs_f64();
+        Duration::try_from_secs_f64(secs.clamp(0.0, longest)).unwrap_or_default()
     }
 }
 
@@ -377,7 +457,7 @@ pub fn wait_value(v: &Value) -> FieldResult<Option<Wait>> {
     if !a.is_finite() || !b.is_finite() || a < 0.0 || b < 0.0 {
         return bad("times must be non-negative numbers");
     }
-    Ok(Some(match kind.as_str() {
+    let wait = match kind.as_str() {
         "between" if a <= b => Wait::Between(a, b),
         "between" => return bad("between(a, b) needs a <= b"),
         "constant" => Wait::Constant(a),
@@ -385,7 +465,22 @@ pub fn wait_value(v: &Value) -> FieldResult<Option<Wait>> {
         "constant_throughput" if a > 0.0 => Wait::Pacing(1.0 / a),
         "constant_throughput" => return bad("constant_throughput(n) needs n > 0"),
         other => return bad(&format!("unknown kind {other:?}")),
-    }))
+    };
+    // The longest pause it can make: a pause is a duration, at most the longest one.
+    let longest = match wait {
+        Wait::Between(_, s) | Wait::Constant(s) | Wait::Pacing(s) => s,
+    };
+    if longest > crate::config::MAX_DURATION.as_secs_f64() {
+        return bad(&format!(
+            "a pause is at most 365 days (this one is {longest:e} s{})",
+            if kind == "constant_throughput" {
+                ": constant_throughput(n) pauses 1/n s"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(Some(wait))
 }
 
 /// The names [`constructor`] makes.
@@ -518,10 +613,11 @@ impl ReqEdits {
         if let Some(h) = &self.headers {
             spec.headers = h.clone();
         }
+        // (At most MAX_REQUEST_HEADERS in all: see `ReqState::edit_header`.)
         for (name, value) in &self.header_edits {
             match value {
                 Some(v) => {
-                    spec.headers.insert(name.clone(), v.clone());
+                    let _ = spec.headers.try_insert(name.clone(), v.clone());
                 }
                 None => {
                     spec.headers.remove(name);
@@ -578,6 +674,26 @@ impl ReqState {
 
     fn base(&self) -> &RequestSpec {
         &self.endpoints[self.base]
+    }
+
+    /// Records `req.headers[name] = value` (`None`: removed). A name set before in this call
+    /// has its edit replaced; a new one may not take the request past
+    /// [`MAX_REQUEST_HEADERS`] (counted as if every edit added one).
+    fn edit_header(&mut self, name: HeaderName, value: Option<HeaderValue>) -> FieldResult<()> {
+        let edits = &mut self.edits.header_edits;
+        if let Some(edit) = edits.iter_mut().find(|(n, _)| *n == name) {
+            edit.1 = value;
+            return Ok(());
+        }
+        let base = match &self.edits.headers {
+            Some(replaced) => replaced.len(),
+            None => self.endpoints[self.base].headers.len(),
+        };
+        if base + edits.len() >= MAX_REQUEST_HEADERS {
+            return Err(too_many_headers());
+        }
+        edits.push((name, value));
+        Ok(())
     }
 
     fn header(&self, name: &HeaderName) -> Option<HeaderValue> {
@@ -657,7 +773,10 @@ impl UserData for Req {
                     None => return Err(field_err("`url` cannot be nil".into())),
                 },
                 b"name" => match string_value(&value, "name").map_err(field_err)? {
-                    Some(n) => e.name = Some(n),
+                    Some(mut n) => {
+                        crate::stats::shorten(&mut n);
+                        e.name = Some(n);
+                    }
                     None => return Err(field_err("`name` cannot be nil".into())),
                 },
                 b"headers" => match &value {
@@ -724,8 +843,7 @@ impl UserData for ReqHeaders {
                 let (name, value) = header_pair(&key, &value).map_err(field_err)?;
                 (name, Some(value))
             };
-            this.0.borrow_mut().edits.header_edits.push(edit);
-            Ok(())
+            this.0.borrow_mut().edit_header(edit.0, edit.1).map_err(field_err)
         });
         // pairs(req.headers): a snapshot of the headers as they would be sent.
         methods.add_meta_method(MetaMethod::Pairs, |lua, this, ()| {
@@ -939,8 +1057,8 @@ mod fast {
                 return false;
             };
             let Some(name) = st.header_name(key) else { return false };
-            st.edits.header_edits.push((name, Some(value)));
-            true
+            // Past the cap, the full path raises the error.
+            st.edit_header(name, Some(value)).is_ok()
         }
     }
 }

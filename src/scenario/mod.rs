@@ -687,7 +687,9 @@ fn script_error(path: &Path, sb: &Sandbox, err: &mlua::Error) -> String {
     {
         Some((line, what)) if limit => format!("{file}:{line}: scenario stopped while loading: {what}"),
         None if limit => format!("{file}: scenario stopped while loading: {msg}"),
-        _ => msg,
+        Some(_) => msg,
+        // An error Lua gives no position (`C stack overflow` from the parser): the file at least.
+        None => format!("{file}: {msg}"),
     }
 }
 
@@ -720,6 +722,9 @@ impl Scenario {
         }
         if let Some(g) = o.grace {
             opts.push(format!("grace={}", crate::config::format_duration(g)));
+        }
+        if let Some(t) = o.script_timeout {
+            opts.push(format!("script_timeout={}", crate::config::format_duration(t)));
         }
         if let Some(r) = o.rate {
             opts.push(format!("rate={r}/s"));
@@ -1142,7 +1147,7 @@ mod tests {
               req.headers["X-Ratio"] = 1.5              -- full: a float
               req.headers["X-Gone"] = "x"
               req.headers["X-Gone"] = nil               -- full: a removal
-              req.name = string.rep("n", 300)           -- read back the full way (long)
+              req.name = string.rep("\u{e9}", 150)      -- read back the full way (300 bytes)
               req.path = "/edited"
               seen = { req.headers["x-token"], req.method, type(req.headers), #req.name, req.path }
             end
@@ -1277,5 +1282,200 @@ mod tests {
             .unwrap_err();
         assert!(err.message.contains("req: no field `header`"), "{err}");
         assert!(!err.limit);
+    }
+
+    #[test]
+    fn absurd_headers_json_and_think_times_are_refused_at_load_with_the_line() {
+        let with_headers = |n: usize| {
+            format!(
+                "local h = {{}} for i = 1, {n} do h['x-h' .. i] = 'v' end\n\nendpoints = {{ Task('GET', '/hello', {{ headers = h }}) }}"
+            )
+        };
+        for n in [1001, 40_000] {
+            let e = err(&with_headers(n));
+            assert_eq!(
+                e, "t.lua:3: endpoints[1]: `headers`: a request has at most 1000 headers",
+                "{n} headers"
+            );
+        }
+        assert_eq!(load_str(&with_headers(1000)).unwrap().endpoints[0].headers.len(), 1000);
+
+        // The text is held to the state's memory limit: one string of 1 MiB held 17 times.
+        let e = err(
+            "local s, t = string.rep('x', 1 << 20), {}\nfor i = 1, 17 do t[i] = s end\nendpoints = { Task('POST', '/x', { json = t }) }",
+        );
+        assert_eq!(
+            e,
+            "t.lua:3: endpoints[1]: `json`: the JSON would be larger than 16.0 MiB (the memory limit)"
+        );
+        // A table that holds another twice, a hundred levels deep: 2^100 leaves as JSON. The
+        // work stops with the text, at the limit (a state of 1 MiB here, to be quick).
+        let e = load_source(
+            Path::new("t.lua"),
+            "local t = {} for i = 1, 100 do t = {t, t} end\nendpoints = { Task('POST', '/x', { json = t }) }",
+            SMALL,
+        )
+        .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "t.lua:2: endpoints[1]: `json`: the JSON would be larger than 1.0 MiB (the memory limit)"
+        );
+
+        for wait in [
+            "constant_pacing(1e308)",
+            "constant_throughput(1e-320)",
+            "constant_throughput(1e-9)",
+            "constant(31536001)",
+            "between(0, 1e300)",
+        ] {
+            let e = err(&format!("endpoints = {{ Task('GET', '/') }}\n\nwait_time = {wait}"));
+            assert!(
+                e.starts_with("t.lua:3: `wait_time`: a pause is at most 365 days"),
+                "{wait}: {e}"
+            );
+        }
+        let year = load_str("endpoints = { Task('GET', '/') }\nwait_time = constant_pacing(31536000)").unwrap();
+        let pause = year.wait.unwrap().pause(std::time::Duration::ZERO, 0.5);
+        assert_eq!(pause, crate::config::MAX_DURATION);
+        // The pause itself cannot panic, whatever it is given.
+        for w in [
+            api::Wait::Pacing(f64::INFINITY),
+            api::Wait::Constant(1e308),
+            api::Wait::Between(0.0, f64::NAN),
+        ] {
+            assert!(w.pause(std::time::Duration::ZERO, 0.5) <= crate::config::MAX_DURATION);
+        }
+    }
+
+    /// A state of 1 MiB: work bounded by the memory limit is quick to reach there.
+    const SMALL: Limits = Limits {
+        memory: 1 << 20,
+        instructions: 100_000_000,
+        time: sandbox::DEFAULT_SCRIPT_TIMEOUT,
+    };
+
+    #[test]
+    fn hooks_past_the_header_cap_or_with_json_past_the_memory_fail_as_script_errors() {
+        let s = load_source(
+            Path::new("t.lua"),
+            r#"
+            endpoints = { Task("GET", "/", { headers = { A = "1", B = "2" } }) }
+            function before_request(user, req)
+              for i = 1, 10000 do req.headers["X-Same"] = i end   -- one edit, replaced
+              for i = 1, 997 do req.headers["x-h" .. i] = "v" end -- 2 + 1 + 997: the cap
+              if user.id == 2 then req.headers["one-more"] = "v" end
+              if user.id == 3 then req.headers["one-more"] = 1.5 end
+              if user.id == 4 then req.headers = { A = "1", B = "2" } req.headers["x-h1"] = "v" end
+            end
+            function after_response(user, req, res)
+              local t = {} for i = 1, 100 do t = {t, t} end
+              req.json = t
+            end
+            "#,
+            SMALL,
+        )
+        .unwrap();
+        let before = |id| {
+            let u = UserState::new(&s, id).unwrap();
+            let r = u.call::<()>(
+                "before_request",
+                u.before_request.as_ref().unwrap(),
+                (&u.user, &u.req_ud),
+            );
+            (u, r)
+        };
+        let (u, ok) = before(1);
+        ok.unwrap();
+        let spec = u.req.0.borrow().edits.apply(&s.endpoints[0]);
+        assert_eq!(spec.headers.len(), 1000);
+        assert_eq!(spec.headers["x-same"], "10000");
+        assert_eq!(u.req.0.borrow().edits.header_edits.len(), 998, "an edit per name");
+        for id in [2, 3] {
+            let e = before(id).1.unwrap_err();
+            assert!(
+                e.message
+                    .starts_with("t.lua:6: req: `headers`: a request has at most 1000 headers")
+                    || e.message
+                        .starts_with("t.lua:7: req: `headers`: a request has at most 1000 headers"),
+                "user {id}: {}",
+                e.message
+            );
+            assert!(!e.limit, "a script error, not a limit");
+        }
+        before(4).1.unwrap();
+        let e = u
+            .call::<()>(
+                "after_response",
+                u.after_response.as_ref().unwrap(),
+                (&u.user, &u.req_ud, &u.res_ud),
+            )
+            .unwrap_err();
+        assert!(
+            e.message
+                .ends_with("req: `json`: the JSON would be larger than 1.0 MiB (the memory limit)"),
+            "{}",
+            e.message
+        );
+        assert!(!e.limit);
+    }
+
+    #[test]
+    fn long_request_names_are_cut_as_reasons_are_and_share_a_row() {
+        let long = "a".repeat(4000);
+        let s = load_str(&format!(
+            "endpoints = {{\n  Task('GET', '/a', {{ name = '{long}1' }}),\n  Task('GET', '/b', {{ name = '{long}2' }}),\n  Task('GET', '/{long}'),\n}}\nfunction before_request(user, req) req.name = string.rep('\\u{{e9}}', 1000) .. user.id end"
+        ))
+        .unwrap();
+        let cut = format!("{}…", "a".repeat(200));
+        assert_eq!(s.endpoints[0].name, cut);
+        assert_eq!(s.endpoints[1].name, cut, "names that differ past the cut are one");
+        assert_eq!(
+            s.endpoints[2].name,
+            format!("/{}…", "a".repeat(199)),
+            "a path naming its row too"
+        );
+        let u = UserState::new(&s, 1).unwrap();
+        u.call::<()>(
+            "before_request",
+            u.before_request.as_ref().unwrap(),
+            (&u.user, &u.req_ud),
+        )
+        .unwrap();
+        assert_eq!(
+            u.req.0.borrow().edits.name.as_deref(),
+            Some(format!("{}…", "\u{e9}".repeat(200)).as_str())
+        );
+    }
+
+    #[test]
+    fn a_load_error_without_a_position_names_the_file() {
+        let deep = format!(
+            "local x = {}1{}\nendpoints = {{ Task('GET', '/') }}",
+            "(".repeat(100_000),
+            ")".repeat(100_000)
+        );
+        let e = err(&deep);
+        assert!(e.starts_with("t.lua: ") && e.contains("C stack overflow"), "{e}");
+        // One that has a position keeps it as it is.
+        assert_eq!(err("\nerror('boom')"), "t.lua:2: boom");
+    }
+
+    #[test]
+    fn check_shows_every_option_the_scenario_sets() {
+        let s = load_str(
+            "options = { users = 2, spawn_rate = 3, duration = '1m', timeout = '2s', grace = '1s', script_timeout = '1s' }\nendpoints = { Task('GET', '/') }",
+        )
+        .unwrap();
+        let text = s.describe();
+        assert!(
+            text.contains("  options: users=2 spawn_rate=3 duration=1m timeout=2s grace=1s script_timeout=1s\n"),
+            "{text}"
+        );
+        let only = load_str("options = { script_timeout = '1s' }\nendpoints = { Task('GET', '/') }").unwrap();
+        assert!(
+            only.describe().contains("  options: script_timeout=1s\n"),
+            "{}",
+            only.describe()
+        );
     }
 }
