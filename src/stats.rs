@@ -161,17 +161,69 @@ pub fn encode_histogram(h: &Histogram<u64>) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Reads what [`encode_histogram`] wrote.
+/// Reads what [`encode_histogram`] wrote. Its deflated bytes are inflated here, at most
+/// [`HISTOGRAM_MAX`] of them, and the length of the counts its header claims is checked against
+/// what they hold before the decoder sees them: the decoder sets aside as much room as the
+/// header claims (a result file of a few bytes could ask for gigabytes).
 pub fn decode_histogram(text: &str) -> Result<Histogram<u64>, String> {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text.trim())
         .map_err(|e| format!("a histogram is not base64: {e}"))?;
+    let plain = inflate_histogram(&bytes)?;
     let mut h: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
-        .deserialize(&mut bytes.as_slice())
+        .deserialize(&mut plain.as_slice())
         .map_err(|e| format!("a histogram does not decode: {e:?}"))?;
     h.auto(true);
     Ok(h)
+}
+
+/// The most bytes a histogram of a result file may take once inflated: 30 times the largest
+/// stormlight writes (every count of a 3-digit histogram over the whole range, ~0.5 MB).
+pub const HISTOGRAM_MAX: usize = 16 << 20;
+
+/// The plain V2 encoding of `bytes`, a V2 one deflated (cookie, length, zlib data) or a plain
+/// one, after checking that it holds the counts its header claims. (Cookies and layout:
+/// HdrHistogram's V2 encoding, as the `hdrhistogram` crate reads it.)
+fn inflate_histogram(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    const V2: u32 = 0x1c84_9313;
+    const V2_DEFLATED: u32 = 0x1c84_9314;
+    /// Cookie, counts' length, offset, digits (4 bytes each), lowest, highest, ratio (8 each).
+    const HEADER: usize = 40;
+    let word = |b: &[u8], at: usize| b.get(at..at + 4).map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    let plain = match word(bytes, 0) {
+        Some(V2_DEFLATED) => {
+            let len = word(bytes, 4).ok_or("a histogram ends within its header")? as usize;
+            let deflated = bytes.get(8..).unwrap_or_default();
+            let deflated = &deflated[..len.min(deflated.len())];
+            let mut plain = Vec::new();
+            flate2::read::ZlibDecoder::new(deflated)
+                .take(HISTOGRAM_MAX as u64 + 1)
+                .read_to_end(&mut plain)
+                .map_err(|e| format!("a histogram does not inflate: {e}"))?;
+            plain
+        }
+        Some(V2) => bytes.to_vec(),
+        _ => return Err("a histogram is not in HdrHistogram's V2 encoding".into()),
+    };
+    if plain.len() > HISTOGRAM_MAX {
+        return Err(format!(
+            "a histogram is larger than {} MiB once inflated",
+            HISTOGRAM_MAX >> 20
+        ));
+    }
+    if plain.len() < HEADER || word(&plain, 0) != Some(V2) {
+        return Err("a histogram does not decode: no V2 header inside".into());
+    }
+    let claimed = word(&plain, 4).unwrap_or(u32::MAX) as usize;
+    let held = plain.len() - HEADER;
+    if claimed > held {
+        return Err(format!(
+            "a histogram's header claims {claimed} bytes of counts, and it holds {held}"
+        ));
+    }
+    Ok(plain)
 }
 
 /// One point of a run's time series: one tick (a second) of requests.
@@ -1401,5 +1453,65 @@ mod tests {
             checks,
             [("(checks past --max-names)", 1, 1), ("c0", 1, 0), ("c1", 1, 1)]
         );
+    }
+
+    /// V2 bytes deflated and framed as the interchange encoding wants, in base64.
+    fn deflated(plain: &[u8]) -> String {
+        use base64::Engine as _;
+        use std::io::Write as _;
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(plain).unwrap();
+        let z = z.finish().unwrap();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&0x1c84_9314u32.to_be_bytes());
+        bytes.extend_from_slice(&(z.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&z);
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    /// A V2 header (counts' length, digits 3, lowest 1, highest 2, ratio 1) and `counts`.
+    fn v2(claimed: u32, counts: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for word in [0x1c84_9313u32, claimed, 0, 3] {
+            b.extend_from_slice(&word.to_be_bytes());
+        }
+        b.extend_from_slice(&1u64.to_be_bytes());
+        b.extend_from_slice(&2u64.to_be_bytes());
+        b.extend_from_slice(&1.0f64.to_be_bytes());
+        b.extend_from_slice(counts);
+        b
+    }
+
+    #[test]
+    fn a_histogram_claiming_more_counts_than_it_holds_is_refused_before_decoding() {
+        // 56 characters of base64 that claim 2 GiB of counts: refused without the room.
+        let bomb = deflated(&v2(0x8000_0000, &[2]));
+        assert!(bomb.len() <= 56, "{bomb}");
+        assert_eq!(
+            decode_histogram(&bomb).unwrap_err(),
+            "a histogram's header claims 2147483648 bytes of counts, and it holds 1"
+        );
+        assert!(
+            decode_histogram(&deflated(&v2(2, &[2])))
+                .unwrap_err()
+                .contains("claims 2 bytes")
+        );
+        // What inflates past the cap is not inflated further.
+        let huge = deflated(&v2(0, &vec![0; HISTOGRAM_MAX]));
+        assert_eq!(
+            decode_histogram(&huge).unwrap_err(),
+            "a histogram is larger than 16 MiB once inflated"
+        );
+        // One honest about its length decodes (a count of 1, zig-zag encoded, at value 0), and
+        // what stormlight writes reads back.
+        let h = decode_histogram(&deflated(&v2(1, &[2]))).unwrap();
+        assert_eq!((h.len(), h.max()), (1, 0));
+        let mut written = new_histogram();
+        for v in [1, 250, 3_000_000, u64::MAX / 4] {
+            written.record(v).unwrap();
+        }
+        let read = decode_histogram(&encode_histogram(&written)).unwrap();
+        assert_eq!((read.len(), read.max()), (4, written.max()));
+        assert!(decode_histogram("aGVsbG8=").unwrap_err().contains("V2"));
     }
 }
