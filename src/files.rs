@@ -11,7 +11,9 @@
 //!   `--out >(jq .)`) in place, with a bounded wait for a reader that does not read, and to
 //!   stdout after what it holds when they name the file stdout is redirected to. Anything else
 //!   (a directory, a block device, a socket) is refused: a rename would replace it.
-//!   Symbolic links are followed to decide.
+//!   Symbolic links are followed to decide; a loop of them is refused, and so is a path that
+//!   names a file this process read as an input (the scenario, a feed, `--setup-data`, a
+//!   result file given to `report`).
 
 use std::fs::{File, FileType, Metadata, OpenOptions};
 use std::io::{Read, Write};
@@ -150,7 +152,80 @@ pub fn read(path: &Path, label: &str, cap: u64) -> Result<Vec<u8>> {
     if meta.len() > cap {
         return Err(too_large());
     }
-    read_at_most(file, cap).map_err(cannot)?.ok_or_else(too_large)
+    let bytes = read_at_most(file, cap).map_err(cannot)?.ok_or_else(too_large)?;
+    remember_input(path, &meta, label);
+    Ok(bytes)
+}
+
+/// A file this process read as an input: where, which file (device and inode), what it was.
+struct Input {
+    path: PathBuf,
+    id: (u64, u64),
+    label: String,
+}
+
+/// The inputs read so far (see [`read`]): no output may replace one.
+static INPUTS: std::sync::Mutex<Vec<Input>> = std::sync::Mutex::new(Vec::new());
+
+/// The device and inode of a file (`None` where there are none).
+fn identity(meta: &Metadata) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
+}
+
+fn remember_input(path: &Path, meta: &Metadata, label: &str) {
+    let (Some(id), Ok(mut inputs)) = (identity(meta), INPUTS.lock()) else {
+        return;
+    };
+    if !inputs.iter().any(|i| i.id == id && i.path == path) {
+        inputs.push(Input {
+            path: path.to_path_buf(),
+            id,
+            label: label.to_string(),
+        });
+    }
+}
+
+/// What `path` names among the inputs this process read, if it names one: the same file
+/// (through a link, or another name for it), which the input's own path still names (a file
+/// made since in the place of one removed may have its inode).
+fn input_at(path: &Path) -> Option<String> {
+    let id = identity(&std::fs::metadata(path).ok()?)?;
+    let inputs = INPUTS.lock().ok()?;
+    inputs
+        .iter()
+        .find(|i| i.id == id && std::fs::metadata(&i.path).ok().and_then(|m| identity(&m)) == Some(id))
+        .map(|i| i.label.clone())
+}
+
+/// Whether `path` is a loop of symbolic links (or a chain too long to follow).
+fn is_link_loop(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        std::fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(libc::ELOOP))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+/// Why `path` may not be written at all, whatever it names: a loop of links (the atomic write
+/// would replace one of them), or an input of this process.
+fn refused(path: &Path) -> Option<String> {
+    if is_link_loop(path) {
+        return Some("it is a symbolic link loop".into());
+    }
+    input_at(path).map(|label| format!("it would replace an input of this command ({label})"))
 }
 
 /// Up to `cap` bytes of `r`, or `None` if it holds more (a file that grew since it was
@@ -167,6 +242,9 @@ fn read_at_most(r: impl Read, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
 /// would show its reader an end of file).
 pub fn check_writable(path: &Path, flag: &str) -> Result<()> {
     let shown = path.display();
+    if let Some(why) = refused(path) {
+        bail!("cannot write {flag} {shown}: {why}");
+    }
     match Kind::at(path) {
         None | Some(Kind::Regular) => {}
         Some(kind) if kind.in_place() => {
@@ -232,6 +310,9 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn write_with(path: &Path, bytes: &[u8], stall: Duration) -> Result<()> {
+    if let Some(why) = refused(path) {
+        bail!(why);
+    }
     match Kind::at(path) {
         Some(Kind::Regular) if is_stdout(path) => {
             // `--out /dev/stdout > file`: after what the run printed there, not over it.
@@ -526,5 +607,56 @@ mod tests {
             !names.iter().any(|n| n.contains("tmp") || n.contains("probe")),
             "{names:?}"
         );
+    }
+
+    #[test]
+    fn a_link_loop_and_an_input_are_never_written_over() {
+        let dir = TempDir::new("refused");
+        let (a, b) = (dir.0.join("a.json"), dir.0.join("b.json"));
+        std::os::unix::fs::symlink("b.json", &a).unwrap();
+        std::os::unix::fs::symlink("a.json", &b).unwrap();
+        let e = check_writable(&a, "--out").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("cannot write --out {}: it is a symbolic link loop", a.display())
+        );
+        assert_eq!(write(&a, b"{}").unwrap_err().to_string(), "it is a symbolic link loop");
+        for link in [&a, &b] {
+            assert!(std::fs::symlink_metadata(link).unwrap().file_type().is_symlink());
+        }
+
+        // An input read by this process, by its own name, through a link, by a hard link.
+        let input = dir.0.join("s.lua");
+        std::fs::write(&input, b"endpoints = {}").unwrap();
+        let (link, hard) = (dir.0.join("link.lua"), dir.0.join("hard.lua"));
+        std::os::unix::fs::symlink("s.lua", &link).unwrap();
+        std::fs::hard_link(&input, &hard).unwrap();
+        check_writable(&input, "--out").unwrap();
+        read(&input, &format!("scenario {}", input.display()), 100).unwrap();
+        for path in [&input, &link, &hard] {
+            let e = check_writable(path, "--html").unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "cannot write --html {}: it would replace an input of this command (scenario {})",
+                    path.display(),
+                    input.display()
+                )
+            );
+            assert!(
+                write(path, b"x")
+                    .unwrap_err()
+                    .to_string()
+                    .starts_with("it would replace an input")
+            );
+        }
+        assert_eq!(std::fs::read(&input).unwrap(), b"endpoints = {}");
+        // Once the input is gone, its inode may serve another file: that one is written.
+        std::fs::remove_file(&input).unwrap();
+        std::fs::remove_file(&hard).unwrap();
+        let other = dir.0.join("other.json");
+        std::fs::write(&other, b"old").unwrap();
+        write(&other, b"new").unwrap();
+        assert_eq!(std::fs::read(&other).unwrap(), b"new");
     }
 }
