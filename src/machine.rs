@@ -6,28 +6,45 @@
 use anyhow::{Result, bail};
 
 /// Bytes this process may still take: `MemAvailable` of `/proc/meminfo`, and under a cgroup
-/// (v2) memory limit, what is left below it. `None` where neither can be read.
+/// memory limit (v2's `memory.max`, or v1's `memory/memory.limit_in_bytes`), what is left
+/// below it. `None` where none can be read.
 pub fn available_memory() -> Option<u64> {
-    let system = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    });
-    let read = |name: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok();
-    let cgroup = match (read("memory.max"), read("memory.current")) {
-        (Some(max), Some(current)) => max
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .zip(current.trim().parse::<u64>().ok())
-            .map(|(max, current)| max.saturating_sub(current)),
-        _ => None,
+    let read = |name: &str| std::fs::read_to_string(name).ok();
+    let system = read("/proc/meminfo").and_then(|text| meminfo_available(&text));
+    let cgroup = |limit: &str, usage: &str| {
+        let dir = "/sys/fs/cgroup";
+        let (limit, usage) = (read(&format!("{dir}/{limit}"))?, read(&format!("{dir}/{usage}"))?);
+        cgroup_room(&limit, &usage)
     };
-    match (system, cgroup) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    [
+        system,
+        cgroup("memory.max", "memory.current"),
+        cgroup("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+/// `MemAvailable` of the text of `/proc/meminfo`, in bytes.
+fn meminfo_available(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib.saturating_mul(1024))
+}
+
+/// A limit this large is no limit: cgroup v1 says "none" with the largest page-aligned `i64`
+/// (9223372036854771712), v2 with `max`.
+const NO_LIMIT: u64 = 1 << 60;
+
+/// What is left below a cgroup's memory limit, from the text of its limit file and its usage
+/// file (v2's `memory.max` and `memory.current`, or v1's `memory.limit_in_bytes` and
+/// `memory.usage_in_bytes`); `None` without a limit.
+fn cgroup_room(limit: &str, usage: &str) -> Option<u64> {
+    let limit = limit.trim().parse::<u64>().ok().filter(|l| *l < NO_LIMIT)?;
+    let usage = usage.trim().parse::<u64>().ok()?;
+    Some(limit.saturating_sub(usage))
 }
 
 /// The share of the available memory that the users of a run may take: the rest is for the
@@ -137,6 +154,24 @@ mod tests {
             e.contains("40000 users need at least 40064 open files") && e.contains("ulimit -n"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn cgroup_limits_of_v1_and_v2_are_read_and_no_limit_is_none() {
+        let gib = 1u64 << 30;
+        assert_eq!(cgroup_room("2147483648\n", "536870912\n"), Some(gib + gib / 2));
+        // v2 without a limit; v1 without a limit (its largest page-aligned i64), or a huge one.
+        assert_eq!(cgroup_room("max\n", "536870912\n"), None);
+        assert_eq!(cgroup_room("9223372036854771712\n", "536870912\n"), None);
+        assert_eq!(cgroup_room("18446744073709551615", "1"), None);
+        // Over the limit (v1 counts the page cache): nothing left, not an underflow.
+        assert_eq!(cgroup_room("1000", "5000"), Some(0));
+        assert_eq!(cgroup_room("1000", ""), None);
+        assert_eq!(
+            meminfo_available("MemTotal:  16000000 kB\nMemAvailable:    8000000 kB\n"),
+            Some(8_192_000_000)
+        );
+        assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
     }
 
     #[test]
