@@ -129,7 +129,7 @@ pub struct LoadArgs {
     /// Number of virtual users.
     #[arg(short, long, value_name = "N")]
     pub users: Option<u32>,
-    /// Users started per second.
+    /// Users started per second (at least 0.000001).
     #[arg(short = 'r', long, value_name = "R", allow_negative_numbers = true)]
     pub spawn_rate: Option<f64>,
     /// How long to run: 30, 1.5s, 30s, 2m, 1h30m, 500ms.
@@ -170,8 +170,8 @@ pub struct LoadArgs {
     #[arg(long, value_name = "STAGES", value_parser = stages_value)]
     pub stages: Option<Stages>,
     /// Open model: start R iterations per second whatever the answers take (constant arrival
-    /// rate), with a pool of --max-users users; an iteration that finds no free user is dropped
-    /// and counted.
+    /// rate; 0.000001 to 10000000), with a pool of --max-users users; an iteration that finds
+    /// no free user is dropped and counted.
     #[arg(long, value_name = "R")]
     pub rate: Option<f64>,
     /// With --rate: the pool of users [default: R, rounded up].
@@ -181,9 +181,10 @@ pub struct LoadArgs {
     /// or on one row 'GET /hello: p99<50ms'. Any that fails makes the exit code 1.
     #[arg(long = "threshold", value_name = "EXPR")]
     pub thresholds: Vec<String>,
-    /// Distinct request names with a row of their own; past it, new names share one overflow
-    /// row (and a warning says so). The same number caps the distinct failure reasons with text
-    /// from the script, and the distinct check names, each on its own [default: 1000].
+    /// Distinct request names with a row of their own (at most 10000: each keeps its
+    /// histograms, about 100 KB); past it, new names share one overflow row (and a warning says
+    /// so). The same number caps the distinct failure reasons with text from the script, and
+    /// the distinct check names, each on its own [default: 1000].
     #[arg(long, value_name = "N")]
     pub max_names: Option<usize>,
     /// Do not verify TLS certificates (self-signed test servers). Printed in the run header.
@@ -215,7 +216,7 @@ pub struct LoadArgs {
     pub html: Option<PathBuf>,
     /// Write the final summary as JSON to FILE: atomically (a temporary file, renamed over
     /// it), or in place into a device such as /dev/null or a FIFO; never over a directory, a
-    /// block device or a socket.
+    /// block device, a socket, a loop of symbolic links or a file the run reads.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Serve a live dashboard (charts, tables, a Stop button) and Prometheus metrics

@@ -308,7 +308,9 @@ impl RunConfig {
             bail!("--max-names must be at least 1");
         }
         if max_names > MAX_NAMES {
-            bail!("--max-names {max_names} is more than {MAX_NAMES} (each name keeps a row of histograms)");
+            bail!(
+                "--max-names {max_names} is more than {MAX_NAMES} (each name keeps a row of histograms, about 100 KB)"
+            );
         }
         if http.max_body == 0 {
             bail!("--max-body must be more than 0 (it caps the body read; there is no unlimited)");

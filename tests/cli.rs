@@ -263,7 +263,7 @@ const BAD_CASES: &[BadCase] = &[
             "1000000",
             "-q",
         ],
-        expect: &["--max-names", "100000"],
+        expect: &["--max-names", "more than 10000"],
     },
     BadCase {
         name: "a script timeout of 0",

@@ -14,12 +14,12 @@
 ---@field method stormlight.Method|string
 ---@field path? string Joined to the host as text.
 ---@field url? string An absolute http:// or https:// URL instead of `path`.
----@field headers? table<string, string>
+---@field headers? table<string, string> At most 1000.
 ---@field query? table<string, string|number|boolean>
----@field json? table Sent as JSON (Content-Type: application/json).
+---@field json? table Sent as JSON (Content-Type: application/json); its text at most the memory limit (16 MiB).
 ---@field body? string Sent as is.
 ---@field form? table<string, string|number|boolean> Sent url-encoded.
----@field name? string The row it is counted under (default: the path).
+---@field name? string The row it is counted under (default: the path); cut at 200 characters.
 ---@field weight? integer How often a user picks it, relative to the others (default 1).
 ---@field timeout? number|string Seconds, or a duration like "500ms".
 
@@ -73,7 +73,7 @@ thresholds = {}
 ---@field path? string
 ---@field url? string
 ---@field name string
----@field headers table<string, string> Set a header with `req.headers["X-Name"] = "v"`, remove it with nil.
+---@field headers table<string, string> Set a header with `req.headers["X-Name"] = "v"`, remove it with nil (at most 1000 in all).
 ---@field query table<string, string> A copy: assign a whole table to change it.
 ---@field body? string
 ---@field json? table Assign to send a new JSON body.
@@ -121,8 +121,8 @@ function on_stop(user) end
 ---@param user stormlight.User
 function scenario(user) end
 
----Once, before any user starts, in a state of its own; what it returns (plain data) reaches
----every user as `user.setup`.
+---Once, before any user starts, in a state of its own; what it returns (plain data, at most
+---16 MiB as JSON) reaches every user as `user.setup`.
 ---@return any
 function setup() end
 
