@@ -12,8 +12,7 @@
 //!   stdout after what it holds when they name the file stdout is redirected to. Anything else
 //!   (a directory, a block device, a socket) is refused: a rename would replace it.
 //!   Symbolic links are followed to decide; a loop of them is refused, and so is a path that
-//!   names a file this process read as an input (the scenario, a feed, `--setup-data`, a
-//!   result file given to `report`).
+//!   names a file this process read as an input (any of those [`read`] read).
 
 use std::fs::{File, FileType, Metadata, OpenOptions};
 use std::io::{Read, Write};
