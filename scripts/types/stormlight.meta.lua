@@ -16,7 +16,7 @@
 ---@field url? string An absolute http:// or https:// URL instead of `path`.
 ---@field headers? table<string, string> At most 1000.
 ---@field query? table<string, string|number|boolean>
----@field json? table Sent as JSON (Content-Type: application/json); its text at most the memory limit (16 MiB).
+---@field json? table Sent as JSON (Content-Type: application/json); its text at most the state's memory limit (--script-memory).
 ---@field body? string Sent as is.
 ---@field form? table<string, string|number|boolean> Sent url-encoded.
 ---@field name? string The row it is counted under (default: the path); cut at 200 characters.
@@ -121,8 +121,8 @@ function on_stop(user) end
 ---@param user stormlight.User
 function scenario(user) end
 
----Once, before any user starts, in a state of its own; what it returns (plain data, at most
----16 MiB as JSON) reaches every user as `user.setup`.
+---Once, before any user starts, in a state of its own; what it returns (plain data, as JSON
+---at most the state's memory limit) reaches every user as `user.setup`.
 ---@return any
 function setup() end
 

@@ -726,6 +726,12 @@ impl Scenario {
         if let Some(t) = o.script_timeout {
             opts.push(format!("script_timeout={}", crate::config::format_duration(t)));
         }
+        if let Some(m) = o.script_memory {
+            match m.is_multiple_of(1 << 20) {
+                true => opts.push(format!("script_memory={}MiB", m >> 20)),
+                false => opts.push(format!("script_memory={m}")),
+            }
+        }
         if let Some(r) = o.rate {
             opts.push(format!("rate={r}/s"));
         }
@@ -1463,12 +1469,14 @@ mod tests {
     #[test]
     fn check_shows_every_option_the_scenario_sets() {
         let s = load_str(
-            "options = { users = 2, spawn_rate = 3, duration = '1m', timeout = '2s', grace = '1s', script_timeout = '1s' }\nendpoints = { Task('GET', '/') }",
+            "options = { users = 2, spawn_rate = 3, duration = '1m', timeout = '2s', grace = '1s', script_timeout = '1s', script_memory = '64MiB' }\nendpoints = { Task('GET', '/') }",
         )
         .unwrap();
         let text = s.describe();
         assert!(
-            text.contains("  options: users=2 spawn_rate=3 duration=1m timeout=2s grace=1s script_timeout=1s\n"),
+            text.contains(
+                "  options: users=2 spawn_rate=3 duration=1m timeout=2s grace=1s script_timeout=1s script_memory=64MiB\n"
+            ),
             "{text}"
         );
         let only = load_str("options = { script_timeout = '1s' }\nendpoints = { Task('GET', '/') }").unwrap();
