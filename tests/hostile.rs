@@ -483,11 +483,11 @@ fn a_stderr_or_stdout_no_one_reads_does_not_hold_the_run() {
     let _one = timed();
     let target = target();
     let dir = TempDir::new("blocked");
-    // Lines enough to fill a pipe in a moment: a long row name in the live table each second,
-    // and the script's own output.
+    // Lines enough to fill a pipe in a moment: 500 rows of long names in the live table each
+    // second and in the summary (a name is cut at 200 characters), and the script's own output.
     let script = dir.write(
         "s.lua",
-        "local name = string.rep('n', 100000)\nfunction scenario(user)\n  http.get('/hello', { name = name .. (user.id % 2) })\n  print(string.rep('p', 4000))\nend\n",
+        "local name, i = string.rep('n', 150), 0\nfunction scenario(user)\n  i = i + 1\n  http.get('/hello', { name = name .. (i % 500) })\n  print(string.rep('p', 4000))\nend\n",
     );
     let out = dir.join("out.json");
     let args = run_args(
