@@ -235,13 +235,10 @@ fn json_table(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, v: Value| {
             // The text becomes a string of the state: it may not outgrow the state's memory.
             let cap = lua.app_data_ref::<Rc<Budget>>().map_or(usize::MAX, |b| b.memory());
-            let mut out = Capped { bytes: Vec::new(), cap };
-            match serde_json::to_writer(&mut out, &v) {
-                Ok(()) => lua.create_string(&out.bytes),
-                Err(_) if out.bytes.len() >= cap => Err(mlua::Error::MemoryError(
-                    "json.encode: the text would be larger than the memory limit".into(),
-                )),
-                Err(e) => Err(mlua::Error::runtime(format!("json.encode: {e}"))),
+            match api::json_text(&v, cap) {
+                Ok(text) => lua.create_string(&text),
+                Err(api::JsonError::TooLarge(why)) => Err(mlua::Error::MemoryError(format!("json.encode: {why}"))),
+                Err(api::JsonError::Invalid(why)) => Err(mlua::Error::runtime(format!("json.encode: {why}"))),
             }
         })?,
     )?;
@@ -261,27 +258,6 @@ pub fn prefixed(e: mlua::Error, what: &str) -> mlua::Error {
         mlua::Error::MemoryError(_) => e,
         mlua::Error::RuntimeError(m) => mlua::Error::runtime(format!("{what}: {m}")),
         other => mlua::Error::runtime(format!("{what}: {other}")),
-    }
-}
-
-/// A writer that refuses to grow past `cap` bytes.
-struct Capped {
-    bytes: Vec<u8>,
-    cap: usize,
-}
-
-impl std::io::Write for Capped {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len() + buf.len() > self.cap {
-            self.bytes.truncate(self.cap);
-            return Err(std::io::Error::other("too large"));
-        }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -562,6 +538,30 @@ mod tests {
             line.ends_with(" ... (904 more bytes and 999 more values cut)"),
             "{}",
             &line[line.len() - 50..]
+        );
+    }
+
+    #[test]
+    fn json_encode_of_a_table_that_holds_another_twice_stops_at_the_memory_limit() {
+        let limits = super::super::sandbox::Limits {
+            memory: 1 << 20,
+            ..Default::default()
+        };
+        let sb = super::super::sandbox::Sandbox::new(limits, 0).unwrap();
+        let _call = sb.call("the scenario file");
+        let started = Instant::now();
+        let err = sb
+            .lua
+            .load("local t = {} for i = 1, 100 do t = {t, t} end return json.encode(t)")
+            .set_name("@t.lua")
+            .exec()
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(super::super::sandbox::is_memory_error(&err), "{err}");
+        assert!(
+            sb.describe(&err).starts_with("memory limit of 1 MiB reached"),
+            "{}",
+            sb.describe(&err)
         );
     }
 
