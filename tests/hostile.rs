@@ -22,6 +22,27 @@ fn timed() -> std::sync::MutexGuard<'static, ()> {
     TIMED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What a bounded run of a scenario left: its exit, its result file, its peak RSS (KiB).
+struct Ran {
+    f: Finished,
+    json: serde_json::Value,
+    peak_kib: u64,
+}
+
+/// Runs `source` against `target` with `flags` and `--out`, to its end within 20 s.
+fn run_source(target: &stormlight::target::Target, source: &str, flags: &[&str]) -> Ran {
+    let dir = TempDir::new("run");
+    let script = dir.write("s.lua", source);
+    let out = dir.join("out.json");
+    let mut rest = flags.to_vec();
+    let out_arg = out.display().to_string();
+    rest.extend(["-q", "--out", &out_arg]);
+    let (f, peak_kib) = run_sampling_rss(&run_args(&script, &target.url(), &rest), Duration::from_secs(20));
+    assert!(out.exists(), "no result file\n{}", f.show());
+    let json = read_json(&out);
+    Ran { f, json, peak_kib }
+}
+
 /// A way for a script to hold its worker: the Lua code, and where it runs.
 struct Stuck {
     name: &'static str,
@@ -269,26 +290,18 @@ fn sigint_and_sigterm_end_stuck_runs_within_the_grace_period_and_a_second() {
 fn finalizers_are_refused_and_cannot_hang_the_end() {
     let _one = timed();
     let target = target();
-    let dir = TempDir::new("gc");
     // The first would loop when the collector (or the state's closing) calls it; the second
     // would send from a finalizer.
-    let script = dir.write(
-        "gc.lua",
+    let ran = run_source(
+        &target,
         "function scenario(user)\n  http.get('/hello')\n  setmetatable({}, { __gc = function() while true do end end })\nend\nfunction on_start(user)\n  pcall(setmetatable, {}, { __gc = function() http.get('/gc') end })\nend\n",
+        &["-u", "2", "-t", "1s"],
     );
-    let out = dir.join("out.json");
-    let args = run_args(
-        &script,
-        &target.url(),
-        &["-u", "2", "-t", "1s", "-q", "--out", &out.display().to_string()],
-    );
-    let f = Proc::spawn(&args).wait(Duration::from_secs(15));
-    assert_eq!(f.code(), Some(0), "{}", f.show());
-    let json = read_json(&out);
-    assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
-    let failures = json["failures"].to_string();
+    assert_eq!(ran.f.code(), Some(0), "{}", ran.f.show());
+    assert_eq!(ran.json["total"]["requests"].as_u64(), Some(target.counts.requests()));
+    let failures = ran.json["failures"].to_string();
     assert!(failures.contains("__gc (finalizers) is not allowed"), "{failures}");
-    let rows = json["endpoints"].to_string();
+    let rows = ran.json["endpoints"].to_string();
     assert!(!rows.contains("\"/gc\""), "nothing sent from a finalizer: {rows}");
 }
 
@@ -296,32 +309,25 @@ fn finalizers_are_refused_and_cannot_hang_the_end() {
 fn json_decode_stays_within_the_states_memory_and_long_log_lines_are_cut() {
     let _one = timed();
     let target = target();
-    let dir = TempDir::new("json");
     // 6 MB of `[],`: as serde_json values, 116 MiB each time, outside any limit; as Lua tables,
     // past the state's 16 MiB, refused.
-    let script = dir.write(
-        "json.lua",
+    let ran = run_source(
+        &target,
         "local text = '[' .. string.rep('[],', 2000000) .. '[]]'\nlocal said = false\nfunction scenario(user)\n  if not said then said = true log.info(string.rep('y', 5000000)) end\n  http.get('/hello')\n  local ok = pcall(json.decode, text)\n  check(not ok, 'refused at the limit')\nend\n",
+        &["-u", "4", "-t", "3s"],
     );
-    let out = dir.join("out.json");
-    let args = run_args(
-        &script,
-        &target.url(),
-        &["-u", "4", "-t", "3s", "-q", "--out", &out.display().to_string()],
-    );
-    let (f, peak_kib) = run_sampling_rss(&args, Duration::from_secs(20));
-    assert_eq!(f.code(), Some(0), "{}", f.show());
-    let json = read_json(&out);
-    assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
-    let check = &json["checks"][0];
+    assert_eq!(ran.f.code(), Some(0), "{}", ran.f.show());
+    assert_eq!(ran.json["total"]["requests"].as_u64(), Some(target.counts.requests()));
+    let check = &ran.json["checks"][0];
     assert!(
         check["passes"].as_u64() > Some(0) && check["fails"].as_u64() == Some(0),
         "{check}"
     );
     // Four states of 16 MiB at most, the rest of the process, and room.
-    assert!(peak_kib < 150 * 1024, "peak RSS {peak_kib} KiB");
+    assert!(ran.peak_kib < 150 * 1024, "peak RSS {} KiB", ran.peak_kib);
     // The 5 MB line is cut at 4 KiB, and says so.
-    let line = f
+    let line = ran
+        .f
         .stderr
         .lines()
         .find(|l| l.starts_with("[info] y"))
@@ -593,11 +599,10 @@ fn calls_that_wait_or_catch_the_stop_end_with_the_run_and_are_named() {
 fn http_where_it_cannot_wait_is_refused_before_anything_is_counted() {
     let _one = timed();
     let target = target();
-    let dir = TempDir::new("nowait");
     // From a table.sort comparator, a gsub replacement, __tostring, an xpcall handler and load's
     // reader: each refused with its reason; only the plain request is sent, and counted.
-    let script = dir.write(
-        "s.lua",
+    let ran = run_source(
+        &target,
         r#"local function refused(f)
   local ok, e = pcall(f)
   check(not ok and e:find("cannot wait inside a function a library function calls back", 1, true), "refused")
@@ -614,20 +619,18 @@ function scenario(user)
   http.get("/hello")
 end
 "#,
+        &["-u", "2", "-t", "1s"],
     );
-    let out = dir.join("out.json");
-    let args = run_args(
-        &script,
-        &target.url(),
-        &["-u", "2", "-t", "1s", "-q", "--out", &out.display().to_string()],
-    );
-    let f = Proc::spawn(&args).wait(Duration::from_secs(20));
-    assert_eq!(f.code(), Some(0), "{}", f.show());
-    let json = read_json(&out);
-    let sent = json["total"]["requests"].as_u64().unwrap();
+    assert_eq!(ran.f.code(), Some(0), "{}", ran.f.show());
+    let sent = ran.json["total"]["requests"].as_u64().unwrap();
     assert_eq!(Some(sent), Some(target.counts.requests()));
-    assert_eq!(json["total"]["failures"].as_u64(), Some(0), "{}", json["failures"]);
-    let check = &json["checks"][0];
+    assert_eq!(
+        ran.json["total"]["failures"].as_u64(),
+        Some(0),
+        "{}",
+        ran.json["failures"]
+    );
+    let check = &ran.json["checks"][0];
     assert!(
         check["fails"].as_u64() == Some(0) && check["passes"].as_u64() >= Some(4 * sent),
         "{check}"
@@ -638,26 +641,18 @@ end
 fn response_bodies_a_script_holds_count_as_its_memory() {
     let _one = timed();
     let target = target();
-    let dir = TempDir::new("bodies");
     // Each body is 2 MB outside the Lua state; kept in a table, they would grow without end.
-    let script = dir.write(
-        "s.lua",
+    let ran = run_source(
+        &target,
         "keep = {}\nfunction scenario(user)\n  local ok, e = pcall(function() keep[#keep + 1] = http.get('/fault/huge?bytes=2000000') end)\n  if not ok then check(tostring(e):find('memory'), 'refused at the memory limit') keep = {} end\nend\n",
+        &["-u", "4", "-t", "3s"],
     );
-    let out = dir.join("out.json");
-    let args = run_args(
-        &script,
-        &target.url(),
-        &["-u", "4", "-t", "3s", "-q", "--out", &out.display().to_string()],
-    );
-    let (f, peak_kib) = run_sampling_rss(&args, Duration::from_secs(20));
-    assert_eq!(f.code(), Some(0), "{}", f.show());
-    let json = read_json(&out);
-    assert_eq!(json["total"]["requests"].as_u64(), Some(target.counts.requests()));
-    let check = &json["checks"][0];
+    assert_eq!(ran.f.code(), Some(0), "{}", ran.f.show());
+    assert_eq!(ran.json["total"]["requests"].as_u64(), Some(target.counts.requests()));
+    let check = &ran.json["checks"][0];
     assert!(check["passes"].as_u64() > Some(0) && check["fails"] == 0, "{check}");
     // Four states of 16 MiB at most, the bodies in flight, and the rest of the process.
-    assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
+    assert!(ran.peak_kib < 200 * 1024, "peak RSS {} KiB", ran.peak_kib);
 }
 
 #[test]
