@@ -215,9 +215,14 @@ pub fn sections(s: &Summary) -> String {
     }
     let mut page = String::new();
     let t = &s.total;
+    // Script errors outside requests are failures of the run too (a gate counts them).
+    let script_errors = match s.script_errors {
+        0 => String::new(),
+        n => format!(r#"<div data-card="script-errors"><b>{n}</b>script errors</div>"#),
+    };
     let _ = write!(
         page,
-        r#"<section class="cards"><div><b>{}</b>requests</div><div><b>{}</b>failures</div><div><b>{:.1}</b>requests/s</div><div><b>{}</b>p95 ms</div><div><b>{}</b>p99 ms</div></section>"#,
+        r#"<section class="cards"><div><b>{}</b>requests</div><div><b>{}</b>failures</div>{script_errors}<div><b>{:.1}</b>requests/s</div><div><b>{}</b>p95 ms</div><div><b>{}</b>p99 ms</div></section>"#,
         t.requests,
         t.failures,
         t.rps,

@@ -283,3 +283,33 @@ fn the_html_report_opens_in_headless_chromium_with_rows_and_drawn_charts() {
     assert!(!dom.contains("points=\"\""), "no empty line");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_html_report_counts_script_errors_in_its_cards() {
+    let t = common::target();
+    let run = |source: &str| {
+        common::run_scenario(
+            Path::new("cards.lua"),
+            source,
+            Limits::default(),
+            Overrides {
+                host: Some(t.url()),
+                users: Some(1),
+                duration: Some(Duration::from_millis(500)),
+                ..Default::default()
+            },
+        )
+    };
+    let failing = run("function scenario(user) http.get('/hello') error('boom') end");
+    assert!(failing.script_errors > 0);
+    let page = stormlight::html::render(&failing);
+    assert!(
+        page.contains(&format!(
+            r#"<div data-card="script-errors"><b>{}</b>script errors</div>"#,
+            failing.script_errors
+        )),
+        "the card"
+    );
+    let clean = run("endpoints = { Task('GET', '/hello') }");
+    assert!(!stormlight::html::render(&clean).contains("data-card=\"script-errors\""));
+}
